@@ -1,0 +1,1039 @@
+//! The flow table: fixed capacity, shared by every worker, lock-free.
+//!
+//! # Layout
+//! One array of 128-byte [`Slot`]s (two cache lines, which the adjacent-line
+//! prefetcher fetches together), in one huge-page mapping made at creation.
+//! A flow occupies two slots, one per direction; each slot holds its own key
+//! and its peer's key, so the packet's NAT rewrite (the peer key reversed),
+//! counters and last-seen time are all on the lines of one lookup. Keys are
+//! placed by linear probing from their *home* slot (`hash × n >> 64`).
+//! The array has `2.5 ×` capacity slots, so the load never exceeds 0.8.
+//!
+//! # Protocol
+//! - `meta` (per slot) = generation (32 bits) | tag (16 hash bits) | kind
+//!   (`EMPTY`, `BUSY`, `FULL`) | direction. Every transition bumps the
+//!   generation, so it is also a seqlock: a reader copies the slot and accepts
+//!   the copy only if `meta` is unchanged afterwards. Readers never wait; a
+//!   failed validation means a writer made progress, and the reader retries.
+//! - `overflow` (per slot) counts the keys whose probe path crosses this slot
+//!   (home before it, stored after it). A probe stops at the first slot whose
+//!   count is zero, so removal frees a slot at once: there are no tombstones
+//!   and churn never lengthens probes.
+//! - `ctl` (per slot) is the commit counter of keys whose home is this slot.
+//!   An insert claims an `EMPTY` slot by CAS (→ `BUSY`), raises the overflow
+//!   counts on its path, then commits by CAS on the home's `ctl` from the
+//!   value it read before scanning. Two inserts of the same key share the
+//!   home, so at most one commits against the same scan: insert-if-absent
+//!   holds without locks. A failed commit undoes its claim and rescans.
+//! - An insert that meets a `BUSY` slot carrying its own tag (almost always
+//!   the same key being inserted or removed by another worker) waits for that
+//!   slot to change, at most [`SPIN_LIMIT`] spins, then reports
+//!   [`InsertError::Contended`] rather than block. Lookups never wait.
+//! - Mutable per-packet fields (last seen, counters, state) are separate
+//!   atomics updated in place; the flow's TCP/UDP state is authoritative in
+//!   its original-direction slot and mirrored into the reply slot, so a reply
+//!   touches its peer's slot only when the state changes.
+//!
+//! Nothing here allocates after [`FlowTable::new`] except the diagnostic
+//! [`FlowTable::flows`]; nothing takes a lock or makes a system call.
+
+use crate::key::FlowKey;
+use crate::mem::SlotArray;
+use crate::state::{Dir, FlowState, StateWord, Timeouts, advance};
+use crate::sync::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence, spin_loop};
+use Ordering::{AcqRel, Acquire, Relaxed, Release};
+
+/// Slots per flow of capacity: 2 directions / 0.8 maximum load.
+const SLOTS_PER_FLOW_NUM: usize = 5;
+const SLOTS_PER_FLOW_DEN: usize = 2;
+/// Longest probe an insert makes to find a free slot. At load 0.8 a probe
+/// longer than a few dozen slots is vanishingly rare; past this the insert
+/// fails with [`InsertError::ProbeLimit`] instead of scanning the table.
+pub const MAX_PROBE: usize = 1024;
+/// How long an insert waits for a same-tag slot that another worker is
+/// writing before it gives up with [`InsertError::Contended`].
+pub const SPIN_LIMIT: u32 = 1 << 16;
+/// How many rescans an insert makes when its commit loses a race.
+const MAX_RESTARTS: u32 = 256;
+/// How many slots from the new flow's home early drop looks at.
+const EARLY_DROP_SCAN: usize = 256;
+
+const KIND_EMPTY: u64 = 0;
+const KIND_BUSY: u64 = 1;
+const KIND_FULL: u64 = 2;
+
+/// The per-slot header word; see the module documentation.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Meta(u64);
+
+impl Meta {
+    fn new(generation: u32, tag: u16, kind: u64, dir: Dir) -> Meta {
+        let d = match dir {
+            Dir::Original => 0u64,
+            Dir::Reply => 1,
+        };
+        Meta(u64::from(generation) | u64::from(tag) << 32 | kind << 48 | d << 56)
+    }
+    fn generation(self) -> u32 {
+        self.0 as u32
+    }
+    fn tag(self) -> u16 {
+        (self.0 >> 32) as u16
+    }
+    fn kind(self) -> u64 {
+        (self.0 >> 48) & 0xff
+    }
+    fn dir(self) -> Dir {
+        if (self.0 >> 56) & 1 == 1 { Dir::Reply } else { Dir::Original }
+    }
+    /// The same slot in its next state: generation + 1, same tag and direction.
+    fn next(self, kind: u64) -> Meta {
+        Meta::new(self.generation().wrapping_add(1), self.tag(), kind, self.dir())
+    }
+}
+
+/// One direction of one flow. 128 bytes, 128-aligned; all-zero is `EMPTY`.
+#[repr(C, align(128))]
+pub(crate) struct Slot {
+    meta: AtomicU64,
+    ctl: AtomicU32,
+    overflow: AtomicU32,
+    key: [AtomicU64; 5],
+    /// The other direction's key; word 4 carries `service << 32` instead of
+    /// the protocol (which both directions share).
+    peer: [AtomicU64; 5],
+    peer_slot: AtomicU32,
+    backend: AtomicU32,
+    last_seen: AtomicU32,
+    state: AtomicU32,
+    packets: AtomicU64,
+    bytes: AtomicU64,
+}
+
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<Slot>() == 128);
+
+impl Default for Slot {
+    fn default() -> Slot {
+        Slot {
+            meta: AtomicU64::new(0),
+            ctl: AtomicU32::new(0),
+            overflow: AtomicU32::new(0),
+            key: std::array::from_fn(|_| AtomicU64::new(0)),
+            peer: std::array::from_fn(|_| AtomicU64::new(0)),
+            peer_slot: AtomicU32::new(0),
+            backend: AtomicU32::new(0),
+            last_seen: AtomicU32::new(0),
+            state: AtomicU32::new(0),
+            packets: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A consistent copy of a slot's immutable part.
+struct Record {
+    key: [u64; 5],
+    peer: [u64; 5],
+    peer_slot: u32,
+    backend: u32,
+}
+
+const PORTS_MASK: u64 = 0xffff_ffff;
+const PROTO_MASK: u64 = 0xff << 32;
+
+impl Record {
+    fn service(&self) -> u32 {
+        (self.peer[4] >> 32) as u32
+    }
+    /// The peer key with its protocol restored from our own key.
+    fn peer_words(&self) -> [u64; 5] {
+        let mut p = self.peer;
+        p[4] = (p[4] & PORTS_MASK) | (self.key[4] & PROTO_MASK);
+        p
+    }
+}
+
+/// Table configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Maximum number of flows (each flow is both directions). Default 1,048,576.
+    pub capacity: usize,
+    pub timeouts: Timeouts,
+    /// When full, evict the oldest not-yet-assured flow near the new one
+    /// (Linux's `early_drop`). Established and replied flows are never evicted.
+    pub early_drop: bool,
+    /// Hash seed; `None` draws a random one (hash-flooding resistance).
+    pub seed: Option<u64>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config { capacity: 1 << 20, timeouts: Timeouts::default(), early_drop: true, seed: None }
+    }
+}
+
+/// A new flow: the tuple of its first packet, the tuple its replies will
+/// carry (after DNAT and SNAT), and what the flow refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewFlow {
+    pub orig: FlowKey,
+    pub reply: FlowKey,
+    /// Stable reference to the endpoint (assigned by the control plane).
+    pub backend: u32,
+    /// Stable reference to the service port.
+    pub service: u32,
+    pub state: FlowState,
+}
+
+/// What a lookup finds: one direction of a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowView {
+    pub dir: Dir,
+    /// The other direction's tuple. A packet of this direction is rewritten
+    /// to `peer.reversed()` (see [`FlowView::rewrite`]).
+    pub peer: FlowKey,
+    pub backend: u32,
+    pub service: u32,
+    slot: u32,
+    generation: u32,
+    peer_slot: u32,
+}
+
+impl FlowView {
+    /// The tuple a packet of this direction must carry after NAT.
+    pub fn rewrite(&self) -> FlowKey {
+        self.peer.reversed()
+    }
+}
+
+/// Result of a successful insert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inserted {
+    /// The flow was created.
+    New(FlowView),
+    /// The original tuple was already tracked (possibly just inserted by
+    /// another worker); this is that flow, and the new one was not stored.
+    Existing(FlowView),
+}
+
+impl Inserted {
+    pub fn view(&self) -> &FlowView {
+        match self {
+            Inserted::New(v) | Inserted::Existing(v) => v,
+        }
+    }
+}
+
+/// Why an insert stored nothing. Each has a stable metric name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InsertError {
+    /// The table holds `capacity` flows (after early drop, if enabled).
+    Full,
+    /// Another flow already owns the reply tuple: the SNAT allocator must
+    /// pick another port.
+    ReplyTaken,
+    /// Another worker kept a same-tag slot busy for [`SPIN_LIMIT`] spins.
+    Contended,
+    /// No free slot within [`MAX_PROBE`] of the key's home.
+    ProbeLimit,
+    /// The reply tuple equals the original tuple, or their protocols differ.
+    InvalidTuple,
+}
+
+impl InsertError {
+    pub fn name(self) -> &'static str {
+        match self {
+            InsertError::Full => "conntrack_full",
+            InsertError::ReplyTaken => "conntrack_reply_taken",
+            InsertError::Contended => "conntrack_contended",
+            InsertError::ProbeLimit => "conntrack_probe_limit",
+            InsertError::InvalidTuple => "conntrack_invalid_tuple",
+        }
+    }
+}
+
+impl std::fmt::Display for InsertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::error::Error for InsertError {}
+
+/// A flow as diagnostics, flushes and tests see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowInfo {
+    pub orig: FlowKey,
+    pub reply: FlowKey,
+    pub backend: u32,
+    pub service: u32,
+    pub state: FlowState,
+    /// Latest of both directions' last-seen times.
+    pub last_seen: u32,
+    /// Packets and bytes, `[original, reply]`.
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+}
+
+/// Counters of rare table events, shared by all users of the table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableStats {
+    pub full: u64,
+    pub early_drops: u64,
+    pub expired: u64,
+    pub flushed: u64,
+}
+
+#[derive(Default)]
+struct SharedStats {
+    full: AtomicU64,
+    early_drops: AtomicU64,
+    expired: AtomicU64,
+    flushed: AtomicU64,
+}
+
+/// A pre-computed key hash, so a batch can prefetch before it looks up.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyHash {
+    words: [u64; 5],
+    hash: u64,
+}
+
+/// Why a table could not be created.
+#[derive(Debug)]
+pub enum TableError {
+    ZeroCapacity,
+    /// Capacity beyond what 32-bit slot references can address.
+    TooLarge(usize),
+    /// The memory could not be mapped.
+    Memory(std::io::Error),
+}
+
+impl std::fmt::Display for TableError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TableError::ZeroCapacity => write!(f, "conntrack capacity must be at least 1 flow"),
+            TableError::TooLarge(c) => write!(f, "conntrack capacity {c} is above the maximum of {MAX_CAPACITY} flows"),
+            TableError::Memory(e) => write!(f, "cannot allocate the conntrack table: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for TableError {}
+
+/// Largest capacity: slot numbers must fit in 32 bits.
+pub const MAX_CAPACITY: usize = (u32::MAX as usize / SLOTS_PER_FLOW_NUM) * SLOTS_PER_FLOW_DEN;
+
+/// The shared connection-tracking table. See the module documentation.
+pub struct FlowTable {
+    slots: SlotArray,
+    n: usize,
+    seed: [u64; 6],
+    capacity: usize,
+    config: Config,
+    /// Flows stored (a flow counts once for both directions).
+    len: CachePadded<AtomicUsize>,
+    stats: SharedStats,
+}
+
+#[repr(align(128))]
+struct CachePadded<T>(T);
+
+impl std::fmt::Debug for FlowTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowTable")
+            .field("flows", &self.len())
+            .field("capacity", &self.capacity)
+            .field("slots", &self.n)
+            .field("memory_bytes", &self.memory_bytes())
+            .finish()
+    }
+}
+
+#[inline(always)]
+fn fold(a: u64, b: u64) -> u64 {
+    let p = u128::from(a) * u128::from(b);
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl FlowTable {
+    /// Allocates (and faults in) the whole table.
+    ///
+    /// # Errors
+    /// [`TableError`] for a zero or too large capacity, or when the memory
+    /// cannot be mapped.
+    pub fn new(config: Config) -> Result<FlowTable, TableError> {
+        if config.capacity == 0 {
+            return Err(TableError::ZeroCapacity);
+        }
+        if config.capacity > MAX_CAPACITY {
+            return Err(TableError::TooLarge(config.capacity));
+        }
+        let n = (config.capacity * SLOTS_PER_FLOW_NUM).div_ceil(SLOTS_PER_FLOW_DEN).max(8);
+        let slots = SlotArray::new(n).map_err(TableError::Memory)?;
+        let mut s = config.seed.unwrap_or_else(|| {
+            use std::hash::{BuildHasher, Hasher};
+            std::collections::hash_map::RandomState::new().build_hasher().finish()
+        });
+        let seed = std::array::from_fn(|_| splitmix(&mut s) | 1);
+        Ok(FlowTable {
+            slots,
+            n,
+            seed,
+            capacity: config.capacity,
+            config,
+            len: CachePadded(AtomicUsize::new(0)),
+            stats: SharedStats::default(),
+        })
+    }
+
+    /// Maximum number of flows.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Flows stored now.
+    pub fn len(&self) -> usize {
+        self.len.0.load(Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes the table holds for its whole life (fixed at creation).
+    pub fn memory_bytes(&self) -> usize {
+        self.slots.bytes() + std::mem::size_of::<FlowTable>()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn stats(&self) -> TableStats {
+        TableStats {
+            full: self.stats.full.load(Relaxed),
+            early_drops: self.stats.early_drops.load(Relaxed),
+            expired: self.stats.expired.load(Relaxed),
+            flushed: self.stats.flushed.load(Relaxed),
+        }
+    }
+
+    #[inline]
+    fn hash_words(&self, w: &[u64; 5]) -> u64 {
+        let s = &self.seed;
+        let a = fold(w[0] ^ s[0], w[1] ^ s[1]);
+        let b = fold(w[2] ^ s[2], w[3] ^ s[3]);
+        fold(a ^ s[5], fold(w[4] ^ s[4], b ^ s[5]))
+    }
+
+    /// Hashes a key once, for [`FlowTable::prefetch`] and [`FlowTable::lookup_hashed`].
+    #[inline]
+    pub fn hash(&self, key: &FlowKey) -> KeyHash {
+        let words = key.to_words();
+        KeyHash { hash: self.hash_words(&words), words }
+    }
+
+    #[inline]
+    fn home(&self, hash: u64) -> usize {
+        ((u128::from(hash) * self.n as u128) >> 64) as usize
+    }
+
+    #[inline]
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.n { 0 } else { i + 1 }
+    }
+
+    /// Starts loading the key's home slot into the cache (no-op elsewhere
+    /// than x86-64). Lets a batch overlap its memory misses.
+    #[inline]
+    pub fn prefetch(&self, h: &KeyHash) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            let p = std::ptr::from_ref(&self.slots[self.home(h.hash)]).cast::<i8>();
+            // SAFETY: prefetch is a hint that never faults; `p` points into
+            // the live slot array and both lines belong to the same slot.
+            #[allow(unused_unsafe)]
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(p);
+                _mm_prefetch::<_MM_HINT_T0>(p.add(64));
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = h;
+    }
+
+    /// Copies slot `i`'s immutable part if `meta` still equals `m` afterwards.
+    #[inline]
+    fn read_record(&self, i: usize, m: Meta) -> Option<Record> {
+        let s = &self.slots[i];
+        let key = std::array::from_fn(|k| s.key[k].load(Relaxed));
+        let peer = std::array::from_fn(|k| s.peer[k].load(Relaxed));
+        let peer_slot = s.peer_slot.load(Relaxed);
+        let backend = s.backend.load(Relaxed);
+        // Seqlock read side: the data loads above must not be reordered after
+        // the validating load below.
+        fence(Acquire);
+        (s.meta.load(Relaxed) == m.0).then_some(Record { key, peer, peer_slot, backend })
+    }
+
+    fn view(i: usize, m: Meta, r: &Record) -> FlowView {
+        FlowView {
+            dir: m.dir(),
+            peer: FlowKey::from_words(&r.peer_words()),
+            backend: r.backend,
+            service: r.service(),
+            slot: i as u32,
+            generation: m.generation(),
+            peer_slot: r.peer_slot,
+        }
+    }
+
+    /// Finds the flow direction whose tuple is `key`. Never waits.
+    #[inline]
+    pub fn lookup(&self, key: &FlowKey) -> Option<FlowView> {
+        self.lookup_hashed(&self.hash(key))
+    }
+
+    /// [`FlowTable::lookup`] with a hash from [`FlowTable::hash`].
+    #[inline]
+    pub fn lookup_hashed(&self, h: &KeyHash) -> Option<FlowView> {
+        self.find(&h.words, h.hash).map(|(i, m, r)| Self::view(i, m, &r))
+    }
+
+    fn find(&self, w: &[u64; 5], hash: u64) -> Option<(usize, Meta, Record)> {
+        let tag = hash as u16;
+        let mut i = self.home(hash);
+        for _ in 0..MAX_PROBE {
+            let s = &self.slots[i];
+            loop {
+                let m = Meta(s.meta.load(Acquire));
+                if m.kind() != KIND_FULL || m.tag() != tag {
+                    break;
+                }
+                match self.read_record(i, m) {
+                    Some(r) if r.key == *w => return Some((i, m, r)),
+                    Some(_) => break,
+                    None => continue, // a writer changed the slot under us: read again
+                }
+            }
+            if s.overflow.load(Acquire) == 0 {
+                return None;
+            }
+            i = self.next(i);
+        }
+        None
+    }
+
+    /// Adds `delta` (±1) to the overflow counts of the `dist` slots from `home`.
+    fn add_overflow(&self, home: usize, dist: usize, up: bool) {
+        let mut j = home;
+        for _ in 0..dist {
+            if up {
+                self.slots[j].overflow.fetch_add(1, AcqRel);
+            } else {
+                self.slots[j].overflow.fetch_sub(1, AcqRel);
+            }
+            j = self.next(j);
+        }
+    }
+
+    /// Waits (bounded) until slot `i` leaves the busy state `m`.
+    fn wait_while(&self, i: usize, m: Meta) -> Result<(), InsertError> {
+        for _ in 0..SPIN_LIMIT {
+            if self.slots[i].meta.load(Acquire) != m.0 {
+                return Ok(());
+            }
+            spin_loop();
+        }
+        Err(InsertError::Contended)
+    }
+
+    /// Insert-if-absent of one key: returns the existing direction, or a
+    /// committed `BUSY` claim that the caller fills and publishes (or releases).
+    fn claim(&self, w: &[u64; 5], hash: u64, dir: Dir, own: Option<usize>) -> Result<ClaimResult, InsertError> {
+        let tag = hash as u16;
+        let home = self.home(hash);
+        let home_slot = &self.slots[home];
+        'restart: for _ in 0..MAX_RESTARTS {
+            let c0 = home_slot.ctl.load(Acquire);
+            let mut free: Option<(usize, Meta, usize)> = None;
+            let mut in_chain = true;
+            let mut i = home;
+            for dist in 0..MAX_PROBE {
+                let s = &self.slots[i];
+                let m = Meta(s.meta.load(Acquire));
+                if in_chain && m.tag() == tag && Some(i) != own {
+                    match m.kind() {
+                        KIND_FULL => match self.read_record(i, m) {
+                            Some(r) if r.key == *w => return Ok(ClaimResult::Found(Self::view(i, m, &r))),
+                            Some(_) => {}
+                            None => continue 'restart,
+                        },
+                        KIND_BUSY => {
+                            self.wait_while(i, m)?;
+                            continue 'restart;
+                        }
+                        _ => {}
+                    }
+                }
+                if m.kind() == KIND_EMPTY && free.is_none() {
+                    free = Some((i, m, dist));
+                }
+                if in_chain && s.overflow.load(Acquire) == 0 {
+                    in_chain = false;
+                }
+                if !in_chain && free.is_some() {
+                    break;
+                }
+                i = self.next(i);
+            }
+            let Some((f, empty, dist)) = free else {
+                return Err(InsertError::ProbeLimit);
+            };
+            let busy = Meta::new(empty.generation().wrapping_add(1), tag, KIND_BUSY, dir);
+            if self.slots[f].meta.compare_exchange(empty.0, busy.0, AcqRel, Relaxed).is_err() {
+                continue 'restart;
+            }
+            self.add_overflow(home, dist, true);
+            if home_slot.ctl.compare_exchange(c0, c0.wrapping_add(1), AcqRel, Relaxed).is_err() {
+                // Another key homed here committed since our scan: it may be ours.
+                self.release(Claim { slot: f, meta: busy, home, dist });
+                continue 'restart;
+            }
+            return Ok(ClaimResult::Claimed(Claim { slot: f, meta: busy, home, dist }));
+        }
+        Err(InsertError::Contended)
+    }
+
+    /// Gives a claimed (or claimed-for-removal) slot back: `BUSY` → `EMPTY`.
+    fn release(&self, c: Claim) {
+        self.add_overflow(c.home, c.dist, false);
+        self.slots[c.slot].meta.store(c.meta.next(KIND_EMPTY).0, Release);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fill(
+        &self,
+        c: &Claim,
+        key: &[u64; 5],
+        peer: &[u64; 5],
+        peer_slot: usize,
+        service: u32,
+        backend: u32,
+        now: u32,
+        state: StateWord,
+    ) {
+        let s = &self.slots[c.slot];
+        for k in 0..5 {
+            s.key[k].store(key[k], Relaxed);
+        }
+        for k in 0..4 {
+            s.peer[k].store(peer[k], Relaxed);
+        }
+        s.peer[4].store((peer[4] & PORTS_MASK) | u64::from(service) << 32, Relaxed);
+        s.peer_slot.store(peer_slot as u32, Relaxed);
+        s.backend.store(backend, Relaxed);
+        s.last_seen.store(now, Relaxed);
+        s.state.store(state.0, Relaxed);
+        s.packets.store(0, Relaxed);
+        s.bytes.store(0, Relaxed);
+    }
+
+    /// Inserts a flow if its original tuple is not tracked yet.
+    ///
+    /// Both directions become visible together for practical purposes (the
+    /// reply slot is published first). Two workers inserting the same flow at
+    /// once get one `New` and one `Existing` naming the same flow.
+    ///
+    /// # Errors
+    /// [`InsertError`]; nothing is stored and no existing flow is touched
+    /// (except by early drop, which evicts only not-yet-assured flows).
+    pub fn insert(&self, flow: &NewFlow, now: u32) -> Result<Inserted, InsertError> {
+        if flow.orig == flow.reply || flow.orig.proto != flow.reply.proto {
+            return Err(InsertError::InvalidTuple);
+        }
+        let o = self.hash(&flow.orig);
+        if let Some((i, m, r)) = self.find(&o.words, o.hash) {
+            return Ok(Inserted::Existing(Self::view(i, m, &r)));
+        }
+        self.reserve(self.home(o.hash))?;
+        let result = self.insert_reserved(flow, &o, now);
+        if !matches!(result, Ok(Inserted::New(_))) {
+            self.len.0.fetch_sub(1, Relaxed);
+        }
+        result
+    }
+
+    fn insert_reserved(&self, flow: &NewFlow, o: &KeyHash, now: u32) -> Result<Inserted, InsertError> {
+        let oc = match self.claim(&o.words, o.hash, Dir::Original, None)? {
+            ClaimResult::Found(v) => return Ok(Inserted::Existing(v)),
+            ClaimResult::Claimed(c) => c,
+        };
+        let r = self.hash(&flow.reply);
+        let rc = match self.claim(&r.words, r.hash, Dir::Reply, Some(oc.slot)) {
+            Ok(ClaimResult::Claimed(c)) => c,
+            Ok(ClaimResult::Found(_)) => {
+                self.release(oc);
+                return Err(InsertError::ReplyTaken);
+            }
+            Err(e) => {
+                self.release(oc);
+                return Err(e);
+            }
+        };
+        let state = StateWord::new(flow.state);
+        self.fill(&oc, &o.words, &r.words, rc.slot, flow.service, flow.backend, now, state);
+        self.fill(&rc, &r.words, &o.words, oc.slot, flow.service, flow.backend, now, state);
+        self.slots[rc.slot].meta.store(rc.meta.next(KIND_FULL).0, Release);
+        let full = oc.meta.next(KIND_FULL);
+        self.slots[oc.slot].meta.store(full.0, Release);
+        Ok(Inserted::New(FlowView {
+            dir: Dir::Original,
+            peer: flow.reply,
+            backend: flow.backend,
+            service: flow.service,
+            slot: oc.slot as u32,
+            generation: full.generation(),
+            peer_slot: rc.slot as u32,
+        }))
+    }
+
+    /// Reserves room for one flow, early-dropping once if allowed.
+    fn reserve(&self, home: usize) -> Result<(), InsertError> {
+        for attempt in 0..2 {
+            if self.len.0.fetch_add(1, Relaxed) < self.capacity {
+                return Ok(());
+            }
+            self.len.0.fetch_sub(1, Relaxed);
+            if attempt == 0 && !(self.config.early_drop && self.early_drop(home)) {
+                break;
+            }
+        }
+        self.stats.full.fetch_add(1, Relaxed);
+        Err(InsertError::Full)
+    }
+
+    /// Evicts the least recently seen not-assured flow among the slots near
+    /// `start`. Returns whether one was evicted.
+    fn early_drop(&self, start: usize) -> bool {
+        let mut victim: Option<(usize, Meta, u32)> = None;
+        let mut i = start;
+        for _ in 0..EARLY_DROP_SCAN.min(self.n) {
+            let s = &self.slots[i];
+            let m = Meta(s.meta.load(Acquire));
+            if m.kind() == KIND_FULL && m.dir() == Dir::Original {
+                let state = StateWord(s.state.load(Relaxed)).state();
+                let seen = s.last_seen.load(Relaxed);
+                if !state.is_assured() && victim.is_none_or(|(_, _, v)| seen < v) {
+                    victim = Some((i, m, seen));
+                }
+            }
+            i = self.next(i);
+        }
+        match victim {
+            Some((i, m, _)) if self.remove_flow_at(i, m) => {
+                self.stats.early_drops.fetch_add(1, Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes the flow whose original slot is `i`, read as `m`. Returns
+    /// false when the slot changed meanwhile (someone else removed it).
+    fn remove_flow_at(&self, i: usize, m: Meta) -> bool {
+        let Some(rec) = self.read_record(i, m) else {
+            return false;
+        };
+        let busy = m.next(KIND_BUSY);
+        if self.slots[i].meta.compare_exchange(m.0, busy.0, AcqRel, Relaxed).is_err() {
+            return false;
+        }
+        // We own the original slot; only its owner removes the reply slot.
+        let reply = rec.peer_words();
+        let p = rec.peer_slot as usize;
+        if p < self.n {
+            loop {
+                let pm = Meta(self.slots[p].meta.load(Acquire));
+                if pm.kind() != KIND_FULL || pm.dir() != Dir::Reply {
+                    break;
+                }
+                match self.read_record(p, pm) {
+                    None => continue,
+                    Some(pr) if pr.key != reply => break,
+                    Some(_) => {
+                        let pbusy = pm.next(KIND_BUSY);
+                        if self.slots[p].meta.compare_exchange(pm.0, pbusy.0, AcqRel, Relaxed).is_ok() {
+                            self.finish_remove(p, &reply, pbusy);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.finish_remove(i, &rec.key, busy);
+        self.len.0.fetch_sub(1, Relaxed);
+        true
+    }
+
+    fn finish_remove(&self, i: usize, key: &[u64; 5], busy: Meta) {
+        let home = self.home(self.hash_words(key));
+        let dist = if i >= home { i - home } else { i + self.n - home };
+        self.release(Claim { slot: i, meta: busy, home, dist });
+    }
+
+    /// Removes the flow that `key` (either direction) belongs to.
+    pub fn remove(&self, key: &FlowKey) -> bool {
+        loop {
+            let h = self.hash(key);
+            let Some((i, m, r)) = self.find(&h.words, h.hash) else {
+                return false;
+            };
+            let (oi, om) = match m.dir() {
+                Dir::Original => (i, m),
+                Dir::Reply => {
+                    let oi = r.peer_slot as usize;
+                    let om = Meta(self.slots[oi].meta.load(Acquire));
+                    let orig = r.peer_words();
+                    match self.read_record(oi, om) {
+                        Some(or) if om.kind() == KIND_FULL && or.key == orig => (oi, om),
+                        Some(_) => return false,
+                        None => continue,
+                    }
+                }
+            };
+            if self.remove_flow_at(oi, om) {
+                return true;
+            }
+            // Lost a race with another remover or a writer: look again.
+        }
+    }
+
+    /// Records a packet of the flow direction `v`: last-seen time, counters,
+    /// and the state transition its TCP `flags` cause. Returns the flow's
+    /// state after the packet, or `None` if the flow is gone meanwhile.
+    ///
+    /// Counters use relaxed atomic adds: exact, never torn.
+    #[inline]
+    pub fn touch(&self, v: &FlowView, now: u32, bytes: u64, flags: u8) -> Option<FlowState> {
+        let s = &self.slots[v.slot as usize];
+        let m = Meta(s.meta.load(Relaxed));
+        if m.kind() != KIND_FULL || m.generation() != v.generation {
+            return None;
+        }
+        if s.last_seen.load(Relaxed) != now {
+            s.last_seen.store(now, Relaxed);
+        }
+        s.packets.fetch_add(1, Relaxed);
+        s.bytes.fetch_add(bytes, Relaxed);
+        let cur = StateWord(s.state.load(Relaxed));
+        let next = advance(cur, v.dir, flags);
+        if next == cur {
+            return Some(cur.state());
+        }
+        Some(self.advance_state(v, flags).unwrap_or(next).state())
+    }
+
+    /// Applies a transition on the authoritative (original) slot and mirrors
+    /// it to the other one.
+    fn advance_state(&self, v: &FlowView, flags: u8) -> Option<StateWord> {
+        let own = &self.slots[v.slot as usize];
+        let p = v.peer_slot as usize;
+        let peer = self.slots.get(p)?;
+        // The peer must still be this flow's other half.
+        let pm = Meta(peer.meta.load(Acquire));
+        let pr = self.read_record(p, pm)?;
+        if pm.kind() != KIND_FULL || pr.key != v.peer.to_words() {
+            return None;
+        }
+        let (auth, mirror) = match v.dir {
+            Dir::Original => (own, peer),
+            Dir::Reply => (peer, own),
+        };
+        let mut cur = auth.state.load(Acquire);
+        loop {
+            let next = advance(StateWord(cur), v.dir, flags).0;
+            if next == cur {
+                break;
+            }
+            match auth.state.compare_exchange_weak(cur, next, AcqRel, Acquire) {
+                Ok(_) => {
+                    cur = next;
+                    break;
+                }
+                Err(actual) => cur = actual,
+            }
+        }
+        mirror.state.store(cur, Release);
+        Some(StateWord(cur))
+    }
+
+    /// The state of the flow `v` belongs to, read from its original slot.
+    pub fn state(&self, v: &FlowView) -> FlowState {
+        let i = match v.dir {
+            Dir::Original => v.slot,
+            Dir::Reply => v.peer_slot,
+        };
+        let s = self.slots.get(i as usize).unwrap_or(&self.slots[v.slot as usize]);
+        StateWord(s.state.load(Acquire)).state()
+    }
+
+    /// A consistent description of the flow whose original slot is `i`.
+    fn info_at(&self, i: usize) -> Option<(Meta, FlowInfo)> {
+        loop {
+            let s = &self.slots[i];
+            let m = Meta(s.meta.load(Acquire));
+            if m.kind() != KIND_FULL || m.dir() != Dir::Original {
+                return None;
+            }
+            let Some(r) = self.read_record(i, m) else { continue };
+            let peer = self.slots.get(r.peer_slot as usize);
+            let (pls, pp, pb) =
+                peer.map_or((0, 0, 0), |p| (p.last_seen.load(Relaxed), p.packets.load(Relaxed), p.bytes.load(Relaxed)));
+            return Some((
+                m,
+                FlowInfo {
+                    orig: FlowKey::from_words(&r.key),
+                    reply: FlowKey::from_words(&r.peer_words()),
+                    backend: r.backend,
+                    service: r.service(),
+                    state: StateWord(s.state.load(Acquire)).state(),
+                    last_seen: s.last_seen.load(Relaxed).max(pls),
+                    packets: [s.packets.load(Relaxed), pp],
+                    bytes: [s.bytes.load(Relaxed), pb],
+                },
+            ));
+        }
+    }
+
+    /// Removes expired flows among `budget` slots from `*cursor`, advancing
+    /// the cursor (wrapping), so a sweeper can spread a pass over time.
+    /// Returns how many flows expired.
+    pub fn sweep(&self, now: u32, cursor: &mut usize, budget: usize) -> usize {
+        let timeouts = &self.config.timeouts;
+        let mut expired = 0;
+        let mut i = *cursor % self.n;
+        for _ in 0..budget.min(self.n) {
+            if let Some((m, info)) = self.info_at(i) {
+                let idle = now.saturating_sub(info.last_seen);
+                if idle >= timeouts.for_state(info.state) && self.remove_flow_at(i, m) {
+                    expired += 1;
+                }
+            }
+            i = self.next(i);
+        }
+        *cursor = i;
+        self.stats.expired.fetch_add(expired as u64, Relaxed);
+        expired
+    }
+
+    /// One full sweep pass. Returns how many flows expired.
+    pub fn sweep_all(&self, now: u32) -> usize {
+        let mut cursor = 0;
+        self.sweep(now, &mut cursor, self.n)
+    }
+
+    /// Removes every flow for which `pred` is true, e.g. all UDP flows to a
+    /// removed endpoint, or all flows of a deleted service. Returns how many.
+    pub fn flush(&self, mut pred: impl FnMut(&FlowInfo) -> bool) -> usize {
+        let mut removed = 0;
+        for i in 0..self.n {
+            if let Some((m, info)) = self.info_at(i)
+                && pred(&info)
+                && self.remove_flow_at(i, m)
+            {
+                removed += 1;
+            }
+        }
+        self.stats.flushed.fetch_add(removed as u64, Relaxed);
+        removed
+    }
+
+    /// Every flow, for diagnostics and tests. Allocates; not for the hot path.
+    pub fn flows(&self) -> Vec<FlowInfo> {
+        (0..self.n).filter_map(|i| self.info_at(i).map(|(_, f)| f)).collect()
+    }
+
+    /// Checks the structural invariants of a quiescent table (no concurrent
+    /// writers): every original slot has its reply slot and back, no key is
+    /// stored twice, every key is found by lookup, overflow counts equal a
+    /// recount, and `len` equals the flows stored.
+    ///
+    /// # Errors
+    /// A description of the first violation found.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        let mut overflow = vec![0u32; self.n];
+        let mut originals = 0;
+        for i in 0..self.n {
+            let m = Meta(self.slots[i].meta.load(Acquire));
+            match m.kind() {
+                KIND_EMPTY => continue,
+                KIND_FULL => {}
+                _ => return Err(format!("slot {i} is busy in a quiescent table")),
+            }
+            let r = self.read_record(i, m).ok_or("slot changed during check")?;
+            if !seen.insert(r.key) {
+                return Err(format!("key {:?} stored twice", FlowKey::from_words(&r.key)));
+            }
+            let hash = self.hash_words(&r.key);
+            if m.tag() != hash as u16 {
+                return Err(format!("slot {i}: tag does not match its key"));
+            }
+            match self.find(&r.key, hash) {
+                Some((j, _, _)) if j == i => {}
+                other => return Err(format!("slot {i}: lookup finds {:?}", other.map(|o| o.0))),
+            }
+            let home = self.home(hash);
+            let mut j = home;
+            while j != i {
+                overflow[j] += 1;
+                j = self.next(j);
+            }
+            let p = r.peer_slot as usize;
+            let pm = Meta(self.slots.get(p).ok_or("peer slot out of range")?.meta.load(Acquire));
+            let pr = self.read_record(p, pm).ok_or("peer changed during check")?;
+            if pm.kind() != KIND_FULL || pm.dir() == m.dir() || pr.key != r.peer_words() || pr.peer_slot as usize != i {
+                return Err(format!("slot {i}: peer slot {p} is not its other half"));
+            }
+            if m.dir() == Dir::Original {
+                originals += 1;
+            }
+        }
+        for (i, want) in overflow.iter().enumerate() {
+            let have = self.slots[i].overflow.load(Acquire);
+            if have != *want {
+                return Err(format!("slot {i}: overflow count {have}, recount {want}"));
+            }
+        }
+        if originals != self.len() {
+            return Err(format!("len {} but {originals} flows stored", self.len()));
+        }
+        Ok(())
+    }
+}
+
+enum ClaimResult {
+    Found(FlowView),
+    Claimed(Claim),
+}
+
+/// A slot this worker holds `BUSY`, with the probe path that leads to it.
+#[derive(Clone, Copy)]
+struct Claim {
+    slot: usize,
+    meta: Meta,
+    home: usize,
+    dist: usize,
+}

@@ -1,0 +1,264 @@
+//! Property test: any sequence of operations on a small table (so that probe
+//! chains collide, wrap around the end of the array and the table fills up)
+//! gives the same results as a `HashMap` model of the same flows.
+
+use proptest::prelude::*;
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use xskgate_conntrack::state::{StateWord, advance};
+use xskgate_conntrack::{
+    Config, Dir, FlowKey, FlowState, FlowTable, InsertError, Inserted, NewFlow, Proto, TcpState, Timeouts,
+};
+
+const CAPACITY: usize = 8;
+
+/// A pool of 40 distinct tuples, IPv4 and IPv6, that operations pick from.
+fn tuple(i: u8) -> FlowKey {
+    let i = i % 40;
+    let port = 1000 + u16::from(i % 5);
+    if i % 4 == 3 {
+        let a: Ipv6Addr = format!("2001:db8::{}", i / 5).parse().unwrap();
+        FlowKey::new(Proto::TCP, a, port, Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1), 80)
+    } else {
+        FlowKey::new(Proto::TCP, Ipv4Addr::new(198, 18, 0, i / 5), port, Ipv4Addr::new(198, 18, 1, 1), 80)
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Insert { orig: u8, reply: u8, backend: u32, syn: bool },
+    Lookup(u8),
+    Remove(u8),
+    Touch { key: u8, now: u32, bytes: u16, flags: u8 },
+    Sweep(u32),
+    FlushService(u32),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (any::<u8>(), any::<u8>(), 0u32..4, any::<bool>())
+            .prop_map(|(orig, reply, backend, syn)| Op::Insert { orig, reply, backend, syn }),
+        3 => any::<u8>().prop_map(Op::Lookup),
+        2 => any::<u8>().prop_map(Op::Remove),
+        3 => (any::<u8>(), 0u32..400, any::<u16>(), prop::sample::select(vec![0x02u8, 0x12, 0x10, 0x11, 0x04, 0x00]))
+            .prop_map(|(key, now, bytes, flags)| Op::Touch { key, now, bytes, flags }),
+        1 => (0u32..400).prop_map(Op::Sweep),
+        1 => (0u32..4).prop_map(Op::FlushService),
+    ]
+}
+
+#[derive(Clone, Debug)]
+struct ModelFlow {
+    orig: FlowKey,
+    reply: FlowKey,
+    backend: u32,
+    service: u32,
+    state: StateWord,
+    last_seen: [u32; 2],
+    packets: [u64; 2],
+    bytes: [u64; 2],
+}
+
+#[derive(Default)]
+struct Model {
+    /// tuple -> (original tuple of its flow, direction)
+    index: HashMap<FlowKey, (FlowKey, Dir)>,
+    flows: HashMap<FlowKey, ModelFlow>,
+}
+
+impl Model {
+    fn remove_flow(&mut self, orig: FlowKey) -> bool {
+        match self.flows.remove(&orig) {
+            Some(f) => {
+                self.index.remove(&f.orig);
+                self.index.remove(&f.reply);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn short_timeouts() -> Timeouts {
+    Timeouts {
+        tcp_syn: 60,
+        tcp_established: 300,
+        tcp_fin_wait: 120,
+        tcp_close_wait: 200,
+        tcp_last_ack: 30,
+        tcp_time_wait: 120,
+        tcp_close: 10,
+        udp_unreplied: 30,
+        udp_replied: 120,
+        icmp: 30,
+    }
+}
+
+fn run(ops: Vec<Op>, seed: u64) -> Result<(), TestCaseError> {
+    let timeouts = short_timeouts();
+    let table = FlowTable::new(Config { capacity: CAPACITY, timeouts, early_drop: false, seed: Some(seed) }).unwrap();
+    let mut model = Model::default();
+    for op in ops {
+        match op {
+            Op::Insert { orig, reply, backend, syn } => {
+                let (o, r) = (tuple(orig), tuple(reply));
+                let state = if syn { FlowState::Tcp(TcpState::SynSent) } else { FlowState::Tcp(TcpState::Established) };
+                let flow = NewFlow { orig: o, reply: r, backend, service: backend % 3, state };
+                let got = table.insert(&flow, 0);
+                let want = if o == r {
+                    Err(InsertError::InvalidTuple)
+                } else if let Some(&(fo, dir)) = model.index.get(&o) {
+                    let f = &model.flows[&fo];
+                    let peer = if dir == Dir::Original { f.reply } else { f.orig };
+                    Ok((true, dir, peer, f.backend))
+                } else if model.flows.len() == CAPACITY {
+                    // A full table says so before any SNAT retry could help.
+                    Err(InsertError::Full)
+                } else if model.index.contains_key(&r) {
+                    Err(InsertError::ReplyTaken)
+                } else {
+                    model.index.insert(o, (o, Dir::Original));
+                    model.index.insert(r, (o, Dir::Reply));
+                    let f = ModelFlow {
+                        orig: o,
+                        reply: r,
+                        backend,
+                        service: backend % 3,
+                        state: StateWord::new(state),
+                        last_seen: [0, 0],
+                        packets: [0, 0],
+                        bytes: [0, 0],
+                    };
+                    model.flows.insert(o, f);
+                    Ok((false, Dir::Original, r, backend))
+                };
+                let got = got.map(|ins| {
+                    let v = ins.view();
+                    (matches!(ins, Inserted::Existing(_)), v.dir, v.peer, v.backend)
+                });
+                prop_assert_eq!(got, want, "insert {:?} / {:?}", o, r);
+            }
+            Op::Lookup(k) => {
+                let key = tuple(k);
+                let got = table.lookup(&key).map(|v| (v.dir, v.peer, v.backend, v.service, v.rewrite()));
+                let want = model.index.get(&key).map(|&(fo, dir)| {
+                    let f = &model.flows[&fo];
+                    let peer = if dir == Dir::Original { f.reply } else { f.orig };
+                    (dir, peer, f.backend, f.service, peer.reversed())
+                });
+                prop_assert_eq!(got, want, "lookup {:?}", key);
+            }
+            Op::Remove(k) => {
+                let key = tuple(k);
+                let want = model.index.get(&key).map(|&(fo, _)| fo);
+                let want = want.is_some_and(|fo| model.remove_flow(fo));
+                prop_assert_eq!(table.remove(&key), want, "remove {:?}", key);
+            }
+            Op::Touch { key, now, bytes, flags } => {
+                let key = tuple(key);
+                let got = table.lookup(&key).and_then(|v| table.touch(&v, now, u64::from(bytes), flags));
+                let want = model.index.get(&key).copied().map(|(fo, dir)| {
+                    let f = model.flows.get_mut(&fo).unwrap();
+                    let d = (dir == Dir::Reply) as usize;
+                    f.last_seen[d] = now;
+                    f.packets[d] += 1;
+                    f.bytes[d] += u64::from(bytes);
+                    f.state = advance(f.state, dir, flags);
+                    f.state.state()
+                });
+                prop_assert_eq!(got, want, "touch {:?}", key);
+            }
+            Op::Sweep(now) => {
+                let expired: Vec<FlowKey> = model
+                    .flows
+                    .values()
+                    .filter(|f| {
+                        let last = f.last_seen[0].max(f.last_seen[1]);
+                        now.saturating_sub(last) >= timeouts.for_state(f.state.state())
+                    })
+                    .map(|f| f.orig)
+                    .collect();
+                for o in &expired {
+                    model.remove_flow(*o);
+                }
+                prop_assert_eq!(table.sweep_all(now), expired.len(), "sweep at {}", now);
+            }
+            Op::FlushService(s) => {
+                let doomed: Vec<FlowKey> = model.flows.values().filter(|f| f.service == s).map(|f| f.orig).collect();
+                for o in &doomed {
+                    model.remove_flow(*o);
+                }
+                prop_assert_eq!(table.flush(|f| f.service == s), doomed.len(), "flush service {}", s);
+            }
+        }
+        prop_assert_eq!(table.len(), model.flows.len());
+        if let Err(e) = table.check_invariants() {
+            return Err(TestCaseError::fail(e));
+        }
+    }
+    // Every stored flow, with its counters and state, equals the model's.
+    let mut got: Vec<_> = table
+        .flows()
+        .into_iter()
+        .map(|f| (f.orig, f.reply, f.backend, f.service, f.state, f.last_seen, f.packets, f.bytes))
+        .collect();
+    let mut want: Vec<_> = model
+        .flows
+        .values()
+        .map(|f| {
+            (
+                f.orig,
+                f.reply,
+                f.backend,
+                f.service,
+                f.state.state(),
+                f.last_seen[0].max(f.last_seen[1]),
+                f.packets,
+                f.bytes,
+            )
+        })
+        .collect();
+    got.sort_by_key(|f| f.0);
+    want.sort_by_key(|f| f.0);
+    prop_assert_eq!(got, want);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn table_behaves_like_a_hashmap(ops in prop::collection::vec(op(), 1..120), seed in any::<u64>()) {
+        run(ops, seed)?;
+    }
+}
+
+/// A pinned case that exercises every error and the reply-side lookup.
+#[test]
+fn reply_tuple_conflicts_and_capacity() {
+    let t = FlowTable::new(Config { capacity: 2, early_drop: false, seed: Some(1), ..Config::default() }).unwrap();
+    let f = |o: u8, r: u8| NewFlow {
+        orig: tuple(o),
+        reply: tuple(r),
+        backend: u32::from(o),
+        service: 0,
+        state: FlowState::Udp { replied: false },
+    };
+    assert!(matches!(t.insert(&f(0, 1), 5), Ok(Inserted::New(_))));
+    // Same original tuple: the existing flow, unchanged.
+    let Ok(Inserted::Existing(v)) = t.insert(&f(0, 2), 6) else { panic!("expected Existing") };
+    assert_eq!((v.peer, v.backend), (tuple(1), 0));
+    // A new flow whose reply tuple is taken: the SNAT allocator must retry.
+    assert_eq!(t.insert(&f(3, 1), 6), Err(InsertError::ReplyTaken));
+    assert_eq!(t.insert(&f(4, 4), 6), Err(InsertError::InvalidTuple));
+    assert!(matches!(t.insert(&f(5, 6), 7), Ok(Inserted::New(_))));
+    assert_eq!(t.insert(&f(7, 8), 7), Err(InsertError::Full));
+    assert_eq!(t.stats().full, 1);
+    // Lookup of the reply tuple returns the reverse translation.
+    let back = t.lookup(&tuple(1)).unwrap();
+    assert_eq!((back.dir, back.rewrite()), (Dir::Reply, tuple(0).reversed()));
+    assert!(t.remove(&tuple(1)));
+    assert!(t.lookup(&tuple(0)).is_none());
+    assert!(matches!(t.insert(&f(7, 8), 8), Ok(Inserted::New(_))));
+    t.check_invariants().unwrap();
+}
