@@ -1,38 +1,44 @@
-//! The table's single allocation: an anonymous mapping of zeroed slots,
-//! asked for transparent huge pages and faulted in at creation, so that no
-//! later lookup or insert ever takes a page fault or a TLB walk per 4 KiB.
+//! The table's allocations: anonymous mappings of zeroed elements, asked
+//! for transparent huge pages and faulted in at creation, so that no later
+//! lookup or insert ever takes a page fault or a TLB walk per 4 KiB.
 //!
-//! Under `--cfg loom` it is a plain boxed slice (loom's atomics cannot live in
-//! zeroed memory); the protocol under test is the same.
+//! Under `--cfg loom` they are plain boxed slices (loom's atomics cannot live
+//! in zeroed memory); the protocol under test is the same.
 
-use crate::table::Slot;
 use std::ops::Deref;
 
+/// Types for which the all-zero bit pattern is a valid value.
+///
+/// # Safety
+/// Implement only for types made of integers and atomics of integers.
+pub(crate) unsafe trait AllZeroValid: Default {}
+
 #[cfg(not(loom))]
-pub(crate) struct SlotArray {
-    ptr: std::ptr::NonNull<Slot>,
+pub(crate) struct ZeroedArray<T: AllZeroValid> {
+    ptr: std::ptr::NonNull<T>,
     len: usize,
     bytes: usize,
 }
 
-// SAFETY: SlotArray owns its mapping exclusively; `Slot` holds only atomics,
-// which are safe to share between threads.
+// SAFETY: the array owns its mapping exclusively; elements hold only
+// integers and atomics, which are safe to share between threads.
 #[cfg(not(loom))]
-unsafe impl Send for SlotArray {}
-// SAFETY: as above; shared access goes through `&[Slot]` and atomics.
+unsafe impl<T: AllZeroValid> Send for ZeroedArray<T> {}
+// SAFETY: as above; shared access goes through `&[T]` and atomics.
 #[cfg(not(loom))]
-unsafe impl Sync for SlotArray {}
+unsafe impl<T: AllZeroValid> Sync for ZeroedArray<T> {}
 
 #[cfg(not(loom))]
-impl SlotArray {
-    /// Maps `len` zeroed slots.
+impl<T: AllZeroValid> ZeroedArray<T> {
+    /// Maps `len` zeroed elements.
     ///
     /// # Errors
     /// The `mmap` error when the memory cannot be had (e.g. too large for the
     /// machine's overcommit policy).
-    pub(crate) fn new(len: usize) -> std::io::Result<SlotArray> {
+    pub(crate) fn new(len: usize) -> std::io::Result<ZeroedArray<T>> {
         let bytes = len
-            .checked_mul(std::mem::size_of::<Slot>())
+            .checked_mul(std::mem::size_of::<T>())
+            .map(|b| b.max(1))
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "table size overflows"))?;
         // SAFETY: an anonymous private mapping with no address hint touches no
         // existing memory; the result is checked against MAP_FAILED.
@@ -64,29 +70,29 @@ impl SlotArray {
                 }
             }
         }
-        let ptr = std::ptr::NonNull::new(raw.cast::<Slot>()).expect("mmap never returns null on success");
-        Ok(SlotArray { ptr, len, bytes })
+        let ptr = std::ptr::NonNull::new(raw.cast::<T>()).expect("mmap never returns null on success");
+        Ok(ZeroedArray { ptr, len, bytes })
     }
 
-    /// Bytes mapped for the slots.
+    /// Bytes mapped.
     pub(crate) fn bytes(&self) -> usize {
         self.bytes
     }
 }
 
 #[cfg(not(loom))]
-impl Deref for SlotArray {
-    type Target = [Slot];
-    fn deref(&self) -> &[Slot] {
-        // SAFETY: the mapping holds `len` slots, is zero-filled by the kernel,
-        // and an all-zero `Slot` is valid (it is made of integers in atomics).
+impl<T: AllZeroValid> Deref for ZeroedArray<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: the mapping holds `len` elements, is zero-filled by the
+        // kernel, and an all-zero `T` is valid (`AllZeroValid`).
         // The mapping lives as long as `self`.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
 
 #[cfg(not(loom))]
-impl Drop for SlotArray {
+impl<T: AllZeroValid> Drop for ZeroedArray<T> {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `new`; no reference into
         // it outlives `self` (slices borrow from `self`).
@@ -97,22 +103,22 @@ impl Drop for SlotArray {
 }
 
 #[cfg(loom)]
-pub(crate) struct SlotArray(Box<[Slot]>);
+pub(crate) struct ZeroedArray<T>(Box<[T]>);
 
 #[cfg(loom)]
-impl SlotArray {
-    pub(crate) fn new(len: usize) -> std::io::Result<SlotArray> {
-        Ok(SlotArray((0..len).map(|_| Slot::default()).collect()))
+impl<T: AllZeroValid> ZeroedArray<T> {
+    pub(crate) fn new(len: usize) -> std::io::Result<ZeroedArray<T>> {
+        Ok(ZeroedArray((0..len).map(|_| T::default()).collect()))
     }
     pub(crate) fn bytes(&self) -> usize {
-        self.0.len() * std::mem::size_of::<Slot>()
+        self.0.len() * std::mem::size_of::<T>()
     }
 }
 
 #[cfg(loom)]
-impl Deref for SlotArray {
-    type Target = [Slot];
-    fn deref(&self) -> &[Slot] {
+impl<T> Deref for ZeroedArray<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
         &self.0
     }
 }

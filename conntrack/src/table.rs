@@ -9,16 +9,24 @@
 //! placed by linear probing from their *home* slot (`hash × n >> 64`).
 //! The array has `2.5 ×` capacity slots, so the load never exceeds 0.8.
 //!
+//! Beside it, a compact array of 4-byte hints, one per slot (tag, occupied
+//! bit, overflow count): 10 MB per million flows, so it stays in the last
+//! level cache. Probes walk the hints and read a slot only when its tag
+//! matches, so a miss costs no slot access and a hit costs one.
+//!
 //! # Protocol
 //! - `meta` (per slot) = generation (32 bits) | tag (16 hash bits) | kind
 //!   (`EMPTY`, `BUSY`, `FULL`) | direction. Every transition bumps the
 //!   generation, so it is also a seqlock: a reader copies the slot and accepts
 //!   the copy only if `meta` is unchanged afterwards. Readers never wait; a
 //!   failed validation means a writer made progress, and the reader retries.
-//! - `overflow` (per slot) counts the keys whose probe path crosses this slot
-//!   (home before it, stored after it). A probe stops at the first slot whose
-//!   count is zero, so removal frees a slot at once: there are no tombstones
-//!   and churn never lengthens probes.
+//! - The hint of a slot carries its key's tag while the slot is claimed or
+//!   full: it is set before the slot is published and cleared only after the
+//!   slot stopped being `FULL`, so a `FULL` slot always has its tag hinted.
+//!   The hint's overflow count is the number of keys whose probe path
+//!   crosses the slot (home before it, stored after it). A probe stops at the
+//!   first hint whose count is zero, so removal frees a slot at once: there
+//!   are no tombstones and churn never lengthens probes.
 //! - `ctl` (per slot) is the commit counter of keys whose home is this slot.
 //!   An insert claims an `EMPTY` slot by CAS (→ `BUSY`), raises the overflow
 //!   counts on its path, then commits by CAS on the home's `ctl` from the
@@ -38,7 +46,7 @@
 //! [`FlowTable::flows`]; nothing takes a lock or makes a system call.
 
 use crate::key::FlowKey;
-use crate::mem::SlotArray;
+use crate::mem::{AllZeroValid, ZeroedArray};
 use crate::state::{Dir, FlowState, StateWord, Timeouts, advance};
 use crate::sync::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence, spin_loop};
 use Ordering::{AcqRel, Acquire, Relaxed, Release};
@@ -92,12 +100,30 @@ impl Meta {
     }
 }
 
+/// The tag of a key: 15 hash bits, compared before a slot is read.
+#[inline]
+fn tag_of(hash: u64) -> u16 {
+    (hash & 0x7fff) as u16
+}
+
+const HINT_OVERFLOW: u32 = 0xffff;
+const HINT_OCCUPIED: u32 = 1 << 31;
+
+/// Per-slot hint: overflow count (bits 0–15), tag (16–30), occupied (31).
+/// The overflow count cannot carry into the tag: at most [`MAX_PROBE`] keys
+/// can cross one slot.
+#[derive(Default)]
+#[repr(transparent)]
+pub(crate) struct Hint(AtomicU32);
+
+// SAFETY: an atomic integer; zero is "empty, no overflow".
+unsafe impl AllZeroValid for Hint {}
+
 /// One direction of one flow. 128 bytes, 128-aligned; all-zero is `EMPTY`.
 #[repr(C, align(128))]
 pub(crate) struct Slot {
     meta: AtomicU64,
     ctl: AtomicU32,
-    overflow: AtomicU32,
     key: [AtomicU64; 5],
     /// The other direction's key; word 4 carries `service << 32` instead of
     /// the protocol (which both directions share).
@@ -118,7 +144,6 @@ impl Default for Slot {
         Slot {
             meta: AtomicU64::new(0),
             ctl: AtomicU32::new(0),
-            overflow: AtomicU32::new(0),
             key: std::array::from_fn(|_| AtomicU64::new(0)),
             peer: std::array::from_fn(|_| AtomicU64::new(0)),
             peer_slot: AtomicU32::new(0),
@@ -130,6 +155,9 @@ impl Default for Slot {
         }
     }
 }
+
+// SAFETY: made only of atomic integers; all-zero is an EMPTY slot.
+unsafe impl AllZeroValid for Slot {}
 
 /// A consistent copy of a slot's immutable part.
 struct Record {
@@ -327,7 +355,8 @@ pub const MAX_CAPACITY: usize = (u32::MAX as usize / SLOTS_PER_FLOW_NUM) * SLOTS
 
 /// The shared connection-tracking table. See the module documentation.
 pub struct FlowTable {
-    slots: SlotArray,
+    slots: ZeroedArray<Slot>,
+    hints: ZeroedArray<Hint>,
     n: usize,
     seed: [u64; 6],
     capacity: usize,
@@ -379,7 +408,8 @@ impl FlowTable {
             return Err(TableError::TooLarge(config.capacity));
         }
         let n = (config.capacity * SLOTS_PER_FLOW_NUM).div_ceil(SLOTS_PER_FLOW_DEN).max(8);
-        let slots = SlotArray::new(n).map_err(TableError::Memory)?;
+        let slots = ZeroedArray::new(n).map_err(TableError::Memory)?;
+        let hints = ZeroedArray::new(n).map_err(TableError::Memory)?;
         let mut s = config.seed.unwrap_or_else(|| {
             use std::hash::{BuildHasher, Hasher};
             std::collections::hash_map::RandomState::new().build_hasher().finish()
@@ -387,6 +417,7 @@ impl FlowTable {
         let seed = std::array::from_fn(|_| splitmix(&mut s) | 1);
         Ok(FlowTable {
             slots,
+            hints,
             n,
             seed,
             capacity: config.capacity,
@@ -412,7 +443,7 @@ impl FlowTable {
 
     /// Bytes the table holds for its whole life (fixed at creation).
     pub fn memory_bytes(&self) -> usize {
-        self.slots.bytes() + std::mem::size_of::<FlowTable>()
+        self.slots.bytes() + self.hints.bytes() + std::mem::size_of::<FlowTable>()
     }
 
     pub fn config(&self) -> &Config {
@@ -453,20 +484,23 @@ impl FlowTable {
         if i + 1 == self.n { 0 } else { i + 1 }
     }
 
-    /// Starts loading the key's home slot into the cache (no-op elsewhere
-    /// than x86-64). Lets a batch overlap its memory misses.
+    /// Starts loading the key's home hint and slot into the cache (no-op
+    /// elsewhere than x86-64). Lets a batch overlap its memory misses.
     #[inline]
     pub fn prefetch(&self, h: &KeyHash) {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-            let p = std::ptr::from_ref(&self.slots[self.home(h.hash)]).cast::<i8>();
-            // SAFETY: prefetch is a hint that never faults; `p` points into
-            // the live slot array and both lines belong to the same slot.
+            let home = self.home(h.hash);
+            let hint = std::ptr::from_ref(&self.hints[home]).cast::<i8>();
+            let slot = std::ptr::from_ref(&self.slots[home]).cast::<i8>();
+            // SAFETY: prefetch is a hint that never faults; the pointers
+            // point into live arrays and both slot lines belong to one slot.
             #[allow(unused_unsafe)]
             unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(p);
-                _mm_prefetch::<_MM_HINT_T0>(p.add(64));
+                _mm_prefetch::<_MM_HINT_T0>(hint);
+                _mm_prefetch::<_MM_HINT_T0>(slot);
+                _mm_prefetch::<_MM_HINT_T0>(slot.add(64));
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -511,23 +545,28 @@ impl FlowTable {
         self.find(&h.words, h.hash).map(|(i, m, r)| Self::view(i, m, &r))
     }
 
+    #[inline]
     fn find(&self, w: &[u64; 5], hash: u64) -> Option<(usize, Meta, Record)> {
-        let tag = hash as u16;
+        let tag = tag_of(hash);
+        let hinted = HINT_OCCUPIED | u32::from(tag) << 16;
         let mut i = self.home(hash);
         for _ in 0..MAX_PROBE {
-            let s = &self.slots[i];
-            loop {
-                let m = Meta(s.meta.load(Acquire));
-                if m.kind() != KIND_FULL || m.tag() != tag {
-                    break;
-                }
-                match self.read_record(i, m) {
-                    Some(r) if r.key == *w => return Some((i, m, r)),
-                    Some(_) => break,
-                    None => continue, // a writer changed the slot under us: read again
+            let hint = self.hints[i].0.load(Acquire);
+            if hint & !HINT_OVERFLOW == hinted {
+                let s = &self.slots[i];
+                loop {
+                    let m = Meta(s.meta.load(Acquire));
+                    if m.kind() != KIND_FULL || m.tag() != tag {
+                        break;
+                    }
+                    match self.read_record(i, m) {
+                        Some(r) if r.key == *w => return Some((i, m, r)),
+                        Some(_) => break,
+                        None => continue, // a writer changed the slot under us: read again
+                    }
                 }
             }
-            if s.overflow.load(Acquire) == 0 {
+            if hint & HINT_OVERFLOW == 0 {
                 return None;
             }
             i = self.next(i);
@@ -535,14 +574,14 @@ impl FlowTable {
         None
     }
 
-    /// Adds `delta` (±1) to the overflow counts of the `dist` slots from `home`.
+    /// Raises (or lowers) the overflow counts of the `dist` slots from `home`.
     fn add_overflow(&self, home: usize, dist: usize, up: bool) {
         let mut j = home;
         for _ in 0..dist {
             if up {
-                self.slots[j].overflow.fetch_add(1, AcqRel);
+                self.hints[j].0.fetch_add(1, AcqRel);
             } else {
-                self.slots[j].overflow.fetch_sub(1, AcqRel);
+                self.hints[j].0.fetch_sub(1, AcqRel);
             }
             j = self.next(j);
         }
@@ -562,7 +601,7 @@ impl FlowTable {
     /// Insert-if-absent of one key: returns the existing direction, or a
     /// committed `BUSY` claim that the caller fills and publishes (or releases).
     fn claim(&self, w: &[u64; 5], hash: u64, dir: Dir, own: Option<usize>) -> Result<ClaimResult, InsertError> {
-        let tag = hash as u16;
+        let tag = tag_of(hash);
         let home = self.home(hash);
         let home_slot = &self.slots[home];
         'restart: for _ in 0..MAX_RESTARTS {
@@ -571,26 +610,30 @@ impl FlowTable {
             let mut in_chain = true;
             let mut i = home;
             for dist in 0..MAX_PROBE {
-                let s = &self.slots[i];
-                let m = Meta(s.meta.load(Acquire));
-                if in_chain && m.tag() == tag && Some(i) != own {
+                let hint = self.hints[i].0.load(Acquire);
+                let occupied = hint & HINT_OCCUPIED != 0;
+                if in_chain && occupied && ((hint >> 16) & 0x7fff) as u16 == tag && Some(i) != own {
+                    let m = Meta(self.slots[i].meta.load(Acquire));
                     match m.kind() {
                         KIND_FULL => match self.read_record(i, m) {
                             Some(r) if r.key == *w => return Ok(ClaimResult::Found(Self::view(i, m, &r))),
                             Some(_) => {}
                             None => continue 'restart,
                         },
-                        KIND_BUSY => {
+                        KIND_BUSY if m.tag() == tag => {
                             self.wait_while(i, m)?;
                             continue 'restart;
                         }
                         _ => {}
                     }
                 }
-                if m.kind() == KIND_EMPTY && free.is_none() {
-                    free = Some((i, m, dist));
+                if !occupied && free.is_none() {
+                    let m = Meta(self.slots[i].meta.load(Acquire));
+                    if m.kind() == KIND_EMPTY {
+                        free = Some((i, m, dist));
+                    }
                 }
-                if in_chain && s.overflow.load(Acquire) == 0 {
+                if in_chain && hint & HINT_OVERFLOW == 0 {
                     in_chain = false;
                 }
                 if !in_chain && free.is_some() {
@@ -605,6 +648,9 @@ impl FlowTable {
             if self.slots[f].meta.compare_exchange(empty.0, busy.0, AcqRel, Relaxed).is_err() {
                 continue 'restart;
             }
+            // Hint before commit: an insert that reads `ctl` after our commit
+            // must see this slot in its scan.
+            self.hints[f].0.fetch_or(HINT_OCCUPIED | u32::from(tag) << 16, AcqRel);
             self.add_overflow(home, dist, true);
             if home_slot.ctl.compare_exchange(c0, c0.wrapping_add(1), AcqRel, Relaxed).is_err() {
                 // Another key homed here committed since our scan: it may be ours.
@@ -618,6 +664,7 @@ impl FlowTable {
 
     /// Gives a claimed (or claimed-for-removal) slot back: `BUSY` → `EMPTY`.
     fn release(&self, c: Claim) {
+        self.hints[c.slot].0.fetch_and(HINT_OVERFLOW, AcqRel);
         self.add_overflow(c.home, c.dist, false);
         self.slots[c.slot].meta.store(c.meta.next(KIND_EMPTY).0, Release);
     }
@@ -635,11 +682,11 @@ impl FlowTable {
         state: StateWord,
     ) {
         let s = &self.slots[c.slot];
-        for k in 0..5 {
-            s.key[k].store(key[k], Relaxed);
+        for (slot_word, word) in s.key.iter().zip(key) {
+            slot_word.store(*word, Relaxed);
         }
-        for k in 0..4 {
-            s.peer[k].store(peer[k], Relaxed);
+        for (slot_word, word) in s.peer[..4].iter().zip(peer) {
+            slot_word.store(*word, Relaxed);
         }
         s.peer[4].store((peer[4] & PORTS_MASK) | u64::from(service) << 32, Relaxed);
         s.peer_slot.store(peer_slot as u32, Relaxed);
@@ -979,6 +1026,9 @@ impl FlowTable {
         for i in 0..self.n {
             let m = Meta(self.slots[i].meta.load(Acquire));
             match m.kind() {
+                KIND_EMPTY if self.hints[i].0.load(Acquire) & !HINT_OVERFLOW != 0 => {
+                    return Err(format!("slot {i} is empty but hinted"));
+                }
                 KIND_EMPTY => continue,
                 KIND_FULL => {}
                 _ => return Err(format!("slot {i} is busy in a quiescent table")),
@@ -988,8 +1038,9 @@ impl FlowTable {
                 return Err(format!("key {:?} stored twice", FlowKey::from_words(&r.key)));
             }
             let hash = self.hash_words(&r.key);
-            if m.tag() != hash as u16 {
-                return Err(format!("slot {i}: tag does not match its key"));
+            let hint = self.hints[i].0.load(Acquire);
+            if m.tag() != tag_of(hash) || hint & !HINT_OVERFLOW != HINT_OCCUPIED | u32::from(tag_of(hash)) << 16 {
+                return Err(format!("slot {i}: tag or hint does not match its key"));
             }
             match self.find(&r.key, hash) {
                 Some((j, _, _)) if j == i => {}
@@ -1012,7 +1063,7 @@ impl FlowTable {
             }
         }
         for (i, want) in overflow.iter().enumerate() {
-            let have = self.slots[i].overflow.load(Acquire);
+            let have = self.hints[i].0.load(Acquire) & HINT_OVERFLOW;
             if have != *want {
                 return Err(format!("slot {i}: overflow count {have}, recount {want}"));
             }

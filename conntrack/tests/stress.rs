@@ -63,7 +63,7 @@ fn concurrent_ops_keep_every_invariant() {
             let mut ops = 0u64;
             while ops < MAX_OPS_PER_THREAD && !stop.load(Ordering::Relaxed) {
                 ops += 1;
-                if ops % 1024 == 0 && Instant::now() > deadline {
+                if ops.is_multiple_of(1024) && Instant::now() > deadline {
                     break;
                 }
                 // Hot keys: half of the operations go to 64 flows, so that
@@ -117,7 +117,7 @@ fn concurrent_ops_keep_every_invariant() {
                         // nothing (now = 0) and a flush that keeps everything.
                         let mut cursor = (r >> 20) as usize;
                         assert_eq!(table.sweep(0, &mut cursor, 256), 0);
-                        if r % 97 == 0 {
+                        if r.is_multiple_of(97) {
                             assert_eq!(
                                 table.flush(|info| {
                                     assert_eq!(info.backend, index_of(&info.orig), "torn flow info");
