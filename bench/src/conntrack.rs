@@ -9,6 +9,11 @@
 //! fixed before timing; misses go to tuples that are not stored. "Per core"
 //! figures divide the two-thread throughput by two.
 //!
+//! The machine is shared and noisy, so the four tables are built and kept
+//! side by side, every lookup figure is measured in several rounds that
+//! alternate between the tables, and the median round is reported; inserts
+//! alternate the same way, each round into fresh tables.
+//!
 //! `bytes_per_entry` is the growth of the resident set while N flows are
 //! inserted, divided by N: bytes per flow, both directions included.
 
@@ -73,10 +78,11 @@ impl DirEntry {
     }
 }
 
-/// The operations every table under test offers.
-trait Table: Sync + Sized {
-    const NAME: &'static str;
-    fn with_capacity(flows: usize) -> Self;
+/// The operations every table under test offers. The measuring loops are
+/// provided methods, so each is compiled for each table (no dynamic call per
+/// operation) while the rounds hold the tables as trait objects.
+trait Table: Sync {
+    fn name(&self) -> &'static str;
     /// Inserts both directions if absent; true if the flow is new.
     fn insert_flow(&self, f: &NewFlow) -> bool;
     /// Looks a tuple up and returns a digest of what was found.
@@ -93,14 +99,56 @@ trait Table: Sync + Sized {
         }
         (hits, acc)
     }
+
+    /// Mops of one thread looking up `keys` in order; checks every answer.
+    fn timed_lookups(&self, keys: &[FlowKey], expect_hits: bool) -> f64 {
+        let start = Instant::now();
+        let mut hits = 0usize;
+        let mut acc = 0u64;
+        for k in keys {
+            if let Some(d) = self.lookup(black_box(k)) {
+                hits += 1;
+                acc ^= d;
+            }
+        }
+        let r = mops(keys.len(), start);
+        black_box(acc);
+        assert_eq!(hits, if expect_hits { keys.len() } else { 0 }, "{}: wrong lookup results", self.name());
+        r
+    }
+
+    /// Mops of inserting `flows` (every `step`-th from `first`).
+    fn timed_inserts(&self, flows: &[NewFlow], first: usize, step: usize) -> f64 {
+        let start = Instant::now();
+        let mut n = 0;
+        for f in flows.iter().skip(first).step_by(step) {
+            assert!(self.insert_flow(f), "{}: insert refused", self.name());
+            n += 1;
+        }
+        mops(n, start)
+    }
 }
+
+type Constructor = fn(usize) -> Box<dyn Table>;
+
+const TABLES: [(&str, Constructor); 4] = [
+    ("xskgate", |n| Box::new(Xskgate::with_capacity(n))),
+    ("papaya", |n| Box::new(Papaya::with_capacity(n))),
+    ("scc", |n| Box::new(Scc::with_capacity(n))),
+    ("dashmap", |n| Box::new(Dash::with_capacity(n))),
+];
 
 struct Xskgate(FlowTable);
 
-impl Table for Xskgate {
-    const NAME: &'static str = "xskgate";
+impl Xskgate {
     fn with_capacity(flows: usize) -> Self {
         Xskgate(FlowTable::new(Config { capacity: flows, ..Config::default() }).expect("conntrack table"))
+    }
+}
+
+impl Table for Xskgate {
+    fn name(&self) -> &'static str {
+        "xskgate"
     }
     fn insert_flow(&self, f: &NewFlow) -> bool {
         matches!(self.0.insert(f, 0), Ok(Inserted::New(_)))
@@ -134,10 +182,15 @@ impl Table for Xskgate {
 
 struct Papaya(papaya::HashMap<Words, DirEntry, Hasher>);
 
-impl Table for Papaya {
-    const NAME: &'static str = "papaya";
+impl Papaya {
     fn with_capacity(flows: usize) -> Self {
         Papaya(papaya::HashMap::with_capacity_and_hasher(2 * flows, Hasher::default()))
+    }
+}
+
+impl Table for Papaya {
+    fn name(&self) -> &'static str {
+        "papaya"
     }
     fn insert_flow(&self, f: &NewFlow) -> bool {
         let (o, r) = (f.orig.to_words(), f.reply.to_words());
@@ -155,10 +208,15 @@ impl Table for Papaya {
 
 struct Scc(scc::HashMap<Words, DirEntry, Hasher>);
 
-impl Table for Scc {
-    const NAME: &'static str = "scc";
+impl Scc {
     fn with_capacity(flows: usize) -> Self {
         Scc(scc::HashMap::with_capacity_and_hasher(2 * flows, Hasher::default()))
+    }
+}
+
+impl Table for Scc {
+    fn name(&self) -> &'static str {
+        "scc"
     }
     fn insert_flow(&self, f: &NewFlow) -> bool {
         let (o, r) = (f.orig.to_words(), f.reply.to_words());
@@ -173,10 +231,15 @@ impl Table for Scc {
 
 struct Dash(dashmap::DashMap<Words, DirEntry, Hasher>);
 
-impl Table for Dash {
-    const NAME: &'static str = "dashmap";
+impl Dash {
     fn with_capacity(flows: usize) -> Self {
         Dash(dashmap::DashMap::with_capacity_and_hasher(2 * flows, Hasher::default()))
+    }
+}
+
+impl Table for Dash {
+    fn name(&self) -> &'static str {
+        "dashmap"
     }
     fn insert_flow(&self, f: &NewFlow) -> bool {
         use dashmap::mapref::entry::Entry;
@@ -274,78 +337,93 @@ struct Figures {
     allocs_per_lookup: f64,
 }
 
-fn timed_lookups<T: Table>(t: &T, keys: &[FlowKey], expect_hits: bool) -> f64 {
-    let start = Instant::now();
-    let mut hits = 0usize;
-    let mut acc = 0u64;
-    for k in keys {
-        if let Some(d) = t.lookup(black_box(k)) {
-            hits += 1;
-            acc ^= d;
-        }
-    }
-    let r = mops(keys.len(), start);
-    black_box(acc);
-    assert_eq!(hits, if expect_hits { keys.len() } else { 0 }, "{}: wrong lookup results", T::NAME);
-    r
-}
-
 /// Aggregate Mops of two threads each doing its half, divided by two.
-fn per_core_2t<T: Table>(t: &T, keys: &[FlowKey], expect_hits: bool) -> f64 {
+fn per_core_2t(t: &dyn Table, keys: &[FlowKey], expect_hits: bool) -> f64 {
     let (a, b) = keys.split_at(keys.len() / 2);
     let start = Instant::now();
     std::thread::scope(|s| {
-        let ha = s.spawn(|| timed_lookups(t, a, expect_hits));
-        timed_lookups(t, b, expect_hits);
+        let ha = s.spawn(|| t.timed_lookups(a, expect_hits));
+        t.timed_lookups(b, expect_hits);
         ha.join().expect("lookup thread");
     });
     mops(keys.len(), start) / 2.0
 }
 
-fn measure<T: Table>(w: &Workload) -> Figures {
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// All figures for all tables at one size, alternating tables in every round.
+fn measure_size(w: &Workload, rounds: usize) -> Vec<(&'static str, Figures)> {
     let n = w.flows.len();
-    let mut fig = Figures::default();
-    progress(&format!("{:<8} {n} flows: inserting (1 thread)", T::NAME));
-    let rss0 = rss_bytes();
-    let table = T::with_capacity(n);
-    let allocs0 = allocations();
-    let start = Instant::now();
-    for f in &w.flows {
-        assert!(table.insert_flow(f), "{}: insert refused", T::NAME);
+    let mut insert_samples: Vec<Vec<(f64, f64)>> = vec![Vec::new(); TABLES.len()];
+    let mut lookup_samples: Vec<Vec<[f64; 5]>> = vec![Vec::new(); TABLES.len()];
+    let mut figs: Vec<Figures> = TABLES.iter().map(|_| Figures::default()).collect();
+
+    // Build all tables side by side (memory and allocations measured here).
+    let mut tables = Vec::new();
+    for (k, (name, make)) in TABLES.iter().enumerate() {
+        progress(&format!("{n} flows: building {name} for the lookup rounds"));
+        let rss0 = rss_bytes();
+        let t = make(n);
+        let allocs0 = allocations();
+        t.timed_inserts(&w.flows, 0, 1);
+        figs[k].allocs_per_insert = (allocations() - allocs0) as f64 / n as f64;
+        figs[k].bytes_per_entry = rss_bytes().saturating_sub(rss0) as f64 / n as f64;
+        tables.push(t);
     }
-    fig.insert_mops = mops(n, start);
-    fig.allocs_per_insert = (allocations() - allocs0) as f64 / n as f64;
-    fig.bytes_per_entry = rss_bytes().saturating_sub(rss0) as f64 / n as f64;
-
-    progress(&format!("{:<8} {n} flows: lookups", T::NAME));
-    let allocs0 = allocations();
-    fig.lookup_mops = timed_lookups(&table, &w.hits, true);
-    fig.allocs_per_lookup = (allocations() - allocs0) as f64 / w.hits.len() as f64;
-    fig.lookup_miss_mops = timed_lookups(&table, &w.misses, false);
-    fig.lookup_2t_mops_per_core = per_core_2t(&table, &w.hits, true);
-    fig.lookup_miss_2t_mops_per_core = per_core_2t(&table, &w.misses, false);
-    let start = Instant::now();
-    let (hits, acc) = table.lookup_batch(&w.hits);
-    fig.lookup_batch_mops = mops(w.hits.len(), start);
-    black_box(acc);
-    assert_eq!(hits, w.hits.len());
-    drop(table);
-
-    progress(&format!("{:<8} {n} flows: inserting (2 threads)", T::NAME));
-    let table = T::with_capacity(n);
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for half in [0, 1] {
-            let table = &table;
-            s.spawn(move || {
-                for f in w.flows.iter().skip(half).step_by(2) {
-                    assert!(table.insert_flow(f));
-                }
-            });
+    for round in 0..rounds {
+        progress(&format!("{n} flows: lookup round {}/{rounds}", round + 1));
+        for (k, t) in tables.iter().enumerate() {
+            let allocs0 = allocations();
+            let hit = t.timed_lookups(&w.hits, true);
+            figs[k].allocs_per_lookup = (allocations() - allocs0) as f64 / w.hits.len() as f64;
+            let miss = t.timed_lookups(&w.misses, false);
+            let hit2 = per_core_2t(&**t, &w.hits, true);
+            let miss2 = per_core_2t(&**t, &w.misses, false);
+            let start = Instant::now();
+            let (hits, acc) = t.lookup_batch(&w.hits);
+            let batch = mops(w.hits.len(), start);
+            black_box(acc);
+            assert_eq!(hits, w.hits.len());
+            lookup_samples[k].push([hit, miss, hit2, miss2, batch]);
         }
-    });
-    fig.insert_2t_mops_per_core = mops(n, start) / 2.0;
-    fig
+    }
+    for (k, s) in lookup_samples.iter().enumerate() {
+        let col = |c: usize| median(s.iter().map(|x| x[c]).collect());
+        figs[k].lookup_mops = col(0);
+        figs[k].lookup_miss_mops = col(1);
+        figs[k].lookup_2t_mops_per_core = col(2);
+        figs[k].lookup_miss_2t_mops_per_core = col(3);
+        figs[k].lookup_batch_mops = col(4);
+    }
+    drop(tables);
+
+    // Inserts, each round into fresh tables: one thread, then two.
+    for round in 0..rounds {
+        for (k, (name, make)) in TABLES.iter().enumerate() {
+            progress(&format!("{n} flows, insert round {}/{rounds}: {name}", round + 1));
+            let t = make(n);
+            let one = t.timed_inserts(&w.flows, 0, 1);
+            drop(t);
+            let t = make(n);
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                let t = &*t;
+                s.spawn(move || t.timed_inserts(&w.flows, 1, 2));
+                t.timed_inserts(&w.flows, 0, 2);
+            });
+            let two = mops(n, start) / 2.0;
+            insert_samples[k].push((one, two));
+        }
+    }
+    for (k, s) in insert_samples.iter().enumerate() {
+        figs[k].insert_mops = median(s.iter().map(|x| x.0).collect());
+        figs[k].insert_2t_mops_per_core = median(s.iter().map(|x| x.1).collect());
+    }
+
+    TABLES.iter().map(|(name, _)| *name).zip(figs).collect()
 }
 
 fn figures_json(f: &Figures, with_batch: bool) -> Value {
@@ -368,28 +446,23 @@ fn figures_json(f: &Figures, with_batch: bool) -> Value {
 
 pub fn run(args: &Args) -> Result<(), String> {
     let sizes: &[usize] = if args.quick { &[1 << 20] } else { &[1 << 20, 10 << 20] };
-    let lookups = if args.quick { 2_000_000 } else { 5_000_000 };
+    let lookups = if args.quick { 2_000_000 } else { 4_000_000 };
+    let rounds = if args.quick { 3 } else { 5 };
     let mut results: Vec<(usize, Vec<(&str, Figures)>)> = Vec::new();
     for &n in sizes {
         progress(&format!("building the workload: {n} flows, {lookups} lookups"));
         let w = Workload::new(n, lookups);
-        let figs = vec![
-            (Xskgate::NAME, measure::<Xskgate>(&w)),
-            (Papaya::NAME, measure::<Papaya>(&w)),
-            (Scc::NAME, measure::<Scc>(&w)),
-            (Dash::NAME, measure::<Dash>(&w)),
-        ];
-        results.push((n, figs));
+        results.push((n, measure_size(&w, rounds)));
     }
 
     if args.json {
         let mut out = Map::new();
         let (_, first) = &results[0];
         for (name, f) in first {
-            let mut v = figures_json(f, *name == Xskgate::NAME);
+            let mut v = figures_json(f, *name == "xskgate");
             for (n, figs) in &results[1..] {
                 let (_, f10) = figs.iter().find(|(m, _)| m == name).expect("same tables at every size");
-                v[format!("at_{}m", n >> 20)] = figures_json(f10, *name == Xskgate::NAME);
+                v[format!("at_{}m", n >> 20)] = figures_json(f10, *name == "xskgate");
             }
             out.insert((*name).to_string(), v);
         }
