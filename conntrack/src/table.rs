@@ -60,7 +60,11 @@ const SLOTS_PER_FLOW_DEN: usize = 2;
 pub const MAX_PROBE: usize = 1024;
 /// How long an insert waits for a same-tag slot that another worker is
 /// writing before it gives up with [`InsertError::Contended`].
+#[cfg(not(loom))]
 pub const SPIN_LIMIT: u32 = 1 << 16;
+/// Under loom every spin is a yield to the model checker: keep it short.
+#[cfg(loom)]
+pub const SPIN_LIMIT: u32 = 4;
 /// How many rescans an insert makes when its commit loses a race.
 const MAX_RESTARTS: u32 = 256;
 /// How many slots from the new flow's home early drop looks at.
@@ -682,6 +686,11 @@ impl FlowTable {
         state: StateWord,
     ) {
         let s = &self.slots[c.slot];
+        // Seqlock write side: the BUSY generation must be visible before any
+        // data store, so that a reader who sees new data also sees a changed
+        // `meta` and discards its copy. The claim CAS orders earlier writes
+        // only; this fence orders the later ones (free on x86, found by loom).
+        fence(Release);
         for (slot_word, word) in s.key.iter().zip(key) {
             slot_word.store(*word, Relaxed);
         }
