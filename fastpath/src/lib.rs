@@ -1,0 +1,28 @@
+//! xskgate's packet pipeline.
+//!
+//! - [`wire`]: parsing at the boundary (etherparse, zero-copy, offsets kept).
+//! - [`checksum`]: RFC 1071 sums and RFC 1624 incremental updates.
+//! - [`service`]: the service table the control plane publishes (builder,
+//!   atomic swap) and the fast path reads.
+//! - [`maglev`]: consistent endpoint choice, identical on every gateway.
+//! - [`affinity`]: `sessionAffinity: ClientIP`, shared and lock-free.
+//! - [`nat`]: in-place DNAT/SNAT, ICMP error translation, generated rejects.
+//! - [`pipeline`]: `process_batch(frames, tables, worker, now)`, the pure
+//!   function the AF_XDP loop calls, with verdicts and drop reasons.
+
+pub mod affinity;
+pub mod checksum;
+pub mod maglev;
+pub mod nat;
+pub mod pipeline;
+pub mod service;
+pub mod wire;
+
+pub use affinity::AffinityTable;
+pub use pipeline::{
+    BATCH, Counters, DropReason, Frame, ServiceCounters, Tables, Verdict, WorkerState, process, process_batch,
+};
+pub use service::{
+    BuildError, Cidr, Endpoint, EndpointSet, Frontend, FrontendKind, NodeConfig, ServicePort, ServicePortName,
+    ServiceTable, ServiceTableBuilder, ServiceTableHandle, TrafficPolicy,
+};

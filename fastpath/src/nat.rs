@@ -1,0 +1,230 @@
+//! In-place rewriting of a parsed frame: address/port translation with
+//! incremental checksums (RFC 1624), ICMP error translation (outer and
+//! embedded headers), and the rejects generated in place (TCP RST, ICMP
+//! port unreachable).
+//!
+//! Every function takes a frame that [`crate::wire::parse`] accepted and the
+//! [`Parsed`] view it returned; all offsets used were bounds-checked there,
+//! and the few optional fields (an embedded L4 checksum beyond a truncated
+//! quote) are checked here. Nothing panics, nothing allocates.
+
+use crate::checksum::{self, Incremental};
+use crate::wire::{Inner, Parsed};
+use xskgate_conntrack::{Addr, FlowKey, Proto, tcp_flags};
+
+#[inline]
+fn get16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+#[inline]
+fn put16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+/// The bytes of an address as the packet carries it (4 or 16).
+#[inline]
+fn addr_bytes(a: &Addr, v6: bool) -> &[u8] {
+    if v6 { &a.0 } else { &a.0[12..] }
+}
+
+/// Field offsets of an IP header at `l3`: (source, destination, length).
+#[inline]
+fn addr_offsets(l3: usize, v6: bool) -> (usize, usize, usize) {
+    if v6 { (l3 + 8, l3 + 24, 16) } else { (l3 + 12, l3 + 16, 4) }
+}
+
+/// Offset of the L4 checksum of `proto` at `l4`, if the protocol has one
+/// that covers the pseudo-header and it lies within `end`.
+#[inline]
+fn l4_checksum_at(proto: Proto, l4: usize, end: usize) -> Option<usize> {
+    let at = match proto {
+        Proto::TCP => l4 + 16,
+        Proto::UDP => l4 + 6,
+        _ => return None,
+    };
+    (at + 2 <= end).then_some(at)
+}
+
+/// Writes new addresses and ports into the IP/L4 headers at `l3`/`l4`,
+/// updating the L4 checksum (if within `end`) incrementally, and returns
+/// the IPv4 header checksum update for the caller to finish.
+fn translate(buf: &mut [u8], l3: usize, l4: usize, end: usize, v6: bool, proto: Proto, to: &FlowKey) -> Incremental {
+    let (sa, da, alen) = addr_offsets(l3, v6);
+    let mut ip = Incremental::new(if v6 { 0 } else { get16(buf, l3 + 10) });
+    let mut l4c = l4_checksum_at(proto, l4, end).and_then(|at| {
+        let c = get16(buf, at);
+        // An IPv4 UDP checksum of zero means "none" and stays zero.
+        (proto != Proto::UDP || v6 || c != 0).then(|| (at, Incremental::new(c)))
+    });
+    for (at, new) in [(sa, addr_bytes(&to.src, v6)), (da, addr_bytes(&to.dst, v6))] {
+        if buf[at..at + alen] != *new {
+            ip.bytes(&buf[at..at + alen], new);
+            if let Some((_, c)) = l4c.as_mut() {
+                c.bytes(&buf[at..at + alen], new);
+            }
+            buf[at..at + alen].copy_from_slice(new);
+        }
+    }
+    for (at, new) in [(l4, to.sport), (l4 + 2, to.dport)] {
+        let old = get16(buf, at);
+        if old != new {
+            if let Some((_, c)) = l4c.as_mut() {
+                c.word(old, new);
+            }
+            put16(buf, at, new);
+        }
+    }
+    if let Some((at, c)) = l4c {
+        let mut v = c.finish();
+        if proto == Proto::UDP && v == 0 {
+            v = 0xffff; // RFC 768: a computed zero is sent as all ones
+        }
+        put16(buf, at, v);
+    }
+    ip
+}
+
+/// Decrements TTL / hop limit, folding the IPv4 change into `ip`.
+fn decrement_ttl(buf: &mut [u8], p: &Parsed, ip: &mut Incremental) {
+    if p.v6 {
+        buf[p.l3 + 7] = p.ttl - 1;
+    } else {
+        let proto = buf[p.l3 + 9];
+        ip.word(u16::from_be_bytes([p.ttl, proto]), u16::from_be_bytes([p.ttl - 1, proto]));
+        buf[p.l3 + 8] = p.ttl - 1;
+    }
+}
+
+/// Rewrites a TCP/UDP packet to the tuple `to` and decrements its TTL
+/// (the caller checked `p.ttl > 1`).
+pub fn rewrite(buf: &mut [u8], p: &Parsed, to: &FlowKey) {
+    let mut ip = translate(buf, p.l3, p.l4, p.end, p.v6, p.proto, to);
+    decrement_ttl(buf, p, &mut ip);
+    if !p.v6 {
+        put16(buf, p.l3 + 10, ip.finish());
+    }
+}
+
+/// Translates an ICMP error about a NATed flow: the embedded packet gets
+/// the tuple `embedded` (its addresses, ports and checksums), the outer
+/// destination becomes `embedded.src`, TTL is decremented, and the outer
+/// IPv4 and ICMP checksums are recomputed (errors are rare and short).
+pub fn rewrite_icmp_error(buf: &mut [u8], p: &Parsed, inner: &Inner, embedded: &FlowKey) {
+    let ip = translate(buf, inner.l3, inner.l4, p.end, inner.v6, inner.proto, embedded);
+    if !inner.v6 {
+        put16(buf, inner.l3 + 10, ip.finish());
+    }
+    let (_, da, alen) = addr_offsets(p.l3, p.v6);
+    buf[da..da + alen].copy_from_slice(addr_bytes(&embedded.src, p.v6));
+    let mut ip = Incremental::new(0);
+    decrement_ttl(buf, p, &mut ip);
+    if !p.v6 {
+        ipv4_header_checksum(buf, p.l3, p.l4);
+    }
+    icmp_checksum(buf, p);
+}
+
+fn ipv4_header_checksum(buf: &mut [u8], l3: usize, l4: usize) {
+    put16(buf, l3 + 10, 0);
+    let c = checksum::finish(checksum::sum(&buf[l3..l4]));
+    put16(buf, l3 + 10, c);
+}
+
+fn icmp_checksum(buf: &mut [u8], p: &Parsed) {
+    put16(buf, p.l4 + 2, 0);
+    let mut acc = checksum::sum(&buf[p.l4..p.end]);
+    if p.v6 {
+        let (sa, da, _) = addr_offsets(p.l3, true);
+        acc += checksum::pseudo_header(&buf[sa..sa + 16], &buf[da..da + 16], 58, (p.end - p.l4) as u32);
+    }
+    put16(buf, p.l4 + 2, checksum::finish(acc));
+}
+
+/// Writes a fresh IP header at `l3` (no options), returning the L4 offset.
+fn write_ip_header(buf: &mut [u8], l3: usize, v6: bool, proto: u8, src: &Addr, dst: &Addr, l4_len: usize) -> usize {
+    if v6 {
+        buf[l3..l3 + 4].copy_from_slice(&[0x60, 0, 0, 0]);
+        put16(buf, l3 + 4, l4_len as u16);
+        buf[l3 + 6] = proto;
+        buf[l3 + 7] = 64;
+        buf[l3 + 8..l3 + 24].copy_from_slice(&src.0);
+        buf[l3 + 24..l3 + 40].copy_from_slice(&dst.0);
+        l3 + 40
+    } else {
+        buf[l3..l3 + 12].copy_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0]);
+        put16(buf, l3 + 2, (20 + l4_len) as u16);
+        buf[l3 + 12..l3 + 16].copy_from_slice(&src.0[12..]);
+        buf[l3 + 16..l3 + 20].copy_from_slice(&dst.0[12..]);
+        ipv4_header_checksum(buf, l3, l3 + 20);
+        l3 + 20
+    }
+}
+
+fn swap_macs(buf: &mut [u8]) {
+    let mut dst = [0u8; 6];
+    dst.copy_from_slice(&buf[..6]);
+    buf.copy_within(6..12, 0);
+    buf[6..12].copy_from_slice(&dst);
+}
+
+/// Turns a TCP segment into the RST that refuses it (RFC 9293 §3.10.7.1),
+/// addressed back to its sender. Returns the new frame length, or `None`
+/// for a segment that must not be answered (a RST).
+pub fn tcp_reset(buf: &mut [u8], p: &Parsed) -> Option<usize> {
+    let flags = p.tcp_flags;
+    if flags & tcp_flags::RST != 0 {
+        return None;
+    }
+    let seq = u32::from_be_bytes(buf[p.l4 + 4..p.l4 + 8].try_into().ok()?);
+    let ack = u32::from_be_bytes(buf[p.l4 + 8..p.l4 + 12].try_into().ok()?);
+    let header_len = usize::from(buf[p.l4 + 12] >> 4) * 4;
+    let payload = p.end.saturating_sub(p.l4 + header_len) as u32;
+    let (rst_seq, rst_ack, rst_flags) = if flags & tcp_flags::ACK != 0 {
+        (ack, 0, tcp_flags::RST)
+    } else {
+        let len = payload + u32::from(flags & tcp_flags::SYN != 0) + u32::from(flags & tcp_flags::FIN != 0);
+        (0, seq.wrapping_add(len), tcp_flags::RST | tcp_flags::ACK)
+    };
+    swap_macs(buf);
+    let l4 = write_ip_header(buf, p.l3, p.v6, 6, &p.dst, &p.src, 20);
+    put16(buf, l4, p.dport);
+    put16(buf, l4 + 2, p.sport);
+    buf[l4 + 4..l4 + 8].copy_from_slice(&rst_seq.to_be_bytes());
+    buf[l4 + 8..l4 + 12].copy_from_slice(&rst_ack.to_be_bytes());
+    buf[l4 + 12..l4 + 20].copy_from_slice(&[5 << 4, rst_flags, 0, 0, 0, 0, 0, 0]);
+    let (sa, da, alen) = addr_offsets(p.l3, p.v6);
+    let acc =
+        checksum::sum(&buf[l4..l4 + 20]) + checksum::pseudo_header(&buf[sa..sa + alen], &buf[da..da + alen], 6, 20);
+    put16(buf, l4 + 16, checksum::finish(acc));
+    Some(l4 + 20)
+}
+
+/// Largest IPv4 error datagram (RFC 1812 §4.3.2.3) and IPv6 minimum MTU
+/// (RFC 4443 §2.4): the quote of the offending packet is cut to fit.
+const ICMPV4_MAX: usize = 576;
+const ICMPV6_MAX: usize = 1280;
+
+/// Turns a datagram into the ICMP port-unreachable that refuses it, quoting
+/// as much of it as fits. Returns the new frame length, or `None` when the
+/// buffer has no room for the headers.
+pub fn port_unreachable(buf: &mut [u8], p: &Parsed) -> Option<usize> {
+    let (hdrs, max) = if p.v6 { (48, ICMPV6_MAX) } else { (28, ICMPV4_MAX) };
+    let room = buf.len().checked_sub(p.l3 + hdrs)?;
+    let quoted = (p.end - p.l3).min(max - hdrs).min(room);
+    buf.copy_within(p.l3..p.l3 + quoted, p.l3 + hdrs);
+    swap_macs(buf);
+    let icmp_len = 8 + quoted;
+    let proto = if p.v6 { 58 } else { 1 };
+    let l4 = write_ip_header(buf, p.l3, p.v6, proto, &p.dst, &p.src, icmp_len);
+    // v4: type 3 code 3; v6: type 1 code 4.
+    let (t, c) = if p.v6 { (1, 4) } else { (3, 3) };
+    buf[l4..l4 + 8].copy_from_slice(&[t, c, 0, 0, 0, 0, 0, 0]);
+    let end = l4 + icmp_len;
+    let mut acc = checksum::sum(&buf[l4..end]);
+    if p.v6 {
+        acc += checksum::pseudo_header(&p.dst.0, &p.src.0, 58, icmp_len as u32);
+    }
+    put16(buf, l4 + 2, checksum::finish(acc));
+    Some(end)
+}

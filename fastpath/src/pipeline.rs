@@ -1,0 +1,437 @@
+//! The per-packet pipeline, a pure function of (frame bytes, tables, clock):
+//! [`process_batch`] takes up to [`BATCH`] frames, rewrites each in place and
+//! returns a [`Verdict`] per frame. The AF_XDP loop only moves descriptors
+//! around it; tests and benchmarks call it directly.
+//!
+//! For each frame: parse (malformed → `Drop(malformed)`); an ICMP error about
+//! a tracked flow is translated; a packet of a tracked flow (either
+//! direction) is rewritten by its conntrack entry; a packet to a service
+//! frontend starts a flow exactly as kube-proxy decides it (traffic class,
+//! source ranges, the class's endpoint set and policy, ClientIP affinity,
+//! Maglev, masquerade); anything else is passed to the kernel.
+//!
+//! The batch is processed in two passes: parse, hash and prefetch every
+//! frame's conntrack slot, then decide; the memory misses of a batch overlap.
+//! No allocation, no lock, no system call: counters live in the caller's
+//! [`WorkerState`], tables are read-only or lock-free.
+
+use crate::affinity::AffinityTable;
+use crate::nat;
+use crate::service::{FrontendKind, ServiceTable, TrafficPolicy};
+use crate::wire::{self, Inner, L4, Parsed, Unparsed};
+use xskgate_conntrack::{
+    FlowKey, FlowState, FlowTable, InsertError, Inserted, KeyHash, NewFlow, Proto, TcpState, tcp_flags,
+};
+
+/// Frames per batch (the AF_XDP ring batch).
+pub const BATCH: usize = 64;
+
+/// Service ids at or above this share the last per-service counter.
+pub const MAX_SERVICE_IDS: usize = 1 << 16;
+
+/// How many SNAT ports a new flow tries before giving up.
+pub const SNAT_TRIES: u16 = 64;
+
+/// A frame buffer: `buf` is the whole buffer (its length is the capacity a
+/// generated reply may grow into), `len` the bytes of the frame.
+#[derive(Debug)]
+pub struct Frame<'a> {
+    pub buf: &'a mut [u8],
+    pub len: usize,
+}
+
+/// What the I/O layer does with a frame after the pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send it on towards `next_hop` (the IP destination after NAT); the I/O
+    /// layer resolves the route and neighbour and rewrites the L2 header.
+    Forward { next_hop: xskgate_conntrack::Addr },
+    /// Not ours: give it to the kernel's stack.
+    Pass,
+    /// Dropped, for a reason an operator can see.
+    Drop(DropReason),
+    /// A reject was generated in place (MACs swapped): send it back out of
+    /// the interface it came in on.
+    Reply,
+}
+
+macro_rules! reasons {
+    ($($variant:ident => $name:literal, $doc:literal;)*) => {
+        /// Why a frame was dropped. Every reason has a stable snake_case name
+        /// used in metrics and logs.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum DropReason { $(#[doc = $doc] $variant,)* }
+
+        impl DropReason {
+            pub const ALL: &[DropReason] = &[$(DropReason::$variant,)*];
+            pub const COUNT: usize = DropReason::ALL.len();
+            pub fn name(self) -> &'static str {
+                match self { $(DropReason::$variant => $name,)* }
+            }
+            /// What the reason means, for metric help texts and docs.
+            pub fn description(self) -> &'static str {
+                match self { $(DropReason::$variant => $doc,)* }
+            }
+        }
+    };
+}
+
+reasons! {
+    Malformed => "malformed", "Truncated or inconsistent headers.";
+    Fragment => "fragment", "An IP fragment: ports are not in every fragment, so it cannot be matched to a flow.";
+    NoLocalEndpoints => "no_local_endpoints", "Traffic policy Local and no usable endpoint on this node (kube-proxy's KUBE-MARK-DROP).";
+    NoEndpoints => "no_endpoints", "No usable endpoint anywhere, and the packet may not be answered with a reject (a RST or an ICMP error).";
+    SourceRange => "source_range", "The client is outside the Service's loadBalancerSourceRanges.";
+    TtlExpired => "ttl_expired", "TTL or hop limit would reach zero.";
+    ConntrackFull => "conntrack_full", "The conntrack table is full (after early drop).";
+    ConntrackContended => "conntrack_contended", "Another worker held the flow's conntrack slot too long.";
+    SnatExhausted => "snat_exhausted", "No free SNAT port for the new flow's reply tuple.";
+    NoSnatAddress => "no_snat_address", "Masquerade needed but no SNAT address of the packet's family is configured.";
+    InvalidTuple => "invalid_tuple", "NAT would give an impossible tuple (address family mismatch, reply equals original).";
+}
+
+/// Packets and bytes of one service port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// One worker's counters; a reader sums them over workers.
+#[derive(Clone, Debug)]
+pub struct Counters {
+    pub forwarded: u64,
+    pub passed: u64,
+    /// Rejects generated in place (TCP RST, ICMP port unreachable).
+    pub rejected: u64,
+    pub flows_created: u64,
+    pub icmp_errors_translated: u64,
+    pub drops: [u64; DropReason::COUNT],
+    /// Indexed by service port id (ids ≥ [`MAX_SERVICE_IDS`] share the last).
+    pub per_service: Box<[ServiceCounters]>,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters {
+            forwarded: 0,
+            passed: 0,
+            rejected: 0,
+            flows_created: 0,
+            icmp_errors_translated: 0,
+            drops: [0; DropReason::COUNT],
+            per_service: vec![ServiceCounters::default(); MAX_SERVICE_IDS].into_boxed_slice(),
+        }
+    }
+}
+
+impl Counters {
+    pub fn drop_count(&self, r: DropReason) -> u64 {
+        self.drops[r as usize]
+    }
+
+    pub fn service(&self, id: u32) -> ServiceCounters {
+        self.per_service[(id as usize).min(MAX_SERVICE_IDS - 1)]
+    }
+
+    /// Adds another worker's counters into these.
+    pub fn add(&mut self, o: &Counters) {
+        self.forwarded += o.forwarded;
+        self.passed += o.passed;
+        self.rejected += o.rejected;
+        self.flows_created += o.flows_created;
+        self.icmp_errors_translated += o.icmp_errors_translated;
+        for (a, b) in self.drops.iter_mut().zip(o.drops.iter()) {
+            *a += b;
+        }
+        for (a, b) in self.per_service.iter_mut().zip(o.per_service.iter()) {
+            a.packets += b.packets;
+            a.bytes += b.bytes;
+        }
+    }
+}
+
+/// Everything a worker owns: its counters. Allocated once.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerState {
+    pub counters: Counters,
+}
+
+impl WorkerState {
+    pub fn new() -> WorkerState {
+        WorkerState::default()
+    }
+
+    #[inline]
+    fn count_service(&mut self, id: u32, bytes: usize) {
+        let c = &mut self.counters.per_service[(id as usize).min(MAX_SERVICE_IDS - 1)];
+        c.packets += 1;
+        c.bytes += bytes as u64;
+    }
+
+    #[inline]
+    fn drop(&mut self, r: DropReason) -> Verdict {
+        self.counters.drops[r as usize] += 1;
+        Verdict::Drop(r)
+    }
+}
+
+/// The tables a batch reads.
+#[derive(Clone, Copy, Debug)]
+pub struct Tables<'a> {
+    pub services: &'a ServiceTable,
+    pub conntrack: &'a FlowTable,
+    pub affinity: &'a AffinityTable,
+}
+
+/// A fixed (unseeded) hash of a flow's original tuple: the same flow picks
+/// the same endpoint on every gateway.
+#[inline]
+pub fn flow_hash(k: &FlowKey) -> u64 {
+    let w = k.to_words();
+    let m = |a: u64, b: u64| {
+        let p = u128::from(a ^ 0xa076_1d64_78bd_642f) * u128::from(b ^ 0xe703_7ed1_a0b4_28db);
+        (p as u64) ^ ((p >> 64) as u64)
+    };
+    m(m(w[0], w[1]) ^ w[4], m(w[2], w[3]))
+}
+
+/// Processes up to [`BATCH`] frames (more are processed in chunks), writing
+/// one verdict per frame into `verdicts` (which must be as long as `frames`).
+///
+/// # Panics
+/// If `verdicts` is shorter than `frames` (a caller bug, not packet data).
+pub fn process_batch(
+    frames: &mut [Frame<'_>],
+    t: &Tables<'_>,
+    w: &mut WorkerState,
+    now: u32,
+    verdicts: &mut [Verdict],
+) {
+    assert!(verdicts.len() >= frames.len(), "one verdict per frame");
+    for (frames, verdicts) in frames.chunks_mut(BATCH).zip(verdicts.chunks_mut(BATCH)) {
+        let mut parsed = [Err(Unparsed::NotIp); BATCH];
+        let mut hashes: [Option<KeyHash>; BATCH] = [None; BATCH];
+        for (i, f) in frames.iter().enumerate() {
+            parsed[i] = wire::parse(&f.buf[..f.len.min(f.buf.len())]);
+            if let Ok(p) = &parsed[i]
+                && matches!(p.l4_kind, L4::Tcp | L4::Udp)
+            {
+                let h = t.conntrack.hash(&key_of(p));
+                t.conntrack.prefetch(&h);
+                hashes[i] = Some(h);
+            }
+        }
+        for (i, f) in frames.iter_mut().enumerate() {
+            verdicts[i] = process_parsed(f, parsed[i], hashes[i].as_ref(), t, w, now);
+        }
+    }
+}
+
+/// Processes one frame (what [`process_batch`] does per frame, without the
+/// batch's prefetching).
+pub fn process(f: &mut Frame<'_>, t: &Tables<'_>, w: &mut WorkerState, now: u32) -> Verdict {
+    let p = wire::parse(&f.buf[..f.len.min(f.buf.len())]);
+    process_parsed(f, p, None, t, w, now)
+}
+
+#[inline]
+fn key_of(p: &Parsed) -> FlowKey {
+    FlowKey { src: p.src, dst: p.dst, sport: p.sport, dport: p.dport, proto: p.proto }
+}
+
+fn process_parsed(
+    f: &mut Frame<'_>,
+    p: Result<Parsed, Unparsed>,
+    h: Option<&KeyHash>,
+    t: &Tables<'_>,
+    w: &mut WorkerState,
+    now: u32,
+) -> Verdict {
+    let verdict = match p {
+        Ok(p) => match p.l4_kind {
+            L4::Tcp | L4::Udp => flow_packet(f, &p, h, t, w, now),
+            L4::IcmpError(inner) => icmp_error(f, &p, &inner, t, w),
+            L4::Other => Verdict::Pass,
+        },
+        Err(Unparsed::NotIp) => Verdict::Pass,
+        Err(Unparsed::Malformed) => w.drop(DropReason::Malformed),
+        Err(Unparsed::Fragment) => w.drop(DropReason::Fragment),
+    };
+    match verdict {
+        Verdict::Forward { .. } => w.counters.forwarded += 1,
+        Verdict::Pass => w.counters.passed += 1,
+        Verdict::Reply => w.counters.rejected += 1,
+        Verdict::Drop(_) => {}
+    }
+    verdict
+}
+
+/// A TCP or UDP packet: its flow's translation, or a new flow.
+#[inline]
+fn flow_packet(
+    f: &mut Frame<'_>,
+    p: &Parsed,
+    h: Option<&KeyHash>,
+    t: &Tables<'_>,
+    w: &mut WorkerState,
+    now: u32,
+) -> Verdict {
+    let key = key_of(p);
+    let found = match h {
+        Some(h) => t.conntrack.lookup_hashed(h),
+        None => t.conntrack.lookup(&key),
+    };
+    let Some(view) = found else {
+        return new_flow(f, p, &key, t, w, now);
+    };
+    if p.ttl <= 1 {
+        return w.drop(DropReason::TtlExpired);
+    }
+    let to = view.rewrite();
+    nat::rewrite(f.buf, p, &to);
+    let len = p.end - p.l3;
+    t.conntrack.touch(&view, now, len as u64, p.tcp_flags);
+    w.count_service(view.service, len);
+    Verdict::Forward { next_hop: to.dst }
+}
+
+fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, w: &mut WorkerState, now: u32) -> Verdict {
+    let services = t.services;
+    let Some((svc, kind)) = services.lookup(&p.dst, p.proto, p.dport) else {
+        return Verdict::Pass;
+    };
+    // Traffic class: a ClusterIP is internal; an external address reached
+    // from a pod is internal too (kube-proxy: "Redirect pods trying to reach
+    // external loadbalancer VIP to clusterIP").
+    let from_pod = services.is_pod(&p.src);
+    let external = kind != FrontendKind::ClusterIp && !from_pod;
+    if kind == FrontendKind::LoadBalancer
+        && !svc.source_ranges.is_empty()
+        && !svc.source_ranges.iter().any(|c| c.contains(&p.src))
+    {
+        return w.drop(DropReason::SourceRange);
+    }
+    let policy = if external { svc.external_policy } else { svc.internal_policy };
+    let set = match policy {
+        TrafficPolicy::Cluster => &svc.cluster,
+        TrafficPolicy::Local => &svc.local,
+    };
+    if set.is_empty() {
+        if !svc.cluster.is_empty() || !svc.local.is_empty() {
+            return w.drop(DropReason::NoLocalEndpoints);
+        }
+        return reject(f, p, w);
+    }
+    if p.ttl <= 1 {
+        return w.drop(DropReason::TtlExpired);
+    }
+    let fh = flow_hash(key);
+    let picked = match svc.affinity_timeout {
+        Some(timeout) => {
+            let sticky = t.affinity.get(svc.id, &p.src, now, timeout).and_then(|id| set.by_id(id));
+            let ep = sticky.or_else(|| set.pick(fh));
+            if let Some(ep) = ep {
+                t.affinity.record(svc.id, &p.src, ep.id, now);
+            }
+            ep
+        }
+        None => set.pick(fh),
+    };
+    let Some(ep) = picked.copied() else {
+        return reject(f, p, w);
+    };
+    if ep.addr.is_v4() == p.v6 {
+        return w.drop(DropReason::InvalidTuple);
+    }
+    // Masquerade: Cluster policy for external traffic, hairpin (a pod
+    // reaching itself), and a ClusterIP reached from outside the pod CIDRs
+    // (kube-proxy's `! -s clusterCIDR -j KUBE-MARK-MASQ`).
+    let node = services.node();
+    let hairpin = p.src == ep.addr;
+    let masquerade = hairpin
+        || (external && policy == TrafficPolicy::Cluster)
+        || (kind == FrontendKind::ClusterIp && !from_pod && !node.pod_cidrs.is_empty());
+    let (reply_dst, keep_port) = if masquerade {
+        match if p.v6 { node.snat_v6 } else { node.snat_v4 } {
+            Some(a) => (a, false),
+            None => return w.drop(DropReason::NoSnatAddress),
+        }
+    } else {
+        (p.src, true)
+    };
+    let state = match p.proto {
+        Proto::TCP if p.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN => {
+            FlowState::Tcp(TcpState::SynSent)
+        }
+        // A mid-stream segment (e.g. after a gateway restart) is picked up
+        // as established, as Linux's nf_conntrack_tcp_loose does.
+        Proto::TCP => FlowState::Tcp(TcpState::Established),
+        _ => FlowState::Udp { replied: false },
+    };
+    let (lo, hi) = node.snat_ports;
+    let span = u32::from(hi.saturating_sub(lo)) + 1;
+    let start = (fh % u64::from(span)) as u32;
+    for attempt in 0..SNAT_TRIES {
+        // Without masquerade the client's port is kept unless its reply
+        // tuple clashes (then it is remapped, as Linux's NAT does).
+        let port = if keep_port && attempt == 0 { p.sport } else { lo + ((start + u32::from(attempt)) % span) as u16 };
+        let reply = FlowKey { proto: p.proto, src: ep.addr, sport: ep.port, dst: reply_dst, dport: port };
+        let flow = NewFlow { orig: *key, reply, backend: ep.id, service: svc.id, state };
+        let view = match t.conntrack.insert(&flow, now) {
+            Ok(Inserted::New(v)) => {
+                w.counters.flows_created += 1;
+                v
+            }
+            Ok(Inserted::Existing(v)) => v,
+            Err(InsertError::ReplyTaken) => continue,
+            Err(InsertError::Full | InsertError::ProbeLimit) => return w.drop(DropReason::ConntrackFull),
+            Err(InsertError::Contended) => return w.drop(DropReason::ConntrackContended),
+            Err(InsertError::InvalidTuple) => return w.drop(DropReason::InvalidTuple),
+        };
+        let to = view.rewrite();
+        nat::rewrite(f.buf, p, &to);
+        let len = p.end - p.l3;
+        t.conntrack.touch(&view, now, len as u64, p.tcp_flags);
+        w.count_service(view.service, len);
+        return Verdict::Forward { next_hop: to.dst };
+    }
+    w.drop(DropReason::SnatExhausted)
+}
+
+/// kube-proxy's REJECT for a Service without endpoints: TCP RST or ICMP
+/// port unreachable, generated in place.
+fn reject(f: &mut Frame<'_>, p: &Parsed, w: &mut WorkerState) -> Verdict {
+    let len = match p.proto {
+        Proto::TCP => nat::tcp_reset(f.buf, p),
+        _ => nat::port_unreachable(f.buf, p),
+    };
+    match len {
+        Some(len) => {
+            f.len = len;
+            Verdict::Reply
+        }
+        None => w.drop(DropReason::NoEndpoints),
+    }
+}
+
+/// An ICMP error about a packet of a tracked flow: translate it for the
+/// other side (outer destination and the embedded packet).
+fn icmp_error(f: &mut Frame<'_>, p: &Parsed, inner: &Inner, t: &Tables<'_>, w: &mut WorkerState) -> Verdict {
+    // The embedded packet went out after our NAT; the tuple of packets going
+    // the other way is its reverse, and that is what conntrack knows.
+    let about = FlowKey { proto: inner.proto, src: inner.dst, dst: inner.src, sport: inner.dport, dport: inner.sport };
+    let Some(view) = t.conntrack.lookup(&about) else {
+        return Verdict::Pass;
+    };
+    if p.ttl <= 1 {
+        return w.drop(DropReason::TtlExpired);
+    }
+    let embedded = view.rewrite().reversed();
+    if embedded.src.is_v4() == p.v6 {
+        return w.drop(DropReason::InvalidTuple);
+    }
+    nat::rewrite_icmp_error(f.buf, p, inner, &embedded);
+    w.counters.icmp_errors_translated += 1;
+    Verdict::Forward { next_hop: embedded.src }
+}

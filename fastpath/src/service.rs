@@ -1,0 +1,409 @@
+//! The service table: an immutable snapshot that the control plane builds
+//! off the hot path and publishes with one atomic swap; every worker loads
+//! it once per batch ([`ServiceTableHandle::load`], lock-free).
+//!
+//! Keyed by frontend: (address, protocol, port) for ClusterIPs, LoadBalancer
+//! ingress IPs and external IPs; (protocol, port) for NodePorts, which answer
+//! on every address of the gateway ([`NodeConfig::addresses`]). Each entry is
+//! a [`ServicePort`] (one port of one Service) shared by `Arc`, so a table
+//! that changes one Service reuses every other entry as is.
+
+use crate::maglev::Maglev;
+use arc_swap::{ArcSwap, Guard};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use xskgate_conntrack::{Addr, Proto};
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
+
+/// How a frontend is reached; decides the traffic class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+impl FrontendKind {
+    /// The name used in `xskgate table --json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+            FrontendKind::ExternalIp => "ExternalIP",
+        }
+    }
+}
+
+/// `externalTrafficPolicy` / `internalTrafficPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+/// An address prefix, IPv4 or IPv6 (IPv4 held IPv4-mapped: prefix + 96).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    addr: Addr,
+    bits: u8,
+}
+
+impl Cidr {
+    /// # Errors
+    /// A message when the prefix length is too long for the family.
+    pub fn new(ip: IpAddr, prefix_len: u8) -> Result<Cidr, String> {
+        let (max, shift) = if ip.is_ipv4() { (32, 96) } else { (128, 0) };
+        if prefix_len > max {
+            return Err(format!("prefix length {prefix_len} is too long for {ip}"));
+        }
+        let bits = prefix_len + shift;
+        let mut addr = Addr::from(ip);
+        for (i, b) in addr.0.iter_mut().enumerate() {
+            let keep = u32::from(bits).saturating_sub(i as u32 * 8).min(8);
+            *b &= if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
+        }
+        Ok(Cidr { addr, bits })
+    }
+
+    #[inline]
+    pub fn contains(&self, a: &Addr) -> bool {
+        let full = usize::from(self.bits / 8);
+        if a.0[..full] != self.addr.0[..full] {
+            return false;
+        }
+        let rest = self.bits % 8;
+        rest == 0 || (a.0[full] & (0xffu8 << (8 - rest))) == self.addr.0[full]
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (ip, len) = match s.split_once('/') {
+            Some((ip, len)) => (ip, Some(len)),
+            None => (s, None),
+        };
+        let ip: IpAddr = ip.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
+        let len = match len {
+            Some(l) => l.trim().parse::<u8>().map_err(|e| format!("{s:?}: bad prefix length: {e}"))?,
+            None if ip.is_ipv4() => 32,
+            None => 128,
+        };
+        Cidr::new(ip, len)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let len = if self.addr.is_v4() { self.bits - 96 } else { self.bits };
+        write!(f, "{}/{len}", self.addr)
+    }
+}
+
+/// Identity of one port of one Service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+}
+
+impl std::fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.port_name.is_empty() {
+            write!(f, "{}/{}", self.namespace, self.name)
+        } else {
+            write!(f, "{}/{}:{}", self.namespace, self.name, self.port_name)
+        }
+    }
+}
+
+/// One backend address of a service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: Addr,
+    pub port: u16,
+    /// Stable reference kept in conntrack and affinity entries (assigned by
+    /// the control plane; the same endpoint keeps its id across tables).
+    pub id: u32,
+}
+
+/// The endpoints a class of traffic may use, with their Maglev table.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct EndpointSet {
+    endpoints: Vec<Endpoint>,
+    maglev: Maglev,
+}
+
+impl EndpointSet {
+    /// Sorts and deduplicates (by address and port) so that every gateway
+    /// builds the same Maglev table from the same endpoints.
+    pub fn new(mut endpoints: Vec<Endpoint>) -> EndpointSet {
+        endpoints.sort_by_key(|e| (e.addr, e.port));
+        endpoints.dedup_by_key(|e| (e.addr, e.port));
+        let keys: Vec<(Addr, u16)> = endpoints.iter().map(|e| (e.addr, e.port)).collect();
+        EndpointSet { maglev: Maglev::new(&keys), endpoints }
+    }
+
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// The Maglev choice for a flow hash.
+    #[inline]
+    pub fn pick(&self, flow_hash: u64) -> Option<&Endpoint> {
+        self.maglev.pick(flow_hash).and_then(|i| self.endpoints.get(i))
+    }
+
+    /// The endpoint with this id, if it is still in the set.
+    #[inline]
+    pub fn by_id(&self, id: u32) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.id == id)
+    }
+}
+
+/// A frontend of a service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Frontend {
+    pub kind: FrontendKind,
+    /// Ignored for `NodePort`, which answers on every gateway address.
+    pub addr: Addr,
+    pub port: u16,
+}
+
+/// One port of one Service, as the fast path needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// Stable id: conntrack entries, counters and flushes refer to it.
+    pub id: u32,
+    pub name: ServicePortName,
+    pub proto: Proto,
+    pub frontends: Vec<Frontend>,
+    pub external_policy: TrafficPolicy,
+    pub internal_policy: TrafficPolicy,
+    /// Usable endpoints cluster-wide (ready, else serving and terminating).
+    pub cluster: EndpointSet,
+    /// Usable endpoints on this node.
+    pub local: EndpointSet,
+    /// `sessionAffinity: ClientIP` timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    /// `loadBalancerSourceRanges` (enforced for LoadBalancer frontends only).
+    pub source_ranges: Vec<Cidr>,
+    pub health_check_node_port: Option<u16>,
+}
+
+/// What the gateway itself is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Addresses NodePorts answer on.
+    pub addresses: Vec<Addr>,
+    /// The cluster's pod CIDRs: traffic from them is internal.
+    pub pod_cidrs: Vec<Cidr>,
+    /// Masquerade (SNAT) source addresses per family.
+    pub snat_v4: Option<Addr>,
+    pub snat_v6: Option<Addr>,
+    /// SNAT source port range (inclusive).
+    pub snat_ports: (u16, u16),
+}
+
+impl Default for NodeConfig {
+    fn default() -> NodeConfig {
+        NodeConfig {
+            addresses: Vec::new(),
+            pod_cidrs: Vec::new(),
+            snat_v4: None,
+            snat_v6: None,
+            snat_ports: (1024, 65535),
+        }
+    }
+}
+
+/// Why a service port was not added to a table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BuildError {
+    /// Another service port already owns this frontend.
+    FrontendConflict {
+        frontend: Frontend,
+        proto: Proto,
+        owner: ServicePortName,
+    },
+    UnsupportedProtocol(Proto),
+}
+
+impl std::fmt::Display for BuildError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BuildError::FrontendConflict { frontend, proto, owner } => write!(
+                f,
+                "{} {}:{}/{} is already served by {owner}",
+                frontend.kind.name(),
+                frontend.addr,
+                frontend.port,
+                proto.name()
+            ),
+            BuildError::UnsupportedProtocol(p) => write!(f, "protocol {} is not supported (TCP and UDP are)", p.name()),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {}
+
+/// An immutable, published service table.
+#[derive(Debug, Default)]
+pub struct ServiceTable {
+    node: NodeConfig,
+    ports: Vec<Arc<ServicePort>>,
+    frontends: FastMap<(Addr, Proto, u16), (u32, FrontendKind)>,
+    node_ports: FastMap<(Proto, u16), u32>,
+    generation: u64,
+}
+
+impl ServiceTable {
+    /// The service port a new flow to `dst:port` belongs to, and how it was
+    /// reached.
+    #[inline]
+    pub fn lookup(&self, dst: &Addr, proto: Proto, port: u16) -> Option<(&ServicePort, FrontendKind)> {
+        if let Some(&(i, kind)) = self.frontends.get(&(*dst, proto, port)) {
+            return Some((&self.ports[i as usize], kind));
+        }
+        if !self.node_ports.is_empty()
+            && self.is_node_address(dst)
+            && let Some(&i) = self.node_ports.get(&(proto, port))
+        {
+            return Some((&self.ports[i as usize], FrontendKind::NodePort));
+        }
+        None
+    }
+
+    #[inline]
+    pub fn is_node_address(&self, a: &Addr) -> bool {
+        self.node.addresses.contains(a)
+    }
+
+    /// True if `a` is in one of the cluster's pod CIDRs.
+    #[inline]
+    pub fn is_pod(&self, a: &Addr) -> bool {
+        self.node.pod_cidrs.iter().any(|c| c.contains(a))
+    }
+
+    pub fn node(&self) -> &NodeConfig {
+        &self.node
+    }
+
+    pub fn ports(&self) -> &[Arc<ServicePort>] {
+        &self.ports
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// Builds a [`ServiceTable`]; the control plane's entry point.
+#[derive(Debug)]
+pub struct ServiceTableBuilder {
+    table: ServiceTable,
+}
+
+impl ServiceTableBuilder {
+    pub fn new(node: NodeConfig, generation: u64) -> ServiceTableBuilder {
+        ServiceTableBuilder { table: ServiceTable { node, generation, ..ServiceTable::default() } }
+    }
+
+    /// Adds a service port with all its frontends, or none of them.
+    ///
+    /// # Errors
+    /// [`BuildError`] when a frontend is taken or the protocol unsupported;
+    /// the table is unchanged then.
+    pub fn add(&mut self, port: Arc<ServicePort>) -> Result<(), BuildError> {
+        if port.proto != Proto::TCP && port.proto != Proto::UDP {
+            return Err(BuildError::UnsupportedProtocol(port.proto));
+        }
+        let t = &mut self.table;
+        let owner = |i: u32| t.ports[i as usize].name.clone();
+        for f in &port.frontends {
+            let taken = match f.kind {
+                FrontendKind::NodePort => t.node_ports.get(&(port.proto, f.port)),
+                _ => t.frontends.get(&(f.addr, port.proto, f.port)).map(|(i, _)| i),
+            };
+            if let Some(&i) = taken {
+                return Err(BuildError::FrontendConflict { frontend: *f, proto: port.proto, owner: owner(i) });
+            }
+        }
+        let i = t.ports.len() as u32;
+        for f in &port.frontends {
+            match f.kind {
+                FrontendKind::NodePort => {
+                    t.node_ports.insert((port.proto, f.port), i);
+                }
+                kind => {
+                    t.frontends.insert((f.addr, port.proto, f.port), (i, kind));
+                }
+            }
+        }
+        t.ports.push(port);
+        Ok(())
+    }
+
+    pub fn build(self) -> ServiceTable {
+        self.table
+    }
+}
+
+/// The published table: one writer (the control plane), many readers.
+#[derive(Debug)]
+pub struct ServiceTableHandle {
+    current: ArcSwap<ServiceTable>,
+}
+
+impl ServiceTableHandle {
+    pub fn new(table: ServiceTable) -> ServiceTableHandle {
+        ServiceTableHandle { current: ArcSwap::from_pointee(table) }
+    }
+
+    /// Publishes a new table with one atomic swap. Readers holding the old
+    /// one finish their batch with it.
+    pub fn publish(&self, table: ServiceTable) {
+        self.current.store(Arc::new(table));
+    }
+
+    /// The current table, for one batch (lock-free, no allocation).
+    #[inline]
+    pub fn load(&self) -> Guard<Arc<ServiceTable>> {
+        self.current.load()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_match_by_prefix_in_both_families() {
+        let c: Cidr = "198.18.0.0/15".parse().unwrap();
+        assert!(c.contains(&Addr::from_v4([198, 19, 255, 255])));
+        assert!(!c.contains(&Addr::from_v4([198, 20, 0, 0])));
+        assert_eq!(c.to_string(), "198.18.0.0/15");
+        let c6: Cidr = "2001:db8::/32".parse().unwrap();
+        assert!(c6.contains(&Addr::from("2001:db8:ffff::1".parse::<IpAddr>().unwrap())));
+        assert!(!c6.contains(&Addr::from_v4([198, 18, 0, 1])));
+        assert!("198.18.0.0/33".parse::<Cidr>().is_err());
+        assert!("bogus".parse::<Cidr>().is_err());
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(&Addr::from_v4([1, 2, 3, 4])));
+        assert!(!all.contains(&Addr::from("2001:db8::1".parse::<IpAddr>().unwrap())));
+    }
+}

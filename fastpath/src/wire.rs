@@ -1,0 +1,208 @@
+//! Parsing at the boundary: a frame becomes a [`Parsed`] view of offsets and
+//! header fields, or an [`Unparsed`] reason.
+//!
+//! etherparse validates the frame (Ethernet II, optional 802.1Q / QinQ tags,
+//! IPv4 with options, IPv6 with extension headers skipped, TCP, UDP, ICMP,
+//! ICMPv6) without copying; we keep the byte offsets so the pipeline can
+//! rewrite the frame in place. Once `parse` returned `Ok`, every offset in
+//! `Parsed` lies inside the frame and the fixed-size fields the pipeline
+//! rewrites (addresses, ports, checksums, TTL) are present: no later access
+//! panics. Anything truncated or inconsistent is [`Unparsed::Malformed`].
+//! Zero-copy; allocates nothing.
+
+use etherparse::{LaxIpSlice, NetSlice, SlicedPacket, TransportSlice};
+use xskgate_conntrack::{Addr, Proto};
+
+/// Why a frame has no [`Parsed`] view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unparsed {
+    /// Not IP (ARP, LLDP, ...): the kernel's business.
+    NotIp,
+    /// Truncated or inconsistent headers.
+    Malformed,
+    /// An IP fragment: ports are not in every fragment, so it cannot be
+    /// matched to a flow.
+    Fragment,
+}
+
+/// Layer-4 shape of a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    Tcp,
+    Udp,
+    /// ICMP / ICMPv6 error (destination unreachable, fragmentation needed /
+    /// packet too big, time exceeded, parameter problem) with the packet
+    /// it is about.
+    IcmpError(Inner),
+    /// Anything else (echo, other protocols): never a service frontend.
+    Other,
+}
+
+/// The packet embedded in an ICMP error (usually truncated).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inner {
+    pub l3: usize,
+    pub l4: usize,
+    pub v6: bool,
+    pub proto: Proto,
+    pub src: Addr,
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Offsets and fields of a parsed IP packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the layer-4 header.
+    pub l4: usize,
+    /// End of the IP packet (by its length field; Ethernet padding excluded).
+    pub end: usize,
+    pub v6: bool,
+    pub proto: Proto,
+    pub src: Addr,
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    /// TTL or hop limit.
+    pub ttl: u8,
+    /// TCP flags byte (0 for other protocols).
+    pub tcp_flags: u8,
+    pub l4_kind: L4,
+}
+
+fn offset(frame: &[u8], part: &[u8]) -> usize {
+    part.as_ptr() as usize - frame.as_ptr() as usize
+}
+
+fn ports(l4: &[u8]) -> Option<(u16, u16)> {
+    match l4 {
+        [a, b, c, d, ..] => Some((u16::from_be_bytes([*a, *b]), u16::from_be_bytes([*c, *d]))),
+        _ => None,
+    }
+}
+
+/// Parses a frame that starts with an Ethernet II header.
+///
+/// # Errors
+/// [`Unparsed`] says why the frame cannot be handled as an IP flow.
+pub fn parse(frame: &[u8]) -> Result<Parsed, Unparsed> {
+    let sliced = SlicedPacket::from_ethernet(frame).map_err(|_| Unparsed::Malformed)?;
+    let (l3, v6, src, dst, ttl, end, fragmented) = match &sliced.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            let h = ip.header();
+            let l3 = offset(frame, h.slice());
+            let end = l3 + usize::from(h.total_len());
+            let src = Addr::from_v4(h.source());
+            (l3, false, src, Addr::from_v4(h.destination()), h.ttl(), end, ip.is_payload_fragmented())
+        }
+        Some(NetSlice::Ipv6(ip)) => {
+            let h = ip.header();
+            let l3 = offset(frame, h.slice());
+            let end = l3 + 40 + usize::from(h.payload_length());
+            let src = Addr::from_v6(h.source());
+            (l3, true, src, Addr::from_v6(h.destination()), h.hop_limit(), end, ip.is_payload_fragmented())
+        }
+        Some(NetSlice::Arp(_)) | None => return Err(Unparsed::NotIp),
+    };
+    if fragmented {
+        return Err(Unparsed::Fragment);
+    }
+    if end > frame.len() {
+        return Err(Unparsed::Malformed);
+    }
+    let mut p = Parsed {
+        l3,
+        l4: end,
+        end,
+        v6,
+        proto: Proto(0),
+        src,
+        dst,
+        sport: 0,
+        dport: 0,
+        ttl,
+        tcp_flags: 0,
+        l4_kind: L4::Other,
+    };
+    match &sliced.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let s = t.slice();
+            p.l4 = offset(frame, s);
+            p.proto = Proto::TCP;
+            (p.sport, p.dport) = (t.source_port(), t.destination_port());
+            p.tcp_flags = s[13];
+            p.l4_kind = L4::Tcp;
+        }
+        Some(TransportSlice::Udp(u)) => {
+            p.l4 = offset(frame, u.slice());
+            p.proto = Proto::UDP;
+            (p.sport, p.dport) = (u.source_port(), u.destination_port());
+            p.l4_kind = L4::Udp;
+        }
+        Some(TransportSlice::Icmpv4(i)) => {
+            let s = i.slice();
+            p.l4 = offset(frame, s);
+            p.proto = Proto::ICMP;
+            if matches!(s[0], 3 | 11 | 12) {
+                p.l4_kind = inner(frame, i.payload()).map_or(L4::Other, L4::IcmpError);
+            }
+        }
+        Some(TransportSlice::Icmpv6(i)) => {
+            let s = i.slice();
+            p.l4 = offset(frame, s);
+            p.proto = Proto::ICMPV6;
+            if matches!(s[0], 1..=4) {
+                p.l4_kind = inner(frame, i.payload()).map_or(L4::Other, L4::IcmpError);
+            }
+        }
+        _ => {
+            if let Some(NetSlice::Ipv4(ip)) = &sliced.net {
+                p.proto = Proto(ip.payload_ip_number().0);
+            } else if let Some(NetSlice::Ipv6(ip)) = &sliced.net {
+                p.proto = Proto(ip.payload().ip_number.0);
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// The embedded packet of an ICMP error, if its addresses and ports are
+/// there (TCP or UDP only: errors about anything else are not ours).
+fn inner(frame: &[u8], payload: &[u8]) -> Option<Inner> {
+    let (ip, _) = LaxIpSlice::from_slice(payload).ok()?;
+    let (l3, v6, src, dst, transport, proto) = match &ip {
+        LaxIpSlice::Ipv4(s) => {
+            let h = s.header();
+            let pl = s.payload();
+            (
+                offset(frame, h.slice()),
+                false,
+                Addr::from_v4(h.source()),
+                Addr::from_v4(h.destination()),
+                pl.payload,
+                pl.ip_number,
+            )
+        }
+        LaxIpSlice::Ipv6(s) => {
+            let h = s.header();
+            let pl = s.payload();
+            (
+                offset(frame, h.slice()),
+                true,
+                Addr::from_v6(h.source()),
+                Addr::from_v6(h.destination()),
+                pl.payload,
+                pl.ip_number,
+            )
+        }
+    };
+    let proto = Proto(proto.0);
+    if proto != Proto::TCP && proto != Proto::UDP {
+        return None;
+    }
+    let (sport, dport) = ports(transport)?;
+    Some(Inner { l3, l4: offset(frame, transport), v6, proto, src, dst, sport, dport })
+}
