@@ -20,7 +20,8 @@ pub mod wire;
 
 pub use affinity::AffinityTable;
 pub use pipeline::{
-    BATCH, Counters, DropReason, Frame, ServiceCounters, Tables, Verdict, WorkerState, process, process_batch,
+    BATCH, Counters, DropReason, Frame, ServiceCounters, Tables, Verdict, WorkerState, flush_udp_flows_to, process,
+    process_batch,
 };
 pub use service::{
     BuildError, Cidr, Endpoint, EndpointSet, Frontend, FrontendKind, NodeConfig, ServicePort, ServicePortName,

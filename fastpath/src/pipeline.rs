@@ -435,3 +435,12 @@ fn icmp_error(f: &mut Frame<'_>, p: &Parsed, inner: &Inner, t: &Tables<'_>, w: &
     w.counters.icmp_errors_translated += 1;
     Verdict::Forward { next_hop: embedded.src }
 }
+
+/// Removes the UDP flows whose endpoint is `endpoint` (its address and
+/// port), so that their next datagrams choose a live endpoint instead of
+/// vanishing into a removed one (the classic stale-UDP-conntrack outage).
+/// TCP flows are left to end by themselves, as kube-proxy does. Returns how
+/// many flows were removed. Scans the table: control-plane use only.
+pub fn flush_udp_flows_to(conntrack: &FlowTable, endpoint: &crate::service::Endpoint) -> usize {
+    conntrack.flush(|f| f.orig.proto == Proto::UDP && f.reply.src == endpoint.addr && f.reply.sport == endpoint.port)
+}

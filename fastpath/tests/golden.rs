@@ -572,3 +572,21 @@ fn process_single_frame_equals_batch() {
     let names: std::collections::HashSet<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
     assert_eq!(names.len(), DropReason::COUNT);
 }
+
+#[test]
+fn udp_flow_to_a_removed_endpoint_is_flushed_and_moves_to_a_live_one() {
+    let mut gw = Gw::new(&[Svc { cluster: vec![ep(POD_A, 1), ep(POD_B, 2)], ..Svc::default() }]);
+    let (_, out) = gw.run(&udp4(CLIENT, 40000, LB, 80, 64));
+    let first = tuple(&out).2;
+    let (gone, live) =
+        if first == Addr::from_v4(POD_A) { (ep(POD_A, 1), ep(POD_B, 2)) } else { (ep(POD_B, 2), ep(POD_A, 1)) };
+    // The control plane publishes a table without the endpoint and flushes.
+    gw.services = table(&[Svc { cluster: vec![live], local: vec![], ..Svc::default() }]);
+    // Without the flush, conntrack would keep sending to the removed pod.
+    assert_eq!(tuple(&gw.run(&udp4(CLIENT, 40000, LB, 80, 64)).1).2, gone.addr);
+    assert_eq!(xskgate_fastpath::flush_udp_flows_to(&gw.conntrack, &gone), 1);
+    let (v, out) = gw.run(&udp4(CLIENT, 40000, LB, 80, 64));
+    assert_eq!(v, Verdict::Forward { next_hop: live.addr });
+    assert_eq!(tuple(&out).2, live.addr, "the next datagram reaches a live endpoint");
+    assert_eq!(xskgate_fastpath::flush_udp_flows_to(&gw.conntrack, &gone), 0);
+}

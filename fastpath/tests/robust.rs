@@ -1,0 +1,142 @@
+//! Bad input never panics: arbitrary bytes, and valid frames of every shape
+//! with random bytes overwritten and random truncation, go through the whole
+//! pipeline (parse, conntrack, service lookup, NAT, rejects, ICMP errors).
+
+use proptest::prelude::*;
+use std::sync::Arc;
+use xskgate_conntrack::{Addr, Config, FlowTable, Proto};
+use xskgate_fastpath::{
+    AffinityTable, Endpoint, EndpointSet, Frame, Frontend, FrontendKind, NodeConfig, ServicePort, ServicePortName,
+    ServiceTable, ServiceTableBuilder, Tables, TrafficPolicy, Verdict, WorkerState, process_batch,
+};
+
+fn services() -> ServiceTable {
+    let node = NodeConfig {
+        addresses: vec![Addr::from_v4([198, 18, 0, 1])],
+        pod_cidrs: vec!["198.19.0.0/17".parse().unwrap()],
+        snat_v4: Some(Addr::from_v4([198, 18, 0, 1])),
+        snat_v6: Some(Addr::from_v6("2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets())),
+        ..NodeConfig::default()
+    };
+    let mut b = ServiceTableBuilder::new(node, 1);
+    for (id, proto, eps) in [(1, Proto::UDP, 2), (2, Proto::TCP, 2), (3, Proto::UDP, 0), (4, Proto::TCP, 0)] {
+        let endpoints: Vec<Endpoint> = (0..eps)
+            .map(|i| Endpoint { addr: Addr::from_v4([198, 19, 1, 10 + i]), port: 8080, id: u32::from(i) })
+            .collect();
+        b.add(Arc::new(ServicePort {
+            id,
+            name: ServicePortName { namespace: "ns".into(), name: format!("s{id}"), port_name: String::new() },
+            proto,
+            frontends: vec![Frontend {
+                kind: FrontendKind::LoadBalancer,
+                addr: Addr::from_v4([198, 18, 100, id as u8]),
+                port: 80,
+            }],
+            external_policy: TrafficPolicy::Cluster,
+            internal_policy: TrafficPolicy::Cluster,
+            cluster: EndpointSet::new(endpoints.clone()),
+            local: EndpointSet::new(endpoints),
+            affinity_timeout: (id == 1).then_some(60),
+            source_ranges: vec![],
+            health_check_node_port: None,
+        }))
+        .unwrap();
+    }
+    b.build()
+}
+
+fn templates() -> Vec<Vec<u8>> {
+    use etherparse::PacketBuilder as B;
+    let (m1, m2) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+    let mut out = Vec::new();
+    let mut push = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut v = Vec::new();
+        f(&mut v);
+        out.push(v);
+    };
+    for id in 1u8..=4 {
+        push(&|v| {
+            B::ethernet2(m1, m2).ipv4([198, 18, 0, 10], [198, 18, 100, id], 64).udp(4000, 80).write(v, b"data").unwrap()
+        });
+        push(&|v| {
+            B::ethernet2(m1, m2)
+                .ipv4([198, 18, 0, 10], [198, 18, 100, id], 64)
+                .tcp(4000, 80, 7, 100)
+                .syn()
+                .write(v, b"")
+                .unwrap()
+        });
+    }
+    let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+    push(&|v| {
+        B::ethernet2(m1, m2).ipv6(v6("2001:db8::10"), v6("2001:db8::1"), 64).udp(4000, 80).write(v, b"data").unwrap()
+    });
+    let quoted = {
+        let mut q = Vec::new();
+        B::ethernet2(m1, m2).ipv4([198, 18, 0, 1], [198, 19, 1, 10], 64).udp(30001, 8080).write(&mut q, b"xx").unwrap();
+        q[14..].to_vec()
+    };
+    push(&|v| {
+        B::ethernet2(m1, m2)
+            .ipv4([198, 18, 50, 1], [198, 18, 0, 1], 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port))
+            .write(v, &quoted)
+            .unwrap()
+    });
+    out
+}
+
+fn run_frames(frames_in: &[Vec<u8>]) {
+    let services = services();
+    let conntrack = FlowTable::new(Config { capacity: 256, ..Config::default() }).unwrap();
+    let affinity = AffinityTable::new(64);
+    let t = Tables { services: &services, conntrack: &conntrack, affinity: &affinity };
+    let mut worker = WorkerState::new();
+    let mut bufs: Vec<Vec<u8>> = frames_in
+        .iter()
+        .map(|f| {
+            let mut b = vec![0u8; f.len().max(64) + 64];
+            b[..f.len()].copy_from_slice(f);
+            b
+        })
+        .collect();
+    let mut frames: Vec<Frame<'_>> =
+        bufs.iter_mut().zip(frames_in).map(|(buf, f)| Frame { buf, len: f.len() }).collect();
+    let mut verdicts = vec![Verdict::Pass; frames.len()];
+    process_batch(&mut frames, &t, &mut worker, 1, &mut verdicts);
+    for (f, v) in frames.iter().zip(&verdicts) {
+        assert!(f.len <= f.buf.len());
+        if let Verdict::Drop(r) = v {
+            assert!(worker.counters.drop_count(*r) > 0, "every drop is counted");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(frames in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..120), 1..8)) {
+        run_frames(&frames);
+    }
+
+    #[test]
+    fn mutated_valid_frames_never_panic(
+        picks in prop::collection::vec((any::<prop::sample::Index>(),
+                                        prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+                                        any::<prop::sample::Index>()), 1..8)
+    ) {
+        let t = templates();
+        let frames: Vec<Vec<u8>> = picks.iter().map(|(which, edits, cut)| {
+            let mut f = t[which.index(t.len())].clone();
+            for (at, byte) in edits {
+                let i = at.index(f.len());
+                f[i] = *byte;
+            }
+            let len = f.len() - cut.index(f.len() / 4 + 1);
+            f.truncate(len);
+            f
+        }).collect();
+        run_frames(&frames);
+    }
+}
