@@ -3,9 +3,12 @@
 //!
 //! - `conntrack`: the flow table against papaya, scc and dashmap on the same
 //!   workload (lookups and inserts, hit and miss, 1 and 2 threads).
+//! - `pipeline`: the packet pipeline in memory on one core (established and
+//!   new-flow packets, 1 against 10,000 Services).
 
 mod alloc_count;
 mod conntrack;
+mod pipeline;
 mod report;
 
 use clap::{Parser, Subcommand};
@@ -24,12 +27,15 @@ struct Cli {
 enum Cmd {
     /// Conntrack table vs papaya, scc and dashmap: lookups/s and inserts/s.
     Conntrack(conntrack::Args),
+    /// Packet pipeline in memory: established and new-flow Mpps, 1 vs 10,000 Services.
+    Pipeline(pipeline::Args),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Conntrack(args) => conntrack::run(&args),
+        Cmd::Pipeline(args) => pipeline::run_bench(&args),
     };
     if let Err(e) = result {
         eprintln!("xskgate-bench: {e}");

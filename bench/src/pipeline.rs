@@ -1,0 +1,187 @@
+//! `xskgate-bench pipeline`: the packet pipeline in memory, one core.
+//!
+//! Two service tables are measured side by side: 1 Service and 10,000
+//! Services (32 endpoints each, all addresses in 198.18.0.0/15, a LoadBalancer IP per Service, external
+//! policy Cluster so every new flow takes the SNAT path). For each, in
+//! alternating rounds on a fresh conntrack table:
+//! - new flows: 1M 64-byte UDP packets, each the first of its flow (parse,
+//!   service lookup, Maglev, SNAT port allocation, conntrack insert, NAT);
+//! - established: packets of those 1M flows in random order (parse,
+//!   conntrack lookup, NAT, counters).
+//!
+//! Frames are refilled from prepared templates before every batch of 64, as
+//! an RX ring would deliver them; that copy is part of the measured cost.
+//! The median round is reported. `cost_ratio_10k_vs_1` is the established
+//! per-packet cost with 10,000 Services over the cost with one.
+
+use crate::report::{progress, r3};
+use serde_json::json;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Instant;
+use xskgate_conntrack::{Addr, Config, FlowTable, Proto};
+use xskgate_fastpath::{
+    AffinityTable, BATCH, Endpoint, EndpointSet, Frame, Frontend, FrontendKind, NodeConfig, ServicePort,
+    ServicePortName, ServiceTable, ServiceTableBuilder, Tables, TrafficPolicy, Verdict, WorkerState, process_batch,
+};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Fewer packets and rounds (well under a minute after the build).
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+const FRAME: usize = 64;
+const FLOWS: usize = 1 << 20;
+/// Endpoints per Service. With one SNAT address each endpoint offers 64,512
+/// reply tuples, so 1M flows through one Service need more than 16 of them;
+/// 32 keeps each endpoint's SNAT port space about half used.
+const ENDPOINTS: u32 = 32;
+
+fn services(n: usize) -> ServiceTable {
+    let gw = Addr::from(Ipv4Addr::new(198, 18, 0, 1));
+    let node = NodeConfig { addresses: vec![gw], snat_v4: Some(gw), ..NodeConfig::default() };
+    let mut b = ServiceTableBuilder::new(node, 1);
+    for s in 0..n {
+        let endpoints = (0..ENDPOINTS)
+            // One address per Service (198.19.0.0/16 holds 10,000), one port per endpoint.
+            .map(|e| Endpoint {
+                addr: Addr::from(Ipv4Addr::from(0xC613_0000 + s as u32)),
+                port: 8080 + e as u16,
+                id: e,
+            })
+            .collect::<Vec<_>>();
+        b.add(Arc::new(ServicePort {
+            id: s as u32,
+            name: ServicePortName { namespace: "bench".into(), name: format!("svc-{s}"), port_name: String::new() },
+            proto: Proto::UDP,
+            frontends: vec![Frontend { kind: FrontendKind::LoadBalancer, addr: vip(s), port: 80 }],
+            external_policy: TrafficPolicy::Cluster,
+            internal_policy: TrafficPolicy::Cluster,
+            cluster: EndpointSet::new(endpoints.clone()),
+            local: EndpointSet::new(endpoints),
+            affinity_timeout: None,
+            source_ranges: vec![],
+            health_check_node_port: None,
+        }))
+        .expect("distinct frontends");
+    }
+    b.build()
+}
+
+fn vip(s: usize) -> Addr {
+    Addr::from(Ipv4Addr::from(0xC612_8000 + s as u32))
+}
+
+/// The first packet of flow `i` (client address and port unique per flow),
+/// spread over `n_services`.
+fn packet(i: usize, n_services: usize) -> [u8; FRAME] {
+    let client = Ipv4Addr::from(0xC612_0000 + (i / 50_000) as u32);
+    let port = 10_000 + (i % 50_000) as u16;
+    let dst = vip(i % n_services).as_v4().expect("v4");
+    let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(client.octets(), dst, 64)
+        .udp(port, 80);
+    let mut v = Vec::with_capacity(FRAME);
+    b.write(&mut v, &[0u8; FRAME - 42]).expect("write to Vec");
+    v.try_into().expect("64-byte frame")
+}
+
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((u128::from(self.0) * n as u128) >> 64) as usize
+    }
+}
+
+/// Runs `packets` through the pipeline in batches; returns (Mpps, verdict check).
+fn run(packets: &[[u8; FRAME]], t: &Tables<'_>, worker: &mut WorkerState, bufs: &mut [[u8; 2048]]) -> f64 {
+    let mut verdicts = [Verdict::Pass; BATCH];
+    let start = Instant::now();
+    for chunk in packets.chunks(BATCH) {
+        let mut it = bufs.iter_mut();
+        let mut frames: [Frame<'_>; BATCH] = std::array::from_fn(|_| Frame { buf: it.next().expect("BATCH"), len: 0 });
+        for (f, p) in frames.iter_mut().zip(chunk) {
+            f.buf[..FRAME].copy_from_slice(p);
+            f.len = FRAME;
+        }
+        process_batch(&mut frames[..chunk.len()], t, worker, 1, &mut verdicts[..chunk.len()]);
+    }
+    packets.len() as f64 / start.elapsed().as_secs_f64() / 1e6
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+pub fn run_bench(args: &Args) -> Result<(), String> {
+    let rounds = if args.quick { 2 } else { 5 };
+    let established_packets = if args.quick { 2_000_000 } else { 5_000_000 };
+    let configs = [1usize, 10_000];
+    progress("building service tables (1 and 10,000 Services) and packets");
+    let tables: Vec<ServiceTable> = configs.iter().map(|&n| services(n)).collect();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let new_packets: Vec<Vec<[u8; FRAME]>> =
+        configs.iter().map(|&n| (0..FLOWS).map(|i| packet(i, n)).collect()).collect();
+    let order: Vec<usize> = (0..established_packets).map(|_| rng.below(FLOWS)).collect();
+    let est_packets: Vec<Vec<[u8; FRAME]>> =
+        new_packets.iter().map(|pk| order.iter().map(|&i| pk[i]).collect()).collect();
+    let affinity = AffinityTable::new(1024);
+    let mut bufs = vec![[0u8; 2048]; BATCH];
+    let mut new_mpps = vec![Vec::new(); configs.len()];
+    let mut est_mpps = vec![Vec::new(); configs.len()];
+    for round in 0..rounds {
+        for (k, &n) in configs.iter().enumerate() {
+            progress(&format!("round {}/{rounds}: {n} service(s)", round + 1));
+            let conntrack = FlowTable::new(Config { capacity: FLOWS + FLOWS / 4, ..Config::default() })
+                .map_err(|e| e.to_string())?;
+            let t = Tables { services: &tables[k], conntrack: &conntrack, affinity: &affinity };
+            let mut worker = WorkerState::new();
+            new_mpps[k].push(run(&new_packets[k], &t, &mut worker, &mut bufs));
+            let created = worker.counters.flows_created;
+            if created != FLOWS as u64 {
+                return Err(format!("{n} services: {created} flows created of {FLOWS}: {:?}", worker.counters.drops));
+            }
+            est_mpps[k].push(run(&est_packets[k], &t, &mut worker, &mut bufs));
+            let forwarded = worker.counters.forwarded;
+            if forwarded != (FLOWS + established_packets) as u64 {
+                return Err(format!("{n} services: {forwarded} packets forwarded, expected all"));
+            }
+        }
+    }
+    let new: Vec<f64> = new_mpps.into_iter().map(median).collect();
+    let est: Vec<f64> = est_mpps.into_iter().map(median).collect();
+    let ratio = est[0] / est[1];
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "established_mpps": r3(est[0]),
+                "new_flow_mpps": r3(new[0]),
+                "cost_ratio_10k_vs_1": r3(ratio),
+                "established_ns_per_packet": r3(1e3 / est[0]),
+                "new_flow_ns_per_packet": r3(1e3 / new[0]),
+                "established_mpps_10k_services": r3(est[1]),
+                "new_flow_mpps_10k_services": r3(new[1]),
+                "flows_in_table": FLOWS,
+            })
+        );
+        return Ok(());
+    }
+    println!("## pipeline: one core, in memory, {FLOWS} flows in conntrack, 64-byte UDP\n");
+    println!("| services | established Mpps | ns/packet | new-flow Mpps | ns/packet |");
+    println!("|---|---|---|---|---|");
+    for (k, n) in configs.iter().enumerate() {
+        println!("| {n} | {:.2} | {:.0} | {:.2} | {:.0} |", est[k], 1e3 / est[k], new[k], 1e3 / new[k]);
+    }
+    println!("\nestablished cost with 10,000 services / with 1: {ratio:.3}x");
+    Ok(())
+}
