@@ -179,7 +179,8 @@ impl EndpointSet {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Frontend {
     pub kind: FrontendKind,
-    /// Ignored for `NodePort`, which answers on every gateway address.
+    /// For `NodePort`, which answers on every gateway address, only the
+    /// family counts: `0.0.0.0` (IPv4-mapped) for IPv4, `::` for IPv6.
     pub addr: Addr,
     pub port: u16,
 }
@@ -267,7 +268,8 @@ pub struct ServiceTable {
     node: NodeConfig,
     ports: Vec<Arc<ServicePort>>,
     frontends: FastMap<(Addr, Proto, u16), (u32, FrontendKind)>,
-    node_ports: FastMap<(Proto, u16), u32>,
+    /// Keyed by (IPv6?, protocol, port): a dual-stack Service has one entry per family.
+    node_ports: FastMap<(bool, Proto, u16), u32>,
     generation: u64,
 }
 
@@ -281,7 +283,7 @@ impl ServiceTable {
         }
         if !self.node_ports.is_empty()
             && self.is_node_address(dst)
-            && let Some(&i) = self.node_ports.get(&(proto, port))
+            && let Some(&i) = self.node_ports.get(&(!dst.is_v4(), proto, port))
         {
             return Some((&self.ports[i as usize], FrontendKind::NodePort));
         }
@@ -336,7 +338,7 @@ impl ServiceTableBuilder {
         let owner = |i: u32| t.ports[i as usize].name.clone();
         for f in &port.frontends {
             let taken = match f.kind {
-                FrontendKind::NodePort => t.node_ports.get(&(port.proto, f.port)),
+                FrontendKind::NodePort => t.node_ports.get(&(!f.addr.is_v4(), port.proto, f.port)),
                 _ => t.frontends.get(&(f.addr, port.proto, f.port)).map(|(i, _)| i),
             };
             if let Some(&i) = taken {
@@ -347,7 +349,7 @@ impl ServiceTableBuilder {
         for f in &port.frontends {
             match f.kind {
                 FrontendKind::NodePort => {
-                    t.node_ports.insert((port.proto, f.port), i);
+                    t.node_ports.insert((!f.addr.is_v4(), port.proto, f.port), i);
                 }
                 kind => {
                     t.frontends.insert((f.addr, port.proto, f.port), (i, kind));

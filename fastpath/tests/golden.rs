@@ -90,7 +90,7 @@ fn table(svcs: &[Svc]) -> ServiceTable {
             frontends: vec![
                 Frontend { kind: FrontendKind::ClusterIp, addr: Addr::from_v4(CLUSTER_IP), port: 80 + i16 },
                 Frontend { kind: FrontendKind::LoadBalancer, addr: Addr::from_v4(LB), port: 80 + i16 },
-                Frontend { kind: FrontendKind::NodePort, addr: Addr::UNSPECIFIED, port: NODE_PORT + i16 },
+                Frontend { kind: FrontendKind::NodePort, addr: Addr::from_v4([0, 0, 0, 0]), port: NODE_PORT + i16 },
             ],
             external_policy: s.external,
             internal_policy: s.internal,
