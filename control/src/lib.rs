@@ -1,0 +1,15 @@
+//! xskgate's control plane: Kubernetes objects to the service table.
+//!
+//! - [`manifest`]: the manifest directory source (YAML/JSON, `kind: List`).
+//! - [`translate`]: one Service → its ports, as kube-proxy's
+//!   `CategorizeEndpoints` computes them (pure).
+//! - [`state`]: the known objects, the whole-table translation and the
+//!   node-name diagnosis.
+//! - [`table_cmd`]: `xskgate table` output (text and the `--json` contract).
+//! - [`node`]: who this gateway is (`--node-name`, `NODE_NAME`, hostname).
+
+pub mod manifest;
+pub mod node;
+pub mod state;
+pub mod table_cmd;
+pub mod translate;

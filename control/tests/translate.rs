@@ -1,0 +1,224 @@
+//! Every translation rule of kube-proxy's `CategorizeEndpoints`, checked on
+//! YAML fixtures in `kubectl get -o yaml` shape (`tests/fixtures/rules`)
+//! through the `xskgate table --json` contract, for node `gw1` in `zone-a`.
+
+use serde_json::{Value, json};
+use std::path::Path;
+use std::process::Command;
+use xskgate_control::{manifest, node, state::ClusterState, table_cmd};
+
+fn fixtures(dir: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(dir)
+}
+
+fn table(dir: &str, node_name: &str) -> (Value, Vec<String>) {
+    let loaded = manifest::load_dir(&fixtures(dir)).unwrap();
+    let (state, mut warnings) = ClusterState::from_objects(loaded.objects);
+    warnings.extend(loaded.warnings);
+    let id = node::identity(node_name.to_string(), None, &state);
+    let t = state.translate(&id);
+    warnings.extend(t.warnings);
+    (table_cmd::to_json(&id.name, &t.entries), warnings)
+}
+
+fn entry<'a>(t: &'a Value, name: &str, port_name: &str) -> &'a Value {
+    t["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name && s["port_name"] == port_name)
+        .unwrap_or_else(|| panic!("no entry for {name}:{port_name}"))
+}
+
+fn eps(list: &[&str]) -> Value {
+    json!(list)
+}
+
+#[test]
+fn cluster_policy_named_target_ports_dedup_and_ingress_modes() {
+    let (t, _) = table("rules", "gw1");
+    let e = entry(&t, "cluster-lb", "web");
+    assert_eq!(e["protocol"], "TCP");
+    assert_eq!(e["cluster_ip"], "198.19.128.1");
+    assert_eq!(
+        e["frontends"],
+        json!([
+            {"kind": "ClusterIP", "address": "198.19.128.1", "port": 80},
+            {"kind": "NodePort", "address": "*", "port": 30080},
+            {"kind": "LoadBalancer", "address": "198.18.100.1", "port": 80},
+        ]),
+        "the ipMode: Proxy ingress IP is left to the load balancer"
+    );
+    assert_eq!((&e["external_traffic_policy"], &e["internal_traffic_policy"]), (&json!("Cluster"), &json!("Cluster")));
+    // Port 9090 in slice b: the named targetPort resolves per slice; the
+    // not-ready duplicate of 198.19.1.10:8080 in slice c does not hide the ready one.
+    assert_eq!(e["cluster_endpoints"], eps(&["198.19.1.10:8080", "198.19.2.10:8080", "198.19.3.10:9090"]));
+    assert_eq!(e["local_endpoints"], Value::Null, "never uses Local: kube-proxy's nil");
+    assert_eq!(e["health_check_node_port"], Value::Null);
+    assert_eq!(e["session_affinity_timeout_seconds"], Value::Null);
+}
+
+#[test]
+fn local_policy_sets_health_check_and_terminating_fallback() {
+    let (t, _) = table("rules", "gw1");
+    let e = entry(&t, "local-lb", "web");
+    assert_eq!(e["external_traffic_policy"], "Local");
+    assert_eq!(e["cluster_endpoints"], eps(&["198.19.1.20:8080", "198.19.2.20:8080"]));
+    assert_eq!(e["local_endpoints"], eps(&["198.19.1.20:8080"]), "ready local endpoints only");
+    assert_eq!(e["health_check_node_port"], 32000);
+    assert_eq!(e["local_ready_endpoint_count"], 1);
+
+    // No ready local endpoint: Local falls back to serving ∧ terminating
+    // on its own, while Cluster keeps the ready remote one.
+    let e = entry(&t, "local-terminating", "web");
+    assert_eq!(e["local_endpoints"], eps(&["198.19.1.30:8080"]));
+    assert_eq!(e["cluster_endpoints"], eps(&["198.19.2.30:8080"]));
+    assert_eq!(e["local_ready_endpoint_count"], 0, "a terminating endpoint is not counted as healthy");
+
+    // Used but empty: [] not null.
+    let e = entry(&t, "local-empty", "");
+    assert_eq!((&e["cluster_endpoints"], &e["local_endpoints"]), (&json!([]), &json!([])));
+    assert_eq!(e["health_check_node_port"], 32001);
+    assert_eq!(e["local_ready_endpoint_count"], 0);
+
+    // internalTrafficPolicy Local on a ClusterIP: only the Local set is used.
+    let e = entry(&t, "itp-local", "");
+    assert_eq!(e["internal_traffic_policy"], "Local");
+    assert_eq!(e["cluster_endpoints"], Value::Null);
+    assert_eq!(e["local_endpoints"], eps(&["198.19.1.50:8080"]));
+}
+
+#[test]
+fn condition_defaults_and_cluster_terminating_fallback() {
+    let (t, _) = table("rules", "gw1");
+    // No ready endpoint: serving ∧ terminating ones; `ready: false` with
+    // serving unset means not serving.
+    assert_eq!(entry(&t, "all-terminating", "")["cluster_endpoints"], eps(&["198.19.1.60:8080"]));
+    // Conditions unset (or empty) mean ready.
+    assert_eq!(entry(&t, "defaults", "")["cluster_endpoints"], eps(&["198.19.1.70:8080", "198.19.1.71:8080"]));
+}
+
+#[test]
+fn topology_hints_filter_only_when_opted_in_complete_and_matching() {
+    let (t, _) = table("rules", "gw1");
+    let cluster = |name: &str| entry(&t, name, "")["cluster_endpoints"].clone();
+    assert_eq!(cluster("topo-zone"), eps(&["198.19.1.80:8080"]), "zone-a hint only");
+    assert_eq!(
+        cluster("topo-incomplete"),
+        eps(&["198.19.1.90:8080", "198.19.2.90:8080"]),
+        "a ready endpoint lacks hints"
+    );
+    assert_eq!(cluster("topo-other-zone"), eps(&["198.19.2.100:8080", "198.19.2.101:8080"]), "no hint for our zone");
+    assert_eq!(cluster("topo-old-annotation"), eps(&["198.19.1.110:8080"]), "topology-aware-hints: auto");
+    assert_eq!(cluster("topo-not-opted"), eps(&["198.19.1.120:8080", "198.19.2.120:8080"]), "Disabled");
+    // PreferSameNode: node hints win over zone hints (both endpoints are in
+    // zone-a); Local ignores hints.
+    let e = entry(&t, "same-node", "");
+    assert_eq!(e["cluster_endpoints"], eps(&["198.19.1.130:8080"]));
+    assert_eq!(e["local_endpoints"], eps(&["198.19.1.130:8080"]));
+}
+
+#[test]
+fn multiport_affinity_dual_stack_external_ips() {
+    let (t, warnings) = table("rules", "gw1");
+    let http = entry(&t, "multiport", "http");
+    let dns = entry(&t, "multiport", "dns");
+    assert_eq!((&http["protocol"], &dns["protocol"]), (&json!("TCP"), &json!("UDP")));
+    assert_eq!(http["cluster_endpoints"], eps(&["198.19.1.140:8080"]));
+    assert_eq!(dns["cluster_endpoints"], eps(&["198.19.1.140:5353"]));
+    assert_eq!(http["session_affinity_timeout_seconds"], 10_800, "kube-proxy's default");
+    assert_eq!(entry(&t, "affinity-60", "")["session_affinity_timeout_seconds"], 60);
+
+    let ds = entry(&t, "dual-stack", "");
+    assert_eq!(ds["frontends"][1], json!({"kind": "ClusterIP", "address": "2001:db8:128::16", "port": 80}));
+    assert_eq!(
+        ds["cluster_endpoints"],
+        eps(&["198.19.1.160:8080", "[2001:db8:1::160]:8080"]),
+        "both families; an IPv4 address in an IPv6 slice is ignored"
+    );
+
+    let ext = entry(&t, "external-ip", "");
+    assert_eq!(ext["frontends"][1], json!({"kind": "ExternalIP", "address": "198.18.200.1", "port": 80}));
+    assert_eq!(ext["external_traffic_policy"], "Cluster", "Local applies to NodePort and LoadBalancer only");
+    assert!(warnings.iter().any(|w| w.contains("Service t/external-ip") && w.contains("\"bogus\"")), "{warnings:?}");
+}
+
+#[test]
+fn invalid_objects_are_skipped_with_a_line_naming_them_and_the_rest_stays() {
+    let (t, warnings) = table("rules", "gw1");
+    let bad = entry(&t, "bad-ports", "ok");
+    assert_eq!(bad["frontends"][0]["port"], 83);
+    for (port, why) in [("huge", "out of range"), ("sctp", "SCTP"), ("foo", "unknown protocol")] {
+        assert!(
+            warnings.iter().any(|w| w.contains("Service t/bad-ports") && w.contains(port) && w.contains(why)),
+            "no warning for {port}: {warnings:?}"
+        );
+    }
+    assert!(warnings.iter().any(|w| w.contains("60-broken.yaml") && w.contains("not valid YAML")), "{warnings:?}");
+    let names: Vec<&str> = t["services"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    for skipped in ["headless", "other-proxy", "ext-name", "broken"] {
+        assert!(!names.contains(&skipped), "{skipped} must not be proxied");
+    }
+    assert_eq!(names.len(), 19, "{names:?}");
+    assert_eq!(t["node"], "gw1");
+}
+
+#[test]
+fn node_name_mismatch_is_diagnosed_with_the_fix() {
+    let (t, warnings) = table("misnamed", "gw1");
+    let e = entry(&t, "web", "");
+    assert_eq!(e["local_endpoints"], json!([]), "nothing is local under the wrong name");
+    let w = warnings.iter().find(|w| w.contains("none on node \"gw1\"")).expect("a diagnosis");
+    assert!(w.contains("gw1.cluster.internal") && w.contains("domain suffix"), "{w}");
+    assert!(w.contains("--node-name=gw1.cluster.internal"), "{w}");
+    // Under the right name: local endpoints, no warning.
+    let (t, warnings) = table("misnamed", "gw1.cluster.internal");
+    assert_eq!(entry(&t, "web", "")["local_endpoints"], eps(&["198.19.1.200:8080"]));
+    assert!(warnings.iter().all(|w| !w.contains("none on node")), "{warnings:?}");
+    // An unrelated name gives no false alarm.
+    let (_, warnings) = table("misnamed", "edge-7");
+    assert!(warnings.iter().all(|w| !w.contains("none on node")), "{warnings:?}");
+}
+
+/// The real binary, as an operator runs it.
+#[test]
+fn xskgate_table_cli_prints_json_and_text() {
+    let bin = env!("CARGO_BIN_EXE_xskgate");
+    let out = Command::new(bin)
+        .args(["table", "--manifests"])
+        .arg(fixtures("rules"))
+        .args(["--node-name", "gw1", "--cluster-cidr", "198.19.0.0/17", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    assert_eq!(entry(&v, "local-lb", "web")["local_endpoints"], eps(&["198.19.1.20:8080"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad-ports"), "warnings go to stderr: {stderr}");
+
+    let out = Command::new(bin)
+        .args(["table", "--manifests"])
+        .arg(fixtures("rules"))
+        .args(["--node-name", "gw1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("node gw1: 19 service port(s)"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("t/local-lb:web") && l.contains("Local/Cluster") && l.contains(":32000 (1 local)")),
+        "{text}"
+    );
+
+    let out =
+        Command::new(bin).args(["table", "--manifests", "/nonexistent/xskgate", "--node-name", "x"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read manifest directory"));
+    let out = Command::new(bin)
+        .args(["table", "--manifests"])
+        .arg(fixtures("rules"))
+        .args(["--node-name", "gw1", "--cluster-cidr", "300.0.0.0/8"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
