@@ -5,11 +5,14 @@
 //!   `CategorizeEndpoints` computes them (pure).
 //! - [`state`]: the known objects, the whole-table translation and the
 //!   node-name diagnosis.
+//! - [`publish`]: translated ports to the published fast-path table
+//!   (incremental, never an unchanged table, UDP flushes).
 //! - [`table_cmd`]: `xskgate table` output (text and the `--json` contract).
 //! - [`node`]: who this gateway is (`--node-name`, `NODE_NAME`, hostname).
 
 pub mod manifest;
 pub mod node;
+pub mod publish;
 pub mod state;
 pub mod table_cmd;
 pub mod translate;

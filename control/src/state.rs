@@ -5,22 +5,26 @@ use crate::manifest::Object;
 use crate::translate::{NodeIdentity, PortEntry, SERVICE_NAME_LABEL, Skip, translate_service};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use xskgate_fastpath::TrafficPolicy;
 
-type Key = (String, String);
+/// (namespace, name).
+pub type Key = (String, String);
 
 fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
     (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
 }
 
-/// Services, EndpointSlices and Nodes by namespace and name.
+/// Services, EndpointSlices and Nodes by namespace and name, with an index
+/// of slices by the Service they belong to. Every change reports the
+/// Services it affects, so that only those are translated again.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterState {
-    pub services: BTreeMap<Key, Service>,
-    pub slices: BTreeMap<Key, EndpointSlice>,
-    pub nodes: BTreeMap<String, Node>,
+    services: BTreeMap<Key, Service>,
+    slices: BTreeMap<Key, EndpointSlice>,
+    nodes: BTreeMap<String, Node>,
+    slices_of: BTreeMap<Key, BTreeSet<Key>>,
 }
 
 /// The translated table and what was skipped on the way.
@@ -38,37 +42,120 @@ impl ClusterState {
     pub fn from_objects(objects: Vec<Object>) -> (ClusterState, Vec<String>) {
         let mut s = ClusterState::default();
         let mut warnings = Vec::new();
+        let mut seen = BTreeSet::new();
         for o in objects {
-            let (what, dup) = match o {
-                Object::Service(svc) => {
-                    let k = key(&svc.metadata);
-                    (format!("Service {}/{}", k.0, k.1), s.services.insert(k, *svc).is_some())
-                }
-                Object::EndpointSlice(sl) => {
-                    let k = key(&sl.metadata);
-                    (format!("EndpointSlice {}/{}", k.0, k.1), s.slices.insert(k, *sl).is_some())
-                }
-                Object::Node(n) => {
-                    let name = n.metadata.name.clone().unwrap_or_default();
-                    (format!("Node {name}"), s.nodes.insert(name, *n).is_some())
-                }
+            let what = match &o {
+                Object::Service(svc) => format!("Service {}/{}", key(&svc.metadata).0, key(&svc.metadata).1),
+                Object::EndpointSlice(sl) => format!("EndpointSlice {}/{}", key(&sl.metadata).0, key(&sl.metadata).1),
+                Object::Node(n) => format!("Node {}", n.metadata.name.as_deref().unwrap_or_default()),
             };
-            if dup {
+            if !seen.insert(what.clone()) {
                 warnings.push(format!("{what} is defined more than once; the last definition wins"));
             }
+            s.apply(o);
         }
         (s, warnings)
     }
 
-    /// EndpointSlices by the Service they belong to.
-    fn slices_by_service(&self) -> BTreeMap<Key, Vec<&EndpointSlice>> {
-        let mut m: BTreeMap<Key, Vec<&EndpointSlice>> = BTreeMap::new();
-        for ((ns, _), sl) in &self.slices {
-            if let Some(svc) = sl.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
-                m.entry((ns.clone(), svc.clone())).or_default().push(sl);
+    /// The Service a slice belongs to (its `kubernetes.io/service-name` label).
+    fn owner(sl: &EndpointSlice) -> Option<Key> {
+        let svc = sl.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+        Some((key(&sl.metadata).0, svc.clone()))
+    }
+
+    /// Adds or replaces an object. Returns the Services whose translation
+    /// may change (empty when the object is identical to the one known).
+    pub fn apply(&mut self, o: Object) -> BTreeSet<Key> {
+        let mut changed = BTreeSet::new();
+        match o {
+            Object::Service(svc) => {
+                let k = key(&svc.metadata);
+                if self.services.get(&k) != Some(&*svc) {
+                    self.services.insert(k.clone(), *svc);
+                    changed.insert(k);
+                }
+            }
+            Object::EndpointSlice(sl) => {
+                let k = key(&sl.metadata);
+                if self.slices.get(&k) == Some(&*sl) {
+                    return changed;
+                }
+                changed.extend(self.delete_slice(&k));
+                if let Some(owner) = Self::owner(&sl) {
+                    self.slices_of.entry(owner.clone()).or_default().insert(k.clone());
+                    changed.insert(owner);
+                }
+                self.slices.insert(k, *sl);
+            }
+            Object::Node(n) => {
+                let name = n.metadata.name.clone().unwrap_or_default();
+                if self.nodes.get(&name) != Some(&*n) {
+                    self.nodes.insert(name, *n);
+                    // A node's zone or addresses can change any Service's view.
+                    changed.extend(self.services.keys().cloned());
+                }
             }
         }
-        m
+        changed
+    }
+
+    /// Removes a Service. Returns it as changed if it was known.
+    pub fn delete_service(&mut self, k: &Key) -> BTreeSet<Key> {
+        self.services.remove(k).map(|_| k.clone()).into_iter().collect()
+    }
+
+    /// Removes an EndpointSlice. Returns its Service as changed.
+    pub fn delete_slice(&mut self, k: &Key) -> BTreeSet<Key> {
+        let Some(old) = self.slices.remove(k) else { return BTreeSet::new() };
+        let Some(owner) = Self::owner(&old) else { return BTreeSet::new() };
+        if let Some(set) = self.slices_of.get_mut(&owner) {
+            set.remove(k);
+            if set.is_empty() {
+                self.slices_of.remove(&owner);
+            }
+        }
+        BTreeSet::from([owner])
+    }
+
+    /// Removes a Node. Every Service may change.
+    pub fn delete_node(&mut self, name: &str) -> BTreeSet<Key> {
+        match self.nodes.remove(name) {
+            Some(_) => self.services.keys().cloned().collect(),
+            None => BTreeSet::new(),
+        }
+    }
+
+    /// Replaces the whole state (a relist or a reloaded directory) and
+    /// returns every Service whose inputs differ.
+    pub fn replace(&mut self, new: ClusterState) -> BTreeSet<Key> {
+        let mut changed: BTreeSet<Key> = BTreeSet::new();
+        if self.nodes != new.nodes {
+            changed.extend(self.services.keys().cloned());
+            changed.extend(new.services.keys().cloned());
+        }
+        for k in self.services.keys().chain(new.services.keys()) {
+            if self.services.get(k) != new.services.get(k) || self.service_slices(k) != new.service_slices(k) {
+                changed.insert(k.clone());
+            }
+        }
+        // Slices of Services that do not exist (yet) change nothing visible.
+        *self = new;
+        changed
+    }
+
+    pub fn services(&self) -> &BTreeMap<Key, Service> {
+        &self.services
+    }
+
+    /// The EndpointSlices of a Service.
+    pub fn service_slices(&self, k: &Key) -> Vec<&EndpointSlice> {
+        self.slices_of.get(k).into_iter().flatten().filter_map(|s| self.slices.get(s)).collect()
+    }
+
+    /// Translates one Service (empty when it is unknown or not proxied).
+    pub fn translate_one(&self, k: &Key, node: &NodeIdentity) -> (Vec<PortEntry>, Vec<String>) {
+        let Some(svc) = self.services.get(k) else { return (Vec::new(), Vec::new()) };
+        translate_service(svc, &self.service_slices(k), node).unwrap_or_default()
     }
 
     /// The zone of the node named `name`, from its `topology.kubernetes.io/zone` label.
@@ -84,11 +171,9 @@ impl ClusterState {
 
     /// Translates every Service (sorted by namespace, name, port name).
     pub fn translate(&self, node: &NodeIdentity) -> Translation {
-        let slices = self.slices_by_service();
         let mut t = Translation::default();
         for (k, svc) in &self.services {
-            let own: &[&EndpointSlice] = slices.get(k).map(Vec::as_slice).unwrap_or_default();
-            match translate_service(svc, own, node) {
+            match translate_service(svc, &self.service_slices(k), node) {
                 Ok((entries, warnings)) => {
                     t.entries.extend(entries);
                     t.warnings.extend(warnings);
@@ -110,14 +195,13 @@ impl ClusterState {
     pub fn diagnose_node_name(&self, node: &NodeIdentity, entries: &[PortEntry]) -> Option<String> {
         let uses_local =
             |e: &PortEntry| e.external_policy == TrafficPolicy::Local || e.internal_policy == TrafficPolicy::Local;
-        let slices = self.slices_by_service();
         let mut names: Vec<String> = Vec::new();
         for e in entries.iter().filter(|e| uses_local(e)) {
-            for sl in slices.get(&(e.namespace.clone(), e.name.clone())).into_iter().flatten() {
+            for sl in self.service_slices(&(e.namespace.clone(), e.name.clone())) {
                 names.extend(sl.endpoints.iter().flatten().filter_map(|ep| ep.node_name.clone()));
             }
         }
-        if names.is_empty() || names.iter().any(|n| *n == node.name) {
+        if names.is_empty() || names.contains(&node.name) {
             return None;
         }
         names.sort();

@@ -387,6 +387,12 @@ impl ServiceTableHandle {
     pub fn load(&self) -> Guard<Arc<ServiceTable>> {
         self.current.load()
     }
+
+    /// The current table as an owned `Arc`, for holders outside the hot path
+    /// (health checks, diagnostics).
+    pub fn load_full(&self) -> Arc<ServiceTable> {
+        self.current.load_full()
+    }
 }
 
 #[cfg(test)]

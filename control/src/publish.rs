@@ -1,0 +1,217 @@
+//! From translated ports to the published fast-path table.
+//!
+//! [`Publisher`] keeps, per Service, the fast-path [`ServicePort`]s built
+//! from its translation (one per address family, so that Maglev never
+//! picks an endpoint of the other family). A change re-translates only the
+//! Services it touches, reuses every other `Arc` as is, and publishes the new
+//! table with one atomic swap. When nothing changed in what the fast path
+//! sees, nothing is published. UDP flows to endpoints that left a port are
+//! flushed from conntrack at once, so their next datagram finds a live
+//! endpoint.
+//!
+//! Stable ids: a service port (namespace, name, port name, family) and an
+//! endpoint (address, port) keep their id for the life of the process, so
+//! conntrack entries and per-service counters stay meaningful across tables.
+
+use crate::state::{ClusterState, Key};
+use crate::translate::{EndpointInfo, FrontendEntry, NodeIdentity, PortEntry};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use xskgate_conntrack::{Addr, FlowTable, Proto};
+use xskgate_fastpath::{
+    Endpoint, EndpointSet, Frontend, FrontendKind, NodeConfig, ServicePort, ServicePortName, ServiceTableBuilder,
+    ServiceTableHandle, flush_udp_flows_to,
+};
+
+/// What one update did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// A new table was swapped in.
+    pub published: bool,
+    /// Services translated again.
+    pub services_translated: usize,
+    pub udp_flows_flushed: usize,
+    /// Objects or fields skipped, frontend conflicts.
+    pub warnings: Vec<String>,
+    pub build_time: Duration,
+}
+
+#[derive(Default)]
+struct Ids {
+    ports: HashMap<(String, String, String, bool), u32>,
+    endpoints: HashMap<(IpAddr, u16), u32>,
+}
+
+impl Ids {
+    fn port(&mut self, e: &PortEntry, v6: bool) -> u32 {
+        let n = self.ports.len() as u32;
+        *self.ports.entry((e.namespace.clone(), e.name.clone(), e.port_name.clone(), v6)).or_insert(n)
+    }
+    fn endpoint(&mut self, ip: IpAddr, port: u16) -> u32 {
+        let n = self.endpoints.len() as u32;
+        *self.endpoints.entry((ip, port)).or_insert(n)
+    }
+}
+
+/// Keeps the fast-path table in step with the cluster state.
+pub struct Publisher {
+    handle: Arc<ServiceTableHandle>,
+    conntrack: Option<Arc<FlowTable>>,
+    node: NodeConfig,
+    ids: Ids,
+    entries: BTreeMap<Key, Vec<PortEntry>>,
+    ports: BTreeMap<Key, Vec<Arc<ServicePort>>>,
+    generation: u64,
+}
+
+impl Publisher {
+    /// A publisher of `handle`, flushing stale UDP flows in `conntrack`.
+    pub fn new(handle: Arc<ServiceTableHandle>, conntrack: Option<Arc<FlowTable>>, node: NodeConfig) -> Publisher {
+        Publisher {
+            handle,
+            conntrack,
+            node,
+            ids: Ids::default(),
+            entries: BTreeMap::new(),
+            ports: BTreeMap::new(),
+            generation: 0,
+        }
+    }
+
+    /// Every translated port, by Service (for `xskgate table`, health checks).
+    pub fn entries(&self) -> impl Iterator<Item = &PortEntry> {
+        self.entries.values().flatten()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Re-translates the `changed` Services and publishes if the fast path
+    /// would see a difference.
+    pub fn update(&mut self, state: &ClusterState, node: &NodeIdentity, changed: &BTreeSet<Key>) -> Outcome {
+        let started = Instant::now();
+        let mut out = Outcome::default();
+        let mut dirty = false;
+        for k in changed {
+            let (entries, warnings) = state.translate_one(k, node);
+            out.warnings.extend(warnings);
+            out.services_translated += 1;
+            let ports: Vec<Arc<ServicePort>> =
+                entries.iter().flat_map(|e| self.service_ports(e)).map(Arc::new).collect();
+            let old = self.ports.get(k).cloned().unwrap_or_default();
+            out.udp_flows_flushed += self.flush_removed(&old, &ports);
+            if old != ports {
+                dirty = true;
+            }
+            if entries.is_empty() {
+                self.entries.remove(k);
+                self.ports.remove(k);
+            } else {
+                self.entries.insert(k.clone(), entries);
+                self.ports.insert(k.clone(), ports);
+            }
+        }
+        if dirty || self.generation == 0 {
+            self.generation += 1;
+            let mut b = ServiceTableBuilder::new(self.node.clone(), self.generation);
+            for port in self.ports.values().flatten() {
+                if let Err(e) = b.add(port.clone()) {
+                    out.warnings.push(format!("Service {}: {e}; this port is not served", port.name));
+                }
+            }
+            self.handle.publish(b.build());
+            out.published = true;
+        }
+        out.build_time = started.elapsed();
+        out
+    }
+
+    /// Translates everything (start-up, relist).
+    pub fn full_sync(&mut self, state: &ClusterState, node: &NodeIdentity) -> Outcome {
+        let mut all: BTreeSet<Key> = state.services().keys().cloned().collect();
+        all.extend(self.ports.keys().cloned());
+        self.update(state, node, &all)
+    }
+
+    /// Flushes UDP flows to endpoints present in `old` ports and gone from
+    /// the same port in `new`.
+    fn flush_removed(&self, old: &[Arc<ServicePort>], new: &[Arc<ServicePort>]) -> usize {
+        let Some(ct) = &self.conntrack else { return 0 };
+        let endpoints = |p: &ServicePort| -> BTreeSet<Endpoint> {
+            p.cluster.endpoints().iter().chain(p.local.endpoints()).copied().collect()
+        };
+        let mut flushed = 0;
+        for o in old.iter().filter(|p| p.proto == Proto::UDP) {
+            let now: BTreeSet<Endpoint> = new.iter().filter(|n| n.id == o.id).flat_map(|n| endpoints(n)).collect();
+            for gone in endpoints(o).difference(&now) {
+                flushed += flush_udp_flows_to(ct, gone);
+            }
+        }
+        flushed
+    }
+
+    /// The fast-path ports of one translated port: one per address family
+    /// that has a frontend.
+    fn service_ports(&mut self, e: &PortEntry) -> Vec<ServicePort> {
+        let mut out = Vec::new();
+        for v6 in [false, true] {
+            let of_family = |ip: &IpAddr| ip.is_ipv6() == v6;
+            let frontends: Vec<Frontend> = e
+                .frontends
+                .iter()
+                .filter(|f| f.address.as_ref().is_none_or(of_family))
+                .map(|f: &FrontendEntry| Frontend {
+                    kind: f.kind,
+                    addr: match f.address {
+                        Some(a) => Addr::from(a),
+                        None if v6 => Addr::from_v6([0; 16]),
+                        None => Addr::from_v4([0; 4]),
+                    },
+                    port: f.port,
+                })
+                .collect();
+            // A NodePort alone does not make a family: it needs a ClusterIP,
+            // an external address or endpoints of that family.
+            let has_family = frontends.iter().any(|f| f.kind != FrontendKind::NodePort)
+                || e.cluster.iter().chain(&e.local).flatten().any(|ep| of_family(&ep.ip));
+            if !has_family {
+                continue;
+            }
+            let mut set = |list: &Option<Vec<EndpointInfo>>| {
+                EndpointSet::new(
+                    list.iter()
+                        .flatten()
+                        .filter(|ep| of_family(&ep.ip))
+                        .map(|ep| Endpoint {
+                            addr: Addr::from(ep.ip),
+                            port: ep.port,
+                            id: self.ids.endpoint(ep.ip, ep.port),
+                        })
+                        .collect(),
+                )
+            };
+            let (cluster, local) = (set(&e.cluster), set(&e.local));
+            out.push(ServicePort {
+                id: self.ids.port(e, v6),
+                name: ServicePortName {
+                    namespace: e.namespace.clone(),
+                    name: e.name.clone(),
+                    port_name: e.port_name.clone(),
+                },
+                proto: e.proto,
+                frontends,
+                external_policy: e.external_policy,
+                internal_policy: e.internal_policy,
+                cluster,
+                local,
+                affinity_timeout: e.affinity_timeout,
+                source_ranges: e.source_ranges.clone(),
+                health_check_node_port: e.health_check_node_port,
+            });
+        }
+        out
+    }
+}

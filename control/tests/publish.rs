@@ -1,0 +1,162 @@
+//! Publication: the fast path sees what the translation says, one change
+//! rebuilds one Service, an unchanged result is not republished, and UDP
+//! flows to a removed endpoint are flushed (checked with a real flow that
+//! went through the pipeline).
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use xskgate_conntrack::{Addr, Config, FlowTable, Proto};
+use xskgate_control::manifest;
+use xskgate_control::publish::Publisher;
+use xskgate_control::state::ClusterState;
+use xskgate_control::translate::NodeIdentity;
+use xskgate_fastpath::{
+    AffinityTable, Frame, FrontendKind, NodeConfig, ServiceTable, ServiceTableHandle, Tables, Verdict, WorkerState,
+    process,
+};
+
+fn node() -> NodeIdentity {
+    NodeIdentity { name: "gw1".into(), zone: Some("zone-a".into()), ..NodeIdentity::default() }
+}
+
+fn node_config() -> NodeConfig {
+    let gw = Addr::from_v4([198, 18, 0, 1]);
+    NodeConfig { addresses: vec![gw], snat_v4: Some(gw), ..NodeConfig::default() }
+}
+
+fn fixtures() -> ClusterState {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rules");
+    ClusterState::from_objects(manifest::load_dir(&dir).unwrap().objects).0
+}
+
+fn lookup<'a>(t: &'a ServiceTable, ip: &str, proto: Proto, port: u16) -> Option<&'a xskgate_fastpath::ServicePort> {
+    t.lookup(&Addr::from(ip.parse::<IpAddr>().unwrap()), proto, port).map(|(p, _)| p)
+}
+
+#[test]
+fn full_sync_publishes_what_the_translation_says() {
+    let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
+    let mut p = Publisher::new(handle.clone(), None, node_config());
+    let state = fixtures();
+    let out = p.full_sync(&state, &node());
+    assert!(out.published);
+    let t = handle.load();
+    assert_eq!(t.generation(), 1);
+    let lb = lookup(&t, "198.18.100.3", Proto::TCP, 80).expect("LoadBalancer IP of local-lb");
+    assert_eq!(lb.name.to_string(), "t/local-lb:web");
+    let local: Vec<String> = lb.local.endpoints().iter().map(|e| format!("{}:{}", e.addr, e.port)).collect();
+    assert_eq!(local, ["198.19.1.20:8080"]);
+    assert_eq!(lb.health_check_node_port, Some(32000));
+    // NodePort on the gateway address.
+    let (np, kind) = t.lookup(&Addr::from_v4([198, 18, 0, 1]), Proto::TCP, 30081).unwrap();
+    assert_eq!((np.name.name.as_str(), kind), ("local-lb", FrontendKind::NodePort));
+    // Dual-stack: one fast-path port per family, each with its own endpoints.
+    let v4 = lookup(&t, "198.19.128.16", Proto::TCP, 80).unwrap();
+    let v6 = lookup(&t, "2001:db8:128::16", Proto::TCP, 80).unwrap();
+    assert_ne!(v4.id, v6.id);
+    assert!(v4.cluster.endpoints().iter().all(|e| e.addr.is_v4()));
+    assert!(v6.cluster.endpoints().iter().all(|e| !e.addr.is_v4()) && v6.cluster.len() == 1);
+    // Not proxied: headless and another proxy's Services.
+    assert!(lookup(&t, "198.19.128.19", Proto::TCP, 80).is_none());
+}
+
+#[test]
+fn an_unchanged_result_is_not_republished_and_one_change_rebuilds_one_service() {
+    let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
+    let mut p = Publisher::new(handle.clone(), None, node_config());
+    let mut state = fixtures();
+    p.full_sync(&state, &node());
+    let before = handle.load_full();
+
+    // A label on a Service changes nothing the fast path sees.
+    let relabelled = manifest::parse(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: defaults, namespace: t, labels: {team: x}}\n\
+         spec: {clusterIP: 198.19.128.7, ports: [{port: 80, targetPort: 8080}]}\n",
+        "inline",
+    );
+    let changed = state.apply(relabelled.objects.into_iter().next().unwrap());
+    assert_eq!(changed, BTreeSet::from([("t".to_string(), "defaults".to_string())]));
+    let out = p.update(&state, &node(), &changed);
+    assert_eq!((out.published, out.services_translated), (false, 1));
+    assert_eq!(handle.load().generation(), 1);
+
+    // One endpoint more in one Service: one Service translated, a new table,
+    // and every other service port is the very same Arc.
+    let slice = manifest::parse(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: defaults-x, namespace: t, \
+         labels: {kubernetes.io/service-name: defaults}}\naddressType: IPv4\nports: [{port: 8080}]\n\
+         endpoints: [{addresses: [198.19.1.70]}, {addresses: [198.19.1.79]}]\n",
+        "inline",
+    );
+    let changed = state.apply(slice.objects.into_iter().next().unwrap());
+    let out = p.update(&state, &node(), &changed);
+    assert_eq!((out.published, out.services_translated), (true, 1));
+    let after = handle.load_full();
+    assert_eq!(after.generation(), 2);
+    let d = lookup(&after, "198.19.128.7", Proto::TCP, 80).unwrap();
+    assert_eq!(d.cluster.len(), 2);
+    for port in before.ports() {
+        if port.name.name != "defaults" {
+            assert!(after.ports().iter().any(|q| Arc::ptr_eq(port, q)), "{} was rebuilt", port.name);
+        }
+    }
+    // Applying the same object again reports no change at all.
+    let again = manifest::parse(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: defaults-x, namespace: t, \
+         labels: {kubernetes.io/service-name: defaults}}\naddressType: IPv4\nports: [{port: 8080}]\n\
+         endpoints: [{addresses: [198.19.1.70]}, {addresses: [198.19.1.79]}]\n",
+        "inline",
+    );
+    assert!(state.apply(again.objects.into_iter().next().unwrap()).is_empty());
+}
+
+#[test]
+fn udp_flows_to_a_removed_endpoint_are_flushed_tcp_flows_are_not() {
+    let yaml = |endpoints: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: t}}\nspec:\n  clusterIP: 198.19.128.53\n  ports:\n  - {{name: udp, port: 53, protocol: UDP, targetPort: 5353}}\n  - {{name: tcp, port: 53, protocol: TCP, targetPort: 5353}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: dns-x, namespace: t, labels: {{kubernetes.io/service-name: dns}}}}\naddressType: IPv4\nports: [{{name: udp, port: 5353, protocol: UDP}}, {{name: tcp, port: 5353, protocol: TCP}}]\nendpoints: [{endpoints}]\n"
+        )
+    };
+    let (mut state, _) = ClusterState::from_objects(manifest::parse(&yaml("{addresses: [198.19.1.53]}"), "a").objects);
+    let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
+    let conntrack = Arc::new(FlowTable::new(Config { capacity: 1024, ..Config::default() }).unwrap());
+    let mut p = Publisher::new(handle.clone(), Some(conntrack.clone()), node_config());
+    p.full_sync(&state, &node());
+
+    // A UDP and a TCP flow from a pod through the real pipeline.
+    let affinity = AffinityTable::new(16);
+    let mut worker = WorkerState::new();
+    let mut send = |proto: Proto| {
+        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(
+            [198, 19, 3, 3],
+            [198, 19, 128, 53],
+            64,
+        );
+        let mut frame = Vec::new();
+        match proto {
+            Proto::UDP => b.udp(40000, 53).write(&mut frame, b"q").unwrap(),
+            _ => b.tcp(40000, 53, 1, 100).syn().write(&mut frame, b"").unwrap(),
+        }
+        let table = handle.load();
+        let t = Tables { services: &table, conntrack: &conntrack, affinity: &affinity };
+        let len = frame.len();
+        let mut f = Frame { buf: &mut frame, len };
+        process(&mut f, &t, &mut worker, 1)
+    };
+    assert_eq!(send(Proto::UDP), Verdict::Forward { next_hop: Addr::from_v4([198, 19, 1, 53]) });
+    assert_eq!(send(Proto::TCP), Verdict::Forward { next_hop: Addr::from_v4([198, 19, 1, 53]) });
+    assert_eq!(conntrack.len(), 2);
+
+    // The endpoint is replaced by another one.
+    let new = ClusterState::from_objects(manifest::parse(&yaml("{addresses: [198.19.1.54]}"), "b").objects).0;
+    let changed = state.replace(new);
+    let out = p.update(&state, &node(), &changed);
+    assert!(out.published);
+    assert_eq!(out.udp_flows_flushed, 1, "the UDP flow to the removed endpoint is gone");
+    let left: Vec<Proto> = conntrack.flows().iter().map(|f| f.orig.proto).collect();
+    assert_eq!(left, [Proto::TCP], "established TCP keeps flowing until it ends");
+    // The flow's next datagram reaches the live endpoint.
+    assert_eq!(send(Proto::UDP), Verdict::Forward { next_hop: Addr::from_v4([198, 19, 1, 54]) });
+}
