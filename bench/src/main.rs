@@ -5,9 +5,11 @@
 //!   workload (lookups and inserts, hit and miss, 1 and 2 threads).
 //! - `pipeline`: the packet pipeline in memory on one core (established and
 //!   new-flow packets, 1 against 10,000 Services).
+//! - `control`: translation and publication at 10,000 Services.
 
 mod alloc_count;
 mod conntrack;
+mod control;
 mod pipeline;
 mod report;
 
@@ -29,6 +31,8 @@ enum Cmd {
     Conntrack(conntrack::Args),
     /// Packet pipeline in memory: established and new-flow Mpps, 1 vs 10,000 Services.
     Pipeline(pipeline::Args),
+    /// Control plane: full sync and one EndpointSlice change at 10,000 Services.
+    Control(control::Args),
 }
 
 fn main() {
@@ -36,6 +40,7 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Conntrack(args) => conntrack::run(&args),
         Cmd::Pipeline(args) => pipeline::run_bench(&args),
+        Cmd::Control(args) => control::run(&args),
     };
     if let Err(e) = result {
         eprintln!("xskgate-bench: {e}");

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xskgate_conntrack::{Addr, FlowTable, Proto};
 use xskgate_fastpath::{
-    Endpoint, EndpointSet, Frontend, FrontendKind, NodeConfig, ServicePort, ServicePortName, ServiceTableBuilder,
-    ServiceTableHandle, flush_udp_flows_to,
+    Endpoint, EndpointSet, Frontend, FrontendKind, NodeConfig, PortChange, ServicePort, ServicePortName, ServiceTable,
+    ServiceTableBuilder, ServiceTableHandle, flush_udp_flows_to,
 };
 
 /// What one update did.
@@ -40,14 +40,21 @@ pub struct Outcome {
 
 #[derive(Default)]
 struct Ids {
-    ports: HashMap<(String, String, String, bool), u32>,
+    /// Per Service: (port name, IPv6?) → id. Looked up without allocating.
+    ports: HashMap<Key, Vec<(String, bool, u32)>>,
+    next_port: u32,
     endpoints: HashMap<(IpAddr, u16), u32>,
 }
 
 impl Ids {
-    fn port(&mut self, e: &PortEntry, v6: bool) -> u32 {
-        let n = self.ports.len() as u32;
-        *self.ports.entry((e.namespace.clone(), e.name.clone(), e.port_name.clone(), v6)).or_insert(n)
+    fn port(&mut self, k: &Key, port_name: &str, v6: bool) -> u32 {
+        if let Some(id) = self.ports.get(k).and_then(|v| v.iter().find(|(n, f, _)| n == port_name && *f == v6)) {
+            return id.2;
+        }
+        let id = self.next_port;
+        self.next_port += 1;
+        self.ports.entry(k.clone()).or_default().push((port_name.to_string(), v6, id));
+        id
     }
     fn endpoint(&mut self, ip: IpAddr, port: u16) -> u32 {
         let n = self.endpoints.len() as u32;
@@ -59,10 +66,11 @@ impl Ids {
 pub struct Publisher {
     handle: Arc<ServiceTableHandle>,
     conntrack: Option<Arc<FlowTable>>,
-    node: NodeConfig,
     ids: Ids,
     entries: BTreeMap<Key, Vec<PortEntry>>,
     ports: BTreeMap<Key, Vec<Arc<ServicePort>>>,
+    /// The table last published (patched, not rebuilt, on each change).
+    current: Arc<ServiceTable>,
     generation: u64,
 }
 
@@ -72,10 +80,10 @@ impl Publisher {
         Publisher {
             handle,
             conntrack,
-            node,
             ids: Ids::default(),
             entries: BTreeMap::new(),
             ports: BTreeMap::new(),
+            current: Arc::new(ServiceTableBuilder::new(node, 0).build()),
             generation: 0,
         }
     }
@@ -94,17 +102,22 @@ impl Publisher {
     pub fn update(&mut self, state: &ClusterState, node: &NodeIdentity, changed: &BTreeSet<Key>) -> Outcome {
         let started = Instant::now();
         let mut out = Outcome::default();
-        let mut dirty = false;
+        let mut changes = Vec::new();
         for k in changed {
             let (entries, warnings) = state.translate_one(k, node);
             out.warnings.extend(warnings);
             out.services_translated += 1;
             let ports: Vec<Arc<ServicePort>> =
-                entries.iter().flat_map(|e| self.service_ports(e)).map(Arc::new).collect();
+                entries.iter().flat_map(|e| self.service_ports(k, e)).map(Arc::new).collect();
             let old = self.ports.get(k).cloned().unwrap_or_default();
             out.udp_flows_flushed += self.flush_removed(&old, &ports);
-            if old != ports {
-                dirty = true;
+            for gone in old.iter().filter(|o| !ports.iter().any(|p| p.id == o.id)) {
+                changes.push(PortChange::Remove(gone.id));
+            }
+            for p in &ports {
+                if !old.iter().any(|o| o == p) {
+                    changes.push(PortChange::Upsert(p.clone()));
+                }
             }
             if entries.is_empty() {
                 self.entries.remove(k);
@@ -114,15 +127,14 @@ impl Publisher {
                 self.ports.insert(k.clone(), ports);
             }
         }
-        if dirty || self.generation == 0 {
+        if !changes.is_empty() || self.generation == 0 {
             self.generation += 1;
-            let mut b = ServiceTableBuilder::new(self.node.clone(), self.generation);
-            for port in self.ports.values().flatten() {
-                if let Err(e) = b.add(port.clone()) {
-                    out.warnings.push(format!("Service {}: {e}; this port is not served", port.name));
-                }
+            let (table, errors) = self.current.with_changes(self.generation, changes);
+            for e in errors {
+                out.warnings.push(format!("{e}; that service port is not served"));
             }
-            self.handle.publish(b.build());
+            self.current = Arc::new(table);
+            self.handle.publish_arc(self.current.clone());
             out.published = true;
         }
         out.build_time = started.elapsed();
@@ -155,7 +167,7 @@ impl Publisher {
 
     /// The fast-path ports of one translated port: one per address family
     /// that has a frontend.
-    fn service_ports(&mut self, e: &PortEntry) -> Vec<ServicePort> {
+    fn service_ports(&mut self, k: &Key, e: &PortEntry) -> Vec<ServicePort> {
         let mut out = Vec::new();
         for v6 in [false, true] {
             let of_family = |ip: &IpAddr| ip.is_ipv6() == v6;
@@ -195,7 +207,7 @@ impl Publisher {
             };
             let (cluster, local) = (set(&e.cluster), set(&e.local));
             out.push(ServicePort {
-                id: self.ids.port(e, v6),
+                id: self.ids.port(k, &e.port_name, v6),
                 name: ServicePortName {
                     namespace: e.namespace.clone(),
                     name: e.name.clone(),

@@ -410,7 +410,7 @@ pub fn translate_service(
         let join = |a: Option<Vec<EndpointInfo>>, b: Option<Vec<EndpointInfo>>| {
             a.map(|mut a| {
                 a.extend(b.unwrap_or_default());
-                a.sort_by_key(EndpointInfo::display);
+                a.sort_by_key(|e| (e.ip.is_ipv6(), e.ip, e.port));
                 a
             })
         };

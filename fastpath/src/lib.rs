@@ -24,6 +24,6 @@ pub use pipeline::{
     process_batch,
 };
 pub use service::{
-    BuildError, Cidr, Endpoint, EndpointSet, Frontend, FrontendKind, NodeConfig, ServicePort, ServicePortName,
-    ServiceTable, ServiceTableBuilder, ServiceTableHandle, TrafficPolicy,
+    BuildError, Cidr, Endpoint, EndpointSet, Frontend, FrontendKind, NodeConfig, PortChange, ServicePort,
+    ServicePortName, ServiceTable, ServiceTableBuilder, ServiceTableHandle, TrafficPolicy,
 };

@@ -90,17 +90,26 @@ impl Maglev {
             .collect();
         const EMPTY: u16 = u16::MAX;
         let mut entries = vec![EMPTY; m];
-        let mut next = vec![0u64; n];
+        // Each endpoint walks its permutation `offset + j·skip (mod M)`; the
+        // position is advanced by one addition and one conditional
+        // subtraction instead of a multiplication and a division.
+        let mut pos: Vec<u64> = perm.iter().map(|&(offset, _)| offset).collect();
         let mut filled = 0;
         'fill: loop {
-            for (i, &(offset, skip)) in perm.iter().enumerate() {
-                let mut c = ((offset + next[i] * skip) % m64) as usize;
-                while entries[c] != EMPTY {
-                    next[i] += 1;
-                    c = ((offset + next[i] * skip) % m64) as usize;
+            for (i, &(_, skip)) in perm.iter().enumerate() {
+                let mut c = pos[i];
+                while entries[c as usize] != EMPTY {
+                    c += skip;
+                    if c >= m64 {
+                        c -= m64;
+                    }
                 }
-                entries[c] = i as u16;
-                next[i] += 1;
+                entries[c as usize] = i as u16;
+                c += skip;
+                if c >= m64 {
+                    c -= m64;
+                }
+                pos[i] = c;
                 filled += 1;
                 if filled == m {
                     break 'fill;
@@ -159,6 +168,47 @@ mod tests {
         for n in (1..2000).chain([MAX_ENDPOINTS]) {
             let m = table_size(n);
             assert!(m >= 100 * n && is_prime(m as u64));
+        }
+    }
+
+    /// The paper's algorithm, with a multiplication and a division per probe.
+    fn reference(endpoints: &[(Addr, u16)]) -> Vec<u16> {
+        let m = table_size(endpoints.len()) as u64;
+        let perm: Vec<(u64, u64)> = endpoints
+            .iter()
+            .map(|(a, p)| {
+                (
+                    endpoint_hash(a, *p, 0x6d61_676c_6576_3031) % m,
+                    endpoint_hash(a, *p, 0x736b_6970_7370_3032) % (m - 1) + 1,
+                )
+            })
+            .collect();
+        let mut entries = vec![u16::MAX; m as usize];
+        let mut next = vec![0u64; endpoints.len()];
+        let mut filled = 0;
+        'fill: loop {
+            for (i, &(offset, skip)) in perm.iter().enumerate() {
+                let mut c = (offset + next[i] * skip) % m;
+                while entries[c as usize] != u16::MAX {
+                    next[i] += 1;
+                    c = (offset + next[i] * skip) % m;
+                }
+                entries[c as usize] = i as u16;
+                next[i] += 1;
+                filled += 1;
+                if filled == m {
+                    break 'fill;
+                }
+            }
+        }
+        entries
+    }
+
+    #[test]
+    fn incremental_walk_equals_the_papers_algorithm() {
+        for n in [1, 2, 3, 10, 33, 100] {
+            let e = eps(n, 5);
+            assert_eq!(&*Maglev::new(&e).entries, &reference(&e)[..], "n = {n}");
         }
     }
 
