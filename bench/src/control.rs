@@ -43,7 +43,7 @@ fn ip(n: usize) -> String {
 }
 
 fn service(i: usize) -> Object {
-    let policy = if i % 2 == 0 { "Cluster" } else { "Local" };
+    let policy = if i.is_multiple_of(2) { "Cluster" } else { "Local" };
     let v = json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": format!("svc-{i}"), "namespace": "bench"},

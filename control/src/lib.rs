@@ -1,6 +1,8 @@
 //! xskgate's control plane: Kubernetes objects to the service table.
 //!
-//! - [`manifest`]: the manifest directory source (YAML/JSON, `kind: List`).
+//! - [`manifest`]: the manifest directory source (YAML/JSON, `kind: List`)
+//!   and its watcher.
+//! - [`controller`]: the control loop's state machine (reset, apply, delete).
 //! - [`translate`]: one Service → its ports, as kube-proxy's
 //!   `CategorizeEndpoints` computes them (pure).
 //! - [`state`]: the known objects, the whole-table translation and the
@@ -10,6 +12,7 @@
 //! - [`table_cmd`]: `xskgate table` output (text and the `--json` contract).
 //! - [`node`]: who this gateway is (`--node-name`, `NODE_NAME`, hostname).
 
+pub mod controller;
 pub mod manifest;
 pub mod node;
 pub mod publish;

@@ -193,3 +193,72 @@ metadata: {name: odd}
         assert!(broken.warnings[0].contains("broken.yaml: document 1 is not valid YAML/JSON"), "{:?}", broken.warnings);
     }
 }
+
+/// Watches a manifest directory by polling file sizes and modification
+/// times (cheap for the few files a gateway has; needs no inotify).
+///
+/// A changed file is parsed again. If it no longer parses as YAML (a
+/// half-written file, a typo), its last good version stays in force, with a
+/// warning: an editing mistake never removes Services from the table. A
+/// deleted file's objects go away.
+#[derive(Debug)]
+pub struct DirWatcher {
+    dir: PathBuf,
+    files: std::collections::BTreeMap<PathBuf, (Option<std::time::SystemTime>, u64, Vec<Object>)>,
+    primed: bool,
+}
+
+impl DirWatcher {
+    pub fn new(dir: &Path) -> DirWatcher {
+        DirWatcher { dir: dir.to_path_buf(), files: Default::default(), primed: false }
+    }
+
+    /// The directory's objects if anything changed since the last call (the
+    /// first call always returns them), with warnings.
+    ///
+    /// # Errors
+    /// The directory cannot be read (the caller keeps what it has).
+    pub fn poll(&mut self) -> std::io::Result<Option<Loaded>> {
+        let mut changed = !self.primed;
+        let mut warnings = Vec::new();
+        let present = files(&self.dir)?;
+        let before = self.files.len();
+        self.files.retain(|p, _| present.contains(p));
+        changed |= self.files.len() != before;
+        for path in present {
+            let meta = std::fs::metadata(&path).ok();
+            let stamp = (meta.as_ref().and_then(|m| m.modified().ok()), meta.as_ref().map_or(0, |m| m.len()));
+            if self.files.get(&path).is_some_and(|(t, l, _)| (*t, *l) == stamp) {
+                continue;
+            }
+            changed = true;
+            let source = path.display().to_string();
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    warnings.push(format!("{source}: cannot read: {e}; keeping its last good version"));
+                    continue;
+                }
+            };
+            let l = parse(&text, &source);
+            let syntax_error = l.warnings.iter().any(|w| w.contains("is not valid YAML/JSON"));
+            warnings.extend(l.warnings);
+            match self.files.get_mut(&path) {
+                Some(old) if syntax_error => {
+                    warnings.push(format!("{source}: keeping its last good version"));
+                    old.0 = stamp.0;
+                    old.1 = stamp.1;
+                }
+                _ => {
+                    self.files.insert(path, (stamp.0, stamp.1, l.objects));
+                }
+            }
+        }
+        self.primed = true;
+        if !changed {
+            return Ok(None);
+        }
+        let objects = self.files.values().flat_map(|(_, _, o)| o.iter().cloned()).collect();
+        Ok(Some(Loaded { objects, warnings }))
+    }
+}

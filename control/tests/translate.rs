@@ -222,3 +222,27 @@ fn xskgate_table_cli_prints_json_and_text() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// The README's first command runs on this example: it must load cleanly and
+/// show seed 004's picture (pod-a local to gw1, pods b and c to gw2).
+#[test]
+fn reference_example_loads_cleanly_and_shows_both_policies() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/reference");
+    let loaded = manifest::load_dir(&dir).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let (state, warnings) = ClusterState::from_objects(loaded.objects);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    for (gw, local, count) in
+        [("gw1", vec!["198.19.1.10:8080"], 1), ("gw2", vec!["198.19.2.10:8080", "198.19.2.11:8080"], 2)]
+    {
+        let id = node::identity(gw.to_string(), None, &state);
+        assert_eq!(id.zone.as_deref(), Some("zone-a"), "zone from the Node object");
+        let t = state.translate(&id);
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+        let v = table_cmd::to_json(gw, &t.entries);
+        let e = entry(&v, "whoami-local", "http");
+        assert_eq!(e["local_endpoints"], json!(local));
+        assert_eq!(e["local_ready_endpoint_count"], count);
+        assert_eq!(entry(&v, "whoami-cluster", "http")["cluster_endpoints"].as_array().unwrap().len(), 3);
+    }
+}
