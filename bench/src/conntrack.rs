@@ -18,23 +18,13 @@
 //! inserted, divided by N: bytes per flow, both directions included.
 
 use crate::alloc_count::allocations;
-use crate::report::{mops, progress, r3, rss_bytes};
+use crate::report::{Args, Rng, median, mops, progress, r3, rss_bytes};
 use serde_json::{Map, Value, json};
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Instant;
 use xskgate_conntrack::{Config, Dir, FlowKey, FlowState, FlowTable, Inserted, NewFlow, Proto};
-
-#[derive(clap::Args)]
-pub struct Args {
-    /// 1M flows only and fewer lookups (finishes in well under 2 minutes).
-    #[arg(long)]
-    quick: bool,
-    /// Print one JSON object (table name -> figures) instead of tables.
-    #[arg(long)]
-    json: bool,
-}
 
 type Words = [u64; 5];
 type Hasher = foldhash::fast::RandomState;
@@ -291,16 +281,6 @@ fn flow(i: usize) -> NewFlow {
     }
 }
 
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((u128::from(self.0) * n as u128) >> 64) as usize
-    }
-}
-
 impl Workload {
     fn new(n: usize, lookups: usize) -> Workload {
         let flows: Vec<NewFlow> = (0..n).map(flow).collect();
@@ -347,11 +327,6 @@ fn per_core_2t(t: &dyn Table, keys: &[FlowKey], expect_hits: bool) -> f64 {
         ha.join().expect("lookup thread");
     });
     mops(keys.len(), start) / 2.0
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
 }
 
 /// All figures for all tables at one size, alternating tables in every round.

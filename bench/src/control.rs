@@ -11,7 +11,7 @@
 //!
 //! Medians of several rounds; each round starts from a fresh publisher.
 
-use crate::report::{progress, r3};
+use crate::report::{Args, median, progress, r3};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,16 +21,6 @@ use xskgate_control::publish::Publisher;
 use xskgate_control::state::ClusterState;
 use xskgate_control::translate::NodeIdentity;
 use xskgate_fastpath::{NodeConfig, ServiceTable, ServiceTableHandle};
-
-#[derive(clap::Args)]
-pub struct Args {
-    /// Fewer rounds.
-    #[arg(long)]
-    quick: bool,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    json: bool,
-}
 
 const SERVICES: usize = 10_000;
 const ENDPOINTS: usize = 10;
@@ -82,11 +72,6 @@ fn slice(i: usize, endpoints: usize) -> Object {
         "endpoints": eps,
     });
     Object::EndpointSlice(Box::new(serde_json::from_value(v).expect("valid EndpointSlice")))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 pub fn run(args: &Args) -> Result<(), String> {

@@ -28,11 +28,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Conntrack table vs papaya, scc and dashmap: lookups/s and inserts/s.
-    Conntrack(conntrack::Args),
+    Conntrack(report::Args),
     /// Packet pipeline in memory: established and new-flow Mpps, 1 vs 10,000 Services.
-    Pipeline(pipeline::Args),
+    Pipeline(report::Args),
     /// Control plane: full sync and one EndpointSlice change at 10,000 Services.
-    Control(control::Args),
+    Control(report::Args),
 }
 
 fn main() {

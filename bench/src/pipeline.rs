@@ -14,7 +14,7 @@
 //! The median round is reported. `cost_ratio_10k_vs_1` is the established
 //! per-packet cost with 10,000 Services over the cost with one.
 
-use crate::report::{progress, r3};
+use crate::report::{Args, Rng, median, progress, r3};
 use serde_json::json;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -24,16 +24,6 @@ use xskgate_fastpath::{
     AffinityTable, BATCH, Endpoint, EndpointSet, Frame, Frontend, FrontendKind, NodeConfig, ServicePort,
     ServicePortName, ServiceTable, ServiceTableBuilder, Tables, TrafficPolicy, Verdict, WorkerState, process_batch,
 };
-
-#[derive(clap::Args)]
-pub struct Args {
-    /// Fewer packets and rounds (well under a minute after the build).
-    #[arg(long)]
-    quick: bool,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    json: bool,
-}
 
 const FRAME: usize = 64;
 const FLOWS: usize = 1 << 20;
@@ -91,16 +81,6 @@ fn packet(i: usize, n_services: usize) -> [u8; FRAME] {
     v.try_into().expect("64-byte frame")
 }
 
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((u128::from(self.0) * n as u128) >> 64) as usize
-    }
-}
-
 /// Runs `packets` through the pipeline in batches; returns (Mpps, verdict check).
 fn run(packets: &[[u8; FRAME]], t: &Tables<'_>, worker: &mut WorkerState, bufs: &mut [[u8; 2048]]) -> f64 {
     let mut verdicts = [Verdict::Pass; BATCH];
@@ -115,11 +95,6 @@ fn run(packets: &[[u8; FRAME]], t: &Tables<'_>, worker: &mut WorkerState, bufs: 
         process_batch(&mut frames[..chunk.len()], t, worker, 1, &mut verdicts[..chunk.len()]);
     }
     packets.len() as f64 / start.elapsed().as_secs_f64() / 1e6
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
 }
 
 pub fn run_bench(args: &Args) -> Result<(), String> {

@@ -1,4 +1,5 @@
-//! Small helpers shared by the benchmarks: progress lines, resident memory.
+//! Helpers shared by the benchmarks: common flags, progress lines, resident
+//! memory, medians and a small deterministic random generator.
 
 use std::time::Instant;
 
@@ -23,4 +24,35 @@ pub fn mops(ops: usize, started: Instant) -> f64 {
 /// Rounds to 3 decimals for output.
 pub fn r3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+/// The flags every benchmark takes.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Smaller and shorter run (reported figures are noisier).
+    #[arg(long)]
+    pub quick: bool,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The median of samples (the middle round; rounds alternate between the
+/// things compared, so a noisy moment hurts them alike).
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// xorshift64: deterministic, so every run looks up the same keys.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((u128::from(self.0) * n as u128) >> 64) as usize
+    }
 }

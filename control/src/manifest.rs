@@ -113,19 +113,7 @@ pub fn files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// The directory cannot be read. Unreadable files and bad objects are
 /// warnings, not errors.
 pub fn load_dir(dir: &Path) -> std::io::Result<Loaded> {
-    let mut all = Loaded::default();
-    for path in files(dir)? {
-        let source = path.display().to_string();
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let l = parse(&text, &source);
-                all.objects.extend(l.objects);
-                all.warnings.extend(l.warnings);
-            }
-            Err(e) => all.warnings.push(format!("{source}: cannot read: {e}; skipped")),
-        }
-    }
-    Ok(all)
+    Ok(DirWatcher::new(dir).poll()?.unwrap_or_default())
 }
 
 #[cfg(test)]
