@@ -7,7 +7,7 @@
 use crate::manifest::{Loaded, Object};
 use crate::node;
 use crate::publish::{Outcome, Publisher};
-use crate::state::{ClusterState, Key};
+use crate::state::{ClusterState, Key, Kind};
 use crate::translate::NodeIdentity;
 use std::collections::BTreeSet;
 use tracing::{info, warn};
@@ -84,18 +84,26 @@ impl Controller {
         self.publish(changed)
     }
 
+    /// Replaces every object of one kind (a relist of that kind).
+    pub fn reset_kind(&mut self, kind: Kind, objects: Vec<Object>) -> Outcome {
+        let new = self.state.with_kind_replaced(kind, objects);
+        let changed = self.state.replace(new);
+        self.publish(changed)
+    }
+
     /// One added or modified object (a watch event).
     pub fn apply(&mut self, o: Object) -> Outcome {
         let changed = self.state.apply(o);
         self.publish(changed)
     }
 
-    /// One deleted Service, EndpointSlice or Node.
-    pub fn delete(&mut self, kind: &str, key: &Key) -> Outcome {
+    /// One deleted Service, EndpointSlice or Node (a Node's key is
+    /// `("", name)`).
+    pub fn delete(&mut self, kind: Kind, key: &Key) -> Outcome {
         let changed = match kind {
-            "Service" => self.state.delete_service(key),
-            "EndpointSlice" => self.state.delete_slice(key),
-            _ => self.state.delete_node(&key.1),
+            Kind::Service => self.state.delete_service(key),
+            Kind::EndpointSlice => self.state.delete_slice(key),
+            Kind::Node => self.state.delete_node(&key.1),
         };
         self.publish(changed)
     }

@@ -3,6 +3,7 @@
 //! - [`manifest`]: the manifest directory source (YAML/JSON, `kind: List`)
 //!   and its watcher.
 //! - [`controller`]: the control loop's state machine (reset, apply, delete).
+//! - [`kube_source`]: the Kubernetes API through kube-rs watchers.
 //! - [`translate`]: one Service → its ports, as kube-proxy's
 //!   `CategorizeEndpoints` computes them (pure).
 //! - [`state`]: the known objects, the whole-table translation and the
@@ -13,6 +14,7 @@
 //! - [`node`]: who this gateway is (`--node-name`, `NODE_NAME`, hostname).
 
 pub mod controller;
+pub mod kube_source;
 pub mod manifest;
 pub mod node;
 pub mod publish;

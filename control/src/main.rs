@@ -35,16 +35,106 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run the control loop without a data path: follow the manifest directory or
+    /// the Kubernetes API, publish the table, log every change (a dry run of `run`).
+    Watch {
+        /// Directory of manifests, watched live.
+        #[arg(long, conflicts_with = "kubeconfig", required_unless_present = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// Kubeconfig of the cluster to watch (in-cluster config when neither flag is given
+        /// is not attempted: say which source you mean).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// This gateway's node name (default: $NODE_NAME, else the hostname).
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Zone, when the Node object gives none.
+        #[arg(long)]
+        zone: Option<String>,
+        /// How often the manifest directory is checked, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        poll_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().cmd {
         Cmd::Table { manifests, node_name, zone, cluster_cidr, json } => {
             table(&manifests, node_name.as_deref(), zone.as_deref(), &cluster_cidr, json)
+        }
+        Cmd::Watch { manifests, kubeconfig, node_name, zone, poll_ms } => {
+            let Some(name) = node::node_name(node_name.as_deref()) else {
+                eprintln!("xskgate: no node name: pass --node-name or set NODE_NAME");
+                return ExitCode::from(2);
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("xskgate: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(watch(manifests, kubeconfig, name, zone, std::time::Duration::from_millis(poll_ms)))
+        }
+    }
+}
+
+async fn watch(
+    manifests: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
+    name: String,
+    zone: Option<String>,
+    poll: std::time::Duration,
+) -> ExitCode {
+    use xskgate_control::{controller::Controller, kube_source, manifest::DirWatcher, publish::Publisher};
+    use xskgate_fastpath::{NodeConfig, ServiceTable, ServiceTableHandle};
+    let handle = std::sync::Arc::new(ServiceTableHandle::new(ServiceTable::default()));
+    let mut c = Controller::new(Publisher::new(handle, None, NodeConfig::default()), name.clone(), zone);
+    tracing::info!(node = %name, source = ?manifests.as_ref().or(kubeconfig.as_ref()), "watching; Ctrl-C to stop");
+    if let Some(dir) = manifests {
+        let mut w = DirWatcher::new(&dir);
+        let mut failed = false;
+        loop {
+            match w.poll() {
+                Ok(Some(loaded)) => {
+                    c.reset(loaded);
+                    failed = false;
+                }
+                Ok(None) => {}
+                Err(e) if !failed => {
+                    warn!("cannot read {}: {e}; keeping the last table", dir.display());
+                    failed = true;
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+    let client = match kube_source::client(kubeconfig.as_deref()).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("xskgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stream = kube_source::changes(client, &name);
+    futures::pin_mut!(stream);
+    let mut last_error = None;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+            change = futures::StreamExt::next(&mut stream) => match change {
+                Some(change) => kube_source::handle(&mut c, change, &mut last_error, std::time::Duration::from_secs(30)),
+                None => return ExitCode::FAILURE,
+            },
         }
     }
 }

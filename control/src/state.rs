@@ -27,6 +27,14 @@ pub struct ClusterState {
     slices_of: BTreeMap<Key, BTreeSet<Key>>,
 }
 
+/// The kinds of object xskgate watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
 /// The translated table and what was skipped on the way.
 #[derive(Clone, Debug, Default)]
 pub struct Translation {
@@ -141,6 +149,24 @@ impl ClusterState {
         // Slices of Services that do not exist (yet) change nothing visible.
         *self = new;
         changed
+    }
+
+    /// The state with every object of one kind replaced by `objects` (a
+    /// relist of that kind), the other kinds kept.
+    pub fn with_kind_replaced(&self, kind: Kind, objects: Vec<Object>) -> ClusterState {
+        let keep = |k: Kind| k != kind;
+        let mut all: Vec<Object> = Vec::new();
+        if keep(Kind::Service) {
+            all.extend(self.services.values().map(|s| Object::Service(Box::new(s.clone()))));
+        }
+        if keep(Kind::EndpointSlice) {
+            all.extend(self.slices.values().map(|s| Object::EndpointSlice(Box::new(s.clone()))));
+        }
+        if keep(Kind::Node) {
+            all.extend(self.nodes.values().map(|n| Object::Node(Box::new(n.clone()))));
+        }
+        all.extend(objects);
+        ClusterState::from_objects(all).0
     }
 
     pub fn services(&self) -> &BTreeMap<Key, Service> {

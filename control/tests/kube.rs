@@ -1,0 +1,432 @@
+//! The kube-rs source against a wire-level stand-in for kube-apiserver.
+//!
+//! No kube-apiserver binary can be installed on these machines, so this file
+//! carries a small HTTP/1.1 server that speaks the API's list and watch
+//! protocol on 127.0.0.1: lists with a resourceVersion, watches as chunked
+//! JSON lines from a resourceVersion, BOOKMARK events, `410 Gone` (an ERROR
+//! event with reason Expired) for a resourceVersion older than its history,
+//! field selectors (`metadata.name=`) and `!label` selectors, dropped
+//! connections, and downtime (503). The real kube-rs client and watchers
+//! talk to it; only the server side is a stand-in.
+
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+use xskgate_conntrack::{Addr, Proto};
+use xskgate_control::controller::Controller;
+use xskgate_control::kube_source;
+use xskgate_control::publish::Publisher;
+use xskgate_fastpath::{NodeConfig, ServiceTable, ServiceTableHandle};
+
+const SERVICES: &str = "/api/v1/services";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+const NODES: &str = "/api/v1/nodes";
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    objects: BTreeMap<&'static str, BTreeMap<(String, String), Value>>,
+    /// (resourceVersion, event type, object) per resource path.
+    history: BTreeMap<&'static str, Vec<(u64, &'static str, Value)>>,
+    /// Watches from a resourceVersion below this get 410 Gone.
+    oldest: u64,
+    down: bool,
+    requests: Vec<String>,
+}
+
+#[derive(Clone)]
+struct ApiServer {
+    url: String,
+    state: Arc<Mutex<State>>,
+    events: broadcast::Sender<()>,
+    /// Bumped to make every open watch drop its connection.
+    kill: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn path_of(kind: &str) -> &'static str {
+    match kind {
+        "Service" => SERVICES,
+        "EndpointSlice" => SLICES,
+        _ => NODES,
+    }
+}
+
+fn key(v: &Value) -> (String, String) {
+    let m = &v["metadata"];
+    (m["namespace"].as_str().unwrap_or("").to_string(), m["name"].as_str().unwrap_or("").to_string())
+}
+
+fn decode(s: &str) -> String {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap_or(b'?'));
+            i += 3;
+        } else {
+            out.push(if b[i] == b'+' { b' ' } else { b[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `metadata.name=X` field selectors and `!label` label selectors.
+fn selected(v: &Value, query: &BTreeMap<String, String>) -> bool {
+    if let Some(f) = query.get("fieldSelector")
+        && let Some(name) = f.strip_prefix("metadata.name=")
+        && v["metadata"]["name"] != name
+    {
+        return false;
+    }
+    if let Some(l) = query.get("labelSelector")
+        && let Some(absent) = l.strip_prefix('!')
+        && v["metadata"]["labels"].get(absent).is_some()
+    {
+        return false;
+    }
+    true
+}
+
+impl ApiServer {
+    async fn start() -> ApiServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (events, _) = broadcast::channel(1024);
+        let s = ApiServer { url, state: Arc::default(), events, kill: Arc::default() };
+        let server = s.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let _ = server.serve(conn).await;
+                });
+            }
+        });
+        s
+    }
+
+    fn apply(&self, v: Value) {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        let mut v = v;
+        v["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let path = path_of(v["kind"].as_str().unwrap());
+        let existed = st.objects.entry(path).or_default().insert(key(&v), v.clone()).is_some();
+        st.history.entry(path).or_default().push((rv, if existed { "MODIFIED" } else { "ADDED" }, v));
+        drop(st);
+        let _ = self.events.send(());
+    }
+
+    fn delete(&self, kind: &str, ns: &str, name: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        let path = path_of(kind);
+        if let Some(mut v) = st.objects.entry(path).or_default().remove(&(ns.to_string(), name.to_string())) {
+            v["metadata"]["resourceVersion"] = json!(rv.to_string());
+            st.history.entry(path).or_default().push((rv, "DELETED", v));
+        }
+        drop(st);
+        let _ = self.events.send(());
+    }
+
+    /// Forgets all history: resuming watches must relist (410 Gone).
+    fn compact(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.oldest = st.rv + 1;
+        st.history.clear();
+    }
+
+    fn drop_connections(&self) {
+        self.kill.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.events.send(());
+    }
+
+    fn set_down(&self, down: bool) {
+        self.state.lock().unwrap().down = down;
+        if down {
+            self.drop_connections();
+        }
+    }
+
+    fn requests(&self, path: &str, watch: bool) -> usize {
+        let st = self.state.lock().unwrap();
+        st.requests.iter().filter(|r| r.starts_with(path) && r.contains("watch=true") == watch).count()
+    }
+
+    async fn serve(&self, conn: TcpStream) -> std::io::Result<()> {
+        let (r, mut w) = conn.into_split();
+        let mut r = BufReader::new(r);
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            let target = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).await? == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            let (path, q) = target.split_once('?').unwrap_or((&target, ""));
+            let query: BTreeMap<String, String> =
+                q.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), decode(v))).collect();
+            let resource = [SERVICES, SLICES, NODES].into_iter().find(|p| *p == path);
+            let down = {
+                let mut st = self.state.lock().unwrap();
+                st.requests.push(decode(&target));
+                st.down
+            };
+            let Some(resource) = resource.filter(|_| !down) else {
+                let (code, text) = if down { (503, "Service Unavailable") } else { (404, "Not Found") };
+                let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code}).to_string();
+                w.write_all(
+                    format!(
+                        "HTTP/1.1 {code} {text}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await?;
+                continue;
+            };
+            if query.get("watch").map(String::as_str) != Some("true") {
+                let body = {
+                    let st = self.state.lock().unwrap();
+                    let items: Vec<Value> = st
+                        .objects
+                        .get(resource)
+                        .into_iter()
+                        .flat_map(|m| m.values())
+                        .filter(|v| selected(v, &query))
+                        .cloned()
+                        .collect();
+                    json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}).to_string()
+                };
+                w.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await?;
+                continue;
+            }
+            // A watch: stream events after the requested resourceVersion.
+            w.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .await?;
+            let mut sent: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+            let mut wake = self.events.subscribe();
+            let killed_at = self.kill.load(std::sync::atomic::Ordering::SeqCst);
+            loop {
+                if self.kill.load(std::sync::atomic::Ordering::SeqCst) != killed_at {
+                    return Ok(()); // drop the connection without ending the stream
+                }
+                let lines: Vec<String> = {
+                    let st = self.state.lock().unwrap();
+                    if sent + 1 < st.oldest {
+                        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "message": "too old resource version", "reason": "Expired", "code": 410}});
+                        vec![gone.to_string()]
+                    } else {
+                        let mut out: Vec<String> = st
+                            .history
+                            .get(resource)
+                            .into_iter()
+                            .flatten()
+                            .filter(|(rv, _, v)| *rv > sent && selected(v, &query))
+                            .map(|(_, t, v)| json!({"type": t, "object": v}).to_string())
+                            .collect();
+                        let latest = st.rv;
+                        if bookmarks && latest > sent {
+                            let kind = match resource {
+                                SERVICES => "Service",
+                                SLICES => "EndpointSlice",
+                                _ => "Node",
+                            };
+                            out.push(json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": latest.to_string()}}}).to_string());
+                        }
+                        sent = latest.max(sent);
+                        out
+                    }
+                };
+                let expired = lines.first().is_some_and(|l| l.contains("\"ERROR\""));
+                for l in lines {
+                    let data = format!("{l}\n");
+                    w.write_all(format!("{:x}\r\n{data}\r\n", data.len()).as_bytes()).await?;
+                }
+                if expired {
+                    w.write_all(b"0\r\n\r\n").await?;
+                    break;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(500), wake.recv()).await;
+            }
+        }
+    }
+}
+
+fn service(name: &str, ip: &str, lb: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": name, "namespace": "prod", "labels": labels},
+           "spec": {"type": "LoadBalancer", "clusterIP": ip, "externalTrafficPolicy": "Local", "healthCheckNodePort": 32100,
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30090}]},
+           "status": {"loadBalancer": {"ingress": [{"ip": lb}]}}})
+}
+
+fn slice(service: &str, endpoints: &[(&str, &str)]) -> Value {
+    let eps: Vec<Value> = endpoints.iter().map(|(ip, node)| json!({"addresses": [ip], "nodeName": node})).collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": format!("{service}-x"), "namespace": "prod", "labels": {"kubernetes.io/service-name": service}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}], "endpoints": eps})
+}
+
+fn node(name: &str, zone: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}}})
+}
+
+/// (local endpoints, cluster endpoints) the fast path has for the LB IP.
+fn seen(handle: &ServiceTableHandle, lb: [u8; 4]) -> Option<(usize, usize)> {
+    handle.load().lookup(&Addr::from_v4(lb), Proto::TCP, 80).map(|(p, _)| (p.local.len(), p.cluster.len()))
+}
+
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_follow_changes_survive_outages_and_relist_after_410() {
+    let api = ApiServer::start().await;
+    api.apply(node("gw1", "zone-a"));
+    api.apply(node("gw2", "zone-b"));
+    api.apply(service("web", "198.19.128.30", "198.18.100.30", json!({})));
+    api.apply(service(
+        "theirs",
+        "198.19.128.31",
+        "198.18.100.31",
+        json!({"service.kubernetes.io/service-proxy-name": "other"}),
+    ));
+    api.apply(slice("web", &[("198.19.1.200", "gw1"), ("198.19.2.200", "gw2")]));
+
+    let client = kube::Client::try_from(kube::Config::new(api.url.parse().unwrap())).unwrap();
+    let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
+    let mut controller =
+        Controller::new(Publisher::new(handle.clone(), None, NodeConfig::default()), "gw1".into(), None);
+    let stream = kube_source::changes(client, "gw1");
+    let task = tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        let mut last_error = None;
+        while let Some(change) = futures::StreamExt::next(&mut stream).await {
+            kube_source::handle(&mut controller, change, &mut last_error, Duration::from_secs(1));
+        }
+    });
+
+    // Initial list, then the watch.
+    eventually("the initial list is published", || seen(&handle, [198, 18, 100, 30]) == Some((1, 2))).await;
+    assert!(seen(&handle, [198, 18, 100, 31]).is_none(), "another proxy's Service is not ours");
+    assert!(api.requests(NODES, false) >= 1);
+    {
+        let st = api.state.lock().unwrap();
+        assert!(
+            st.requests.iter().any(|r| r.starts_with(NODES) && r.contains("fieldSelector=metadata.name=gw1")),
+            "only our Node is watched"
+        );
+        assert!(
+            st.requests
+                .iter()
+                .any(|r| r.starts_with(SERVICES)
+                    && r.contains("labelSelector=!service.kubernetes.io/service-proxy-name"))
+        );
+        assert!(st.requests.iter().any(|r| r.contains("watch=true") && r.contains("allowWatchBookmarks=true")));
+    }
+
+    // A watch event: a second local endpoint.
+    api.apply(slice("web", &[("198.19.1.200", "gw1"), ("198.19.1.201", "gw1"), ("198.19.2.200", "gw2")]));
+    eventually("a watch event is published", || seen(&handle, [198, 18, 100, 30]) == Some((2, 3))).await;
+
+    // The API server goes away: the last table stays in force.
+    api.set_down(true);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(seen(&handle, [198, 18, 100, 30]), Some((2, 3)), "nothing is lost while the API server is down");
+    // Changes made meanwhile arrive once it is back (the watch resumes).
+    api.apply(slice("web", &[("198.19.1.200", "gw1")]));
+    api.set_down(false);
+    eventually("the watch resumes after the outage", || seen(&handle, [198, 18, 100, 30]) == Some((1, 1))).await;
+
+    // A change made while the watchers were away, then history compacted:
+    // resuming from their resourceVersion gets 410 Gone, so they relist.
+    let lists_before = api.requests(SLICES, false);
+    api.set_down(true);
+    api.apply(slice("web", &[("198.19.1.200", "gw1"), ("198.19.1.202", "gw1")]));
+    api.compact(); // the event the watchers have not seen is forgotten
+    api.set_down(false);
+    eventually("the relist after 410 is published", || seen(&handle, [198, 18, 100, 30]) == Some((2, 2))).await;
+    assert!(api.requests(SLICES, false) > lists_before, "a relist happened");
+
+    // A deleted Service leaves the table.
+    api.delete("Service", "prod", "web");
+    eventually("a deletion is published", || seen(&handle, [198, 18, 100, 30]).is_none()).await;
+    task.abort();
+}
+
+/// `xskgate watch --kubeconfig` as an operator runs it: the real binary,
+/// a kubeconfig file, the stand-in API server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xskgate_watch_with_a_kubeconfig_publishes_and_follows() {
+    let api = ApiServer::start().await;
+    api.apply(node("gw1", "zone-a"));
+    api.apply(service("web", "198.19.128.30", "198.18.100.30", json!({})));
+    api.apply(slice("web", &[("198.19.1.200", "gw1")]));
+    let dir = std::env::temp_dir().join(format!("xskgate-kubeconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: stand-in, cluster: {{server: \"{}\"}}}}]\n\
+             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: stand-in, user: u}}}}]\n\
+             current-context: c\n",
+            api.url
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_xskgate"))
+        .args(["watch", "--node-name", "gw1", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut published = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while published < 2 {
+        let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
+            .await
+            .expect("timed out")
+            .unwrap()
+            .expect("xskgate exited");
+        if line.contains("published service table") {
+            published += 1;
+            if published == 1 {
+                // Once the first table is out, change the cluster.
+                api.apply(slice("web", &[("198.19.1.200", "gw1"), ("198.19.1.201", "gw1")]));
+            }
+        }
+    }
+    child.kill().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
