@@ -117,8 +117,9 @@ pub fn rewrite_icmp_error(buf: &mut [u8], p: &Parsed, inner: &Inner, embedded: &
     }
     let (_, da, alen) = addr_offsets(p.l3, p.v6);
     buf[da..da + alen].copy_from_slice(addr_bytes(&embedded.src, p.v6));
-    let mut ip = Incremental::new(0);
-    decrement_ttl(buf, p, &mut ip);
+    // The outer IPv4 header changed in two places: recompute it in full.
+    let ttl_at = if p.v6 { p.l3 + 7 } else { p.l3 + 8 };
+    buf[ttl_at] = p.ttl - 1;
     if !p.v6 {
         ipv4_header_checksum(buf, p.l3, p.l4);
     }
