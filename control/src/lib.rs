@@ -12,8 +12,11 @@
 //!   (incremental, never an unchanged table, UDP flushes).
 //! - [`table_cmd`]: `xskgate table` output (text and the `--json` contract).
 //! - [`node`]: who this gateway is (`--node-name`, `NODE_NAME`, hostname).
+//! - [`health`]: healthCheckNodePort servers and `/healthz`, `/livez`, as
+//!   kube-proxy answers them.
 
 pub mod controller;
+pub mod health;
 pub mod kube_source;
 pub mod manifest;
 pub mod node;

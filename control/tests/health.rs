@@ -1,0 +1,117 @@
+//! The health servers through a real HTTP client: a healthCheckNodePort says
+//! 200 with the local endpoint count, 503 when the last local endpoint goes,
+//! 200 again when one comes back, and closes with its Service; `/healthz`
+//! and `/livez` answer as kube-proxy's do. Byte-level body equality with
+//! kube-proxy's layout is checked against the translation of real fixtures.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use xskgate_control::health::{self, ProxyHealth, ServiceHealth};
+use xskgate_control::{manifest, node, state::ClusterState};
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into()
+}
+
+/// (status, content-type, nosniff, body) of a GET.
+fn get(url: &str) -> Result<(u16, String, String, String), ureq::Error> {
+    let mut r = agent().get(url).call()?;
+    let h = |n: &str| r.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let (ct, nosniff) = (h("content-type"), h("x-content-type-options"));
+    Ok((r.status().as_u16(), ct, nosniff, r.body_mut().read_to_string()?))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn health_check_node_port_follows_local_endpoints() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let proxy = Arc::new(ProxyHealth::new(Duration::from_millis(200)));
+    let mut servers = ServiceHealth::new(IpAddr::V4(Ipv4Addr::LOCALHOST), proxy.clone());
+
+    // The wanted set comes from the translation of a real fixture.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rules");
+    let (state, _) = ClusterState::from_objects(manifest::load_dir(&dir).unwrap().objects);
+    let t = state.translate(&node::identity("gw1".into(), None, &state));
+    let from_fixtures = health::wanted(t.entries.iter());
+    assert_eq!(from_fixtures.get(&("t".to_string(), "local-lb".to_string())), Some(&(32000, 1)));
+    assert_eq!(from_fixtures.get(&("t".to_string(), "local-empty".to_string())), Some(&(32001, 0)));
+
+    // Serve one of them on a free port of 127.0.0.1.
+    let port = free_port();
+    let key = ("t".to_string(), "local-lb".to_string());
+    let mut wanted = BTreeMap::from([(key.clone(), (port, 1))]);
+    rt.block_on(servers.sync(&wanted));
+    let url = format!("http://127.0.0.1:{port}/any/path?x=1");
+    let (status, ct, nosniff, body) = get(&url).unwrap();
+    assert_eq!((status, ct.as_str(), nosniff.as_str()), (200, "application/json", "nosniff"));
+    assert_eq!(
+        body,
+        "{\n\t\"service\": {\n\t\t\"namespace\": \"t\",\n\t\t\"name\": \"local-lb\"\n\t},\n\t\"localEndpoints\": 1,\n\t\"serviceProxyHealthy\": true\n}"
+    );
+
+    // The local endpoint goes: 503, so the load balancer stops sending here.
+    wanted.insert(key.clone(), (port, 0));
+    rt.block_on(servers.sync(&wanted));
+    let (status, _, _, body) = get(&url).unwrap();
+    assert_eq!(status, 503);
+    assert!(body.contains("\"localEndpoints\": 0"), "{body}");
+
+    // It comes back: 200.
+    wanted.insert(key.clone(), (port, 2));
+    rt.block_on(servers.sync(&wanted));
+    assert_eq!(get(&url).unwrap().0, 200);
+
+    // The proxy falls behind (a queued update older than the timeout): 503
+    // with serviceProxyHealthy false, though endpoints exist.
+    proxy.queued();
+    std::thread::sleep(Duration::from_millis(250));
+    let (status, _, _, body) = get(&url).unwrap();
+    assert_eq!(status, 503);
+    assert!(body.contains("\"serviceProxyHealthy\": false"), "{body}");
+    proxy.updated();
+    assert_eq!(get(&url).unwrap().0, 200);
+
+    // The Service goes (or stops being Local): its port closes.
+    rt.block_on(servers.sync(&BTreeMap::new()));
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(get(&url).is_err(), "the health check port is closed");
+    assert!(servers.ports().is_empty());
+}
+
+#[test]
+fn healthz_and_livez_answer_like_kube_proxy() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let proxy = Arc::new(ProxyHealth::new(Duration::from_millis(100)));
+    let (addr, _task) = rt.block_on(health::spawn_proxy_health("127.0.0.1:0".parse().unwrap(), proxy.clone())).unwrap();
+    let (status, ct, nosniff, body) = get(&format!("http://{addr}/healthz")).unwrap();
+    assert_eq!((status, ct.as_str(), nosniff.as_str()), (200, "application/json", "nosniff"));
+    assert!(
+        body.starts_with("{\"lastUpdated\": \"")
+            && body.contains(" +0000 UTC m=+")
+            && body.ends_with("\"nodeEligible\": true}"),
+        "{body}"
+    );
+    let (status, _, _, body) = get(&format!("http://{addr}/livez")).unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        body.starts_with("{\"lastUpdated\": \"")
+            && body.contains(",\"currentTime\": \"")
+            && !body.contains("nodeEligible"),
+        "{body}"
+    );
+    proxy.queued();
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(get(&format!("http://{addr}/healthz")).unwrap().0, 503);
+    assert_eq!(get(&format!("http://{addr}/livez")).unwrap().0, 503);
+    assert_eq!(get(&format!("http://{addr}/other")).unwrap().0, 503);
+}
