@@ -174,8 +174,11 @@ fn http_date(t: SystemTime) -> String {
     )
 }
 
+/// Answers a request path with a status and a body.
+pub type Responder = Arc<dyn Fn(&str) -> (u16, String) + Send + Sync>;
+
 /// Serves one connection: every request gets `respond(path)`.
-async fn serve(conn: tokio::net::TcpStream, respond: Arc<dyn Fn(&str) -> (u16, String) + Send + Sync>) {
+async fn serve(conn: tokio::net::TcpStream, respond: Responder) {
     let (r, mut w) = conn.into_split();
     let mut r = BufReader::new(r);
     loop {
@@ -208,10 +211,7 @@ async fn serve(conn: tokio::net::TcpStream, respond: Arc<dyn Fn(&str) -> (u16, S
 }
 
 /// Serves `respond` on an already bound listener until the task is aborted.
-pub fn spawn_server(
-    listener: TcpListener,
-    respond: Arc<dyn Fn(&str) -> (u16, String) + Send + Sync>,
-) -> tokio::task::JoinHandle<()> {
+pub fn spawn_server(listener: TcpListener, respond: Responder) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while let Ok((conn, _)) = listener.accept().await {
             tokio::spawn(serve(conn, respond.clone()));
