@@ -1,0 +1,249 @@
+//! xskgate's veth/netns harness for end-to-end tests and the lab.
+//!
+//! A [`Topology`] creates network namespaces and veth pairs under a unique
+//! per-run prefix and removes them all when dropped, also when the test
+//! panics. Veth pairs are created directly inside their namespaces, so
+//! nothing ever appears in, or is changed in, the root namespace. Addresses
+//! come from 198.18.0.0/15 (and 2001:db8::/32); routes only point at other
+//! test namespaces. Every interface that sends into a gateway gets
+//! `ethtool -K tx off`: frames a namespace sends over veth carry only a
+//! partial checksum, which AF_XDP would pass on as is.
+//!
+//! [`in_ns`] runs a closure on a thread that entered a namespace, so a test
+//! can open thousands of sockets there without spawning a process each.
+//! The echo server for pods is the `xskgate-echo` binary of this package.
+//!
+//! End-to-end tests need root; [`require_root`] makes them fail loudly, never
+//! skip, when they cannot run.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime};
+
+/// Panics (fails the test) unless running as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc_geteuid() };
+    assert_eq!(
+        euid, 0,
+        "end-to-end tests need root (they create network namespaces and veths); run them as root — they are never skipped"
+    );
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+    fn setns(fd: i32, nstype: i32) -> i32;
+}
+
+const CLONE_NEWNET: i32 = 0x4000_0000;
+
+/// Runs `f` on a thread inside network namespace `ns` and returns its result.
+///
+/// # Panics
+/// If the namespace cannot be entered (the test cannot run), or if `f` panics.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
+        // SAFETY: `file` is an open namespace file descriptor for the call's
+        // duration; setns only changes this thread's network namespace.
+        let rc = unsafe { setns(std::os::fd::AsRawFd::as_raw_fd(&file), CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("the closure run in the namespace panicked")
+}
+
+/// Runs a command, returning its output; panics with its stderr on failure.
+pub fn run(args: &[&str]) -> Output {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{}: {e}", args[0]));
+    assert!(out.status.success(), "{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Namespaces and veths under one unique prefix, removed on drop.
+pub struct Topology {
+    prefix: String,
+    namespaces: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl Topology {
+    /// A new, empty topology with a prefix no other run uses.
+    pub fn new() -> Topology {
+        require_root();
+        loop {
+            let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+            let n = std::process::id() ^ nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9);
+            // "xg" + 5 hex digits: leaves 8 characters of the 15 an
+            // interface name may have.
+            let prefix = format!("xg{:05x}", n & 0xf_ffff);
+            let taken = std::fs::read_dir("/run/netns")
+                .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&prefix)))
+                .unwrap_or(false);
+            if !taken {
+                return Topology { prefix, namespaces: Vec::new(), children: Vec::new() };
+            }
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The full name of namespace `short`.
+    pub fn ns_name(&self, short: &str) -> String {
+        format!("{}-{short}", self.prefix)
+    }
+
+    /// The full name of interface `short` (at most 8 characters).
+    pub fn if_name(&self, short: &str) -> String {
+        assert!(short.len() <= 8, "interface short name {short:?} is longer than 8 characters");
+        format!("{}{short}", self.prefix)
+    }
+
+    /// Creates namespace `short` with loopback up; returns its full name.
+    pub fn add_ns(&mut self, short: &str) -> String {
+        let ns = self.ns_name(short);
+        run(&["ip", "netns", "add", &ns]);
+        self.namespaces.push(ns.clone());
+        self.exec(short, &["ip", "link", "set", "lo", "up"]);
+        // The test owns every address: skip duplicate address detection,
+        // so IPv6 (link-local addresses included) works the moment a link is up.
+        self.exec(short, &["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0"]);
+        self.exec(short, &["sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"]);
+        ns
+    }
+
+    /// Runs a command inside namespace `short`.
+    pub fn exec(&self, short: &str, args: &[&str]) -> Output {
+        let ns = self.ns_name(short);
+        let mut full = vec!["ip", "netns", "exec", ns.as_str()];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+
+    /// A veth pair between namespaces `a` and `b`, created inside them,
+    /// with the given addresses (CIDR notation), up, with TX checksum
+    /// offload off on both ends.
+    pub fn link(&mut self, a: &str, a_if: &str, a_addr: &str, b: &str, b_if: &str, b_addr: &str) {
+        let (an, bn) = (self.ns_name(a), self.ns_name(b));
+        let (ai, bi) = (self.if_name(a_if), self.if_name(b_if));
+        run(&["ip", "link", "add", &ai, "netns", &an, "type", "veth", "peer", "name", &bi, "netns", &bn]);
+        for (ns, ifn, addr) in [(a, &ai, a_addr), (b, &bi, b_addr)] {
+            let family = if addr.contains(':') { "-6" } else { "-4" };
+            let mut cmd = vec!["ip", family, "addr", "add", addr, "dev", ifn.as_str()];
+            if family == "-6" {
+                cmd.push("nodad"); // usable at once, no duplicate address detection wait
+            }
+            self.exec(ns, &cmd);
+            self.exec(ns, &["ip", "link", "set", ifn, "up"]);
+            self.exec(ns, &["ethtool", "-K", ifn, "tx", "off"]);
+        }
+    }
+
+    /// A route in namespace `short`.
+    pub fn route(&self, short: &str, dst: &str, via: &str) {
+        let family = if dst.contains(':') { "-6" } else { "-4" };
+        self.exec(short, &["ip", family, "route", "add", dst, "via", via]);
+    }
+
+    /// Turns on IP forwarding in namespace `short`.
+    pub fn forwarding(&self, short: &str) {
+        self.exec(short, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        self.exec(short, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    }
+
+    /// Starts a long-running process in namespace `short`; it is killed when
+    /// the topology is dropped. Returns once its first stdout line (if any)
+    /// was printed, so a server is ready when this returns.
+    pub fn spawn(&mut self, short: &str, program: &str, args: &[&str]) -> u32 {
+        let ns = self.ns_name(short);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns, program])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program} in {ns}: {e}"));
+        let mut first = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = BufReader::new(out).read_line(&mut first);
+        }
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// Starts an `xskgate-echo` server (binary at `echo_bin`) for pod `name`
+    /// on `port` in namespace `short`.
+    pub fn echo(&mut self, short: &str, echo_bin: &str, name: &str, port: u16) {
+        self.spawn(short, echo_bin, &["--name", name, "--port", &port.to_string()]);
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Topology {
+        Topology::new()
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Deleting a namespace deletes the veths in it.
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// The answer of an `xskgate-echo` server: which pod, and the source
+/// address it saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub pod: String,
+    pub peer: SocketAddr,
+}
+
+fn parse_answer(line: &str) -> Option<Answer> {
+    let (pod, peer) = line.trim().split_once(' ')?;
+    Some(Answer { pod: pod.to_string(), peer: peer.parse().ok()? })
+}
+
+/// Asks an echo server over TCP (call inside [`in_ns`]).
+///
+/// # Errors
+/// Connection refused, reset, timed out, or an unreadable answer.
+pub fn ask_tcp(to: SocketAddr, timeout: Duration) -> std::io::Result<Answer> {
+    let mut s = TcpStream::connect_timeout(&to, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"who\n")?;
+    let mut line = String::new();
+    s.read_to_string(&mut line).or_else(|e| if line.is_empty() { Err(e) } else { Ok(0) })?;
+    parse_answer(&line).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("answer {line:?}")))
+}
+
+/// Asks an echo server over UDP from a fresh socket (call inside [`in_ns`]).
+///
+/// # Errors
+/// No answer within `timeout` (or an ICMP error reported by the kernel).
+pub fn ask_udp(to: SocketAddr, timeout: Duration) -> std::io::Result<Answer> {
+    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }.expect("literal");
+    let s = UdpSocket::bind(bind)?;
+    s.connect(to)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send(b"who")?;
+    let mut buf = [0u8; 512];
+    let n = s.recv(&mut buf)?;
+    let line = String::from_utf8_lossy(&buf[..n]);
+    parse_answer(&line).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("answer {line:?}")))
+}
