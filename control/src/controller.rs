@@ -58,9 +58,7 @@ impl Controller {
         }
         let out = self.publisher.update(&self.state, &self.identity, &changed);
         self.log(out.warnings.clone());
-        if let Some(w) =
-            self.state.diagnose_node_name(&self.identity, &self.publisher.entries().cloned().collect::<Vec<_>>())
-        {
+        if let Some(w) = self.state.diagnose_node_name(&self.identity, self.publisher.entries()) {
             self.log([w]);
         }
         if out.published {

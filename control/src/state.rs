@@ -218,11 +218,15 @@ impl ClusterState {
     /// node with our name, and one names a node that looks like us (same name
     /// up to case or a domain suffix, our hostname, or one of our addresses).
     /// Returns a warning naming both and the flag that fixes it.
-    pub fn diagnose_node_name(&self, node: &NodeIdentity, entries: &[PortEntry]) -> Option<String> {
+    pub fn diagnose_node_name<'a>(
+        &self,
+        node: &NodeIdentity,
+        entries: impl IntoIterator<Item = &'a PortEntry>,
+    ) -> Option<String> {
         let uses_local =
             |e: &PortEntry| e.external_policy == TrafficPolicy::Local || e.internal_policy == TrafficPolicy::Local;
         let mut names: Vec<String> = Vec::new();
-        for e in entries.iter().filter(|e| uses_local(e)) {
+        for e in entries.into_iter().filter(|e| uses_local(e)) {
             for sl in self.service_slices(&(e.namespace.clone(), e.name.clone())) {
                 names.extend(sl.endpoints.iter().flatten().filter_map(|ep| ep.node_name.clone()));
             }
