@@ -20,7 +20,7 @@ use crate::nat;
 use crate::service::{FrontendKind, ServiceTable, TrafficPolicy};
 use crate::wire::{self, Inner, L4, Parsed, Unparsed};
 use xskgate_conntrack::{
-    FlowKey, FlowState, FlowTable, InsertError, Inserted, KeyHash, NewFlow, Proto, TcpState, tcp_flags,
+    FlowKey, FlowState, FlowTable, FlowView, InsertError, Inserted, KeyHash, NewFlow, Proto, TcpState, tcp_flags,
 };
 
 /// Frames per batch (the AF_XDP ring batch).
@@ -288,10 +288,16 @@ fn flow_packet(
     if p.ttl <= 1 {
         return w.drop(DropReason::TtlExpired);
     }
+    forward(f, p, &view, t, w, now)
+}
+
+/// Applies a flow's translation to a packet of it and accounts for it.
+#[inline]
+fn forward(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, t: &Tables<'_>, w: &mut WorkerState, now: u32) -> Verdict {
     let to = view.rewrite();
     nat::rewrite(f.buf, p, &to);
     let len = p.end - p.l3;
-    t.conntrack.touch(&view, now, len as u64, p.tcp_flags);
+    t.conntrack.touch(view, now, len as u64, p.tcp_flags);
     w.count_service(view.service, len);
     Verdict::Forward { next_hop: to.dst }
 }
@@ -389,12 +395,7 @@ fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, w: &mu
             Err(InsertError::Contended) => return w.drop(DropReason::ConntrackContended),
             Err(InsertError::InvalidTuple) => return w.drop(DropReason::InvalidTuple),
         };
-        let to = view.rewrite();
-        nat::rewrite(f.buf, p, &to);
-        let len = p.end - p.l3;
-        t.conntrack.touch(&view, now, len as u64, p.tcp_flags);
-        w.count_service(view.service, len);
-        return Verdict::Forward { next_hop: to.dst };
+        return forward(f, p, &view, t, w, now);
     }
     w.drop(DropReason::SnatExhausted)
 }
