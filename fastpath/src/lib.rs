@@ -9,9 +9,11 @@
 //! - [`nat`]: in-place DNAT/SNAT, ICMP error translation, generated rejects.
 //! - [`pipeline`]: `process_batch(frames, tables, worker, now)`, the pure
 //!   function the AF_XDP loop calls, with verdicts and drop reasons.
+//! - [`io`]: the XDP steering program, AF_XDP sockets and workers, the FIB.
 
 pub mod affinity;
 pub mod checksum;
+pub mod io;
 pub mod maglev;
 pub mod nat;
 pub mod pipeline;

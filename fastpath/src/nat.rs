@@ -106,6 +106,16 @@ pub fn rewrite(buf: &mut [u8], p: &Parsed, to: &FlowKey) {
     }
 }
 
+/// Decrements the TTL / hop limit of a packet routed unchanged (the caller
+/// checked `p.ttl > 1`), updating the IPv4 header checksum.
+pub fn route_unchanged(buf: &mut [u8], p: &Parsed) {
+    let mut ip = Incremental::new(get16(buf, p.l3 + 10));
+    decrement_ttl(buf, p, &mut ip);
+    if !p.v6 {
+        put16(buf, p.l3 + 10, ip.finish());
+    }
+}
+
 /// Translates an ICMP error about a NATed flow: the embedded packet gets
 /// the tuple `embedded` (its addresses, ports and checksums), the outer
 /// destination becomes `embedded.src`, TTL is decremented, and the outer

@@ -70,6 +70,16 @@ impl Cidr {
         Ok(Cidr { addr, bits })
     }
 
+    /// The first address of the prefix.
+    pub fn network(&self) -> Addr {
+        self.addr
+    }
+
+    /// The prefix length as written (IPv4: 0–32).
+    pub fn prefix_len(&self) -> u8 {
+        if self.addr.is_v4() { self.bits - 96 } else { self.bits }
+    }
+
     #[inline]
     pub fn contains(&self, a: &Addr) -> bool {
         let full = usize::from(self.bits / 8);

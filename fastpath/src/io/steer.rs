@@ -1,0 +1,247 @@
+//! The XDP steering program (`bpf/steer.c`): loaded with aya, attached
+//! through a BPF link (so it goes away with the process, even after
+//! SIGKILL), and programmed from the published service table.
+//!
+//! Contract: after [`Steering::program`] with the [`SteerSet`] of a table,
+//! the sockets receive exactly the frames that the program's rules select
+//! (frontends, replies to SNAT addresses on SNAT ports, replies from
+//! endpoints, ICMP errors about them); every other frame goes to the
+//! kernel. Map updates are diffs: a change of one Service touches only its
+//! keys.
+
+use crate::service::{FrontendKind, ServiceTable};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, XskMap};
+use aya::programs::{Xdp, XdpFlags};
+use std::collections::HashSet;
+use std::os::fd::AsRawFd;
+use xskgate_conntrack::{Addr, Proto};
+
+/// The compiled program, aligned for the ELF parser.
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.o"));
+
+/// Sockets per interface slot in the XSKMAP (the highest queue index + 1).
+pub const QUEUES_PER_INTERFACE: u32 = 64;
+
+/// `struct svc_key` of the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct SvcKey {
+    addr: [u8; 16],
+    port_be: u16,
+    proto: u8,
+    pad: u8,
+}
+
+// SAFETY: plain old data, `repr(C)`, no padding (16 + 2 + 1 + 1 bytes).
+unsafe impl aya::Pod for SvcKey {}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct AddrKey {
+    addr: [u8; 16],
+}
+
+// SAFETY: plain old data, `repr(C)`, no padding.
+unsafe impl aya::Pod for AddrKey {}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct ConfigValue {
+    snat_lo: u16,
+    snat_hi: u16,
+    pad: u32,
+}
+
+// SAFETY: plain old data, `repr(C)`, no implicit padding (2 + 2 + 4 bytes).
+unsafe impl aya::Pod for ConfigValue {}
+
+fn svc_key(addr: &Addr, proto: Proto, port: u16) -> SvcKey {
+    SvcKey { addr: addr.0, port_be: port.to_be(), proto: proto.0, pad: 0 }
+}
+
+/// What the program should steer, derived from a table and the node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SteerSet {
+    /// (address, protocol, port) of every frontend; NodePorts once per node
+    /// address of their family.
+    pub frontends: HashSet<(Addr, Proto, u16)>,
+    /// (address, protocol, port) of every endpoint of every service port.
+    pub endpoints: HashSet<(Addr, Proto, u16)>,
+    /// Addresses of this node, each with "is a SNAT address".
+    pub local: std::collections::HashMap<Addr, bool>,
+    pub snat_ports: (u16, u16),
+}
+
+impl SteerSet {
+    /// The set for `table` on a node whose own addresses are `local`
+    /// (the table's node addresses and SNAT addresses are added).
+    pub fn of(table: &ServiceTable, local: &[Addr]) -> SteerSet {
+        let node = table.node();
+        let mut s = SteerSet { snat_ports: node.snat_ports, ..SteerSet::default() };
+        for a in local.iter().chain(node.addresses.iter()) {
+            s.local.insert(*a, false);
+        }
+        for a in [node.snat_v4, node.snat_v6].into_iter().flatten() {
+            s.local.insert(a, true);
+        }
+        for p in table.ports() {
+            for f in &p.frontends {
+                if f.kind == FrontendKind::NodePort {
+                    for a in node.addresses.iter().filter(|a| a.is_v4() == f.addr.is_v4()) {
+                        s.frontends.insert((*a, p.proto, f.port));
+                    }
+                } else {
+                    s.frontends.insert((f.addr, p.proto, f.port));
+                }
+            }
+            for e in p.cluster.endpoints().iter().chain(p.local.endpoints()) {
+                s.endpoints.insert((e.addr, p.proto, e.port));
+            }
+        }
+        s
+    }
+}
+
+/// Why the program could not be loaded or attached.
+#[derive(Debug)]
+pub struct SteerError(pub String);
+
+impl std::fmt::Display for SteerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SteerError {}
+
+/// Counters of the program (summed over CPUs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SteerStats {
+    pub steered: u64,
+    pub passed: u64,
+    pub no_interface: u64,
+}
+
+/// The loaded program and what it has been told.
+pub struct Steering {
+    ebpf: aya::Ebpf,
+    attached: Vec<String>,
+    current: SteerSet,
+}
+
+impl Steering {
+    /// Loads the program into the kernel (not attached yet).
+    pub fn load() -> Result<Steering, SteerError> {
+        let mut ebpf = aya::Ebpf::load(PROGRAM).map_err(|e| SteerError(format!("loading the XDP program: {e}")))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut("xskgate_steer")
+            .ok_or_else(|| SteerError("the XDP object has no program xskgate_steer".into()))?
+            .try_into()
+            .map_err(|e| SteerError(format!("xskgate_steer is not an XDP program: {e}")))?;
+        prog.load().map_err(|e| SteerError(format!("the kernel refused the XDP program: {e}")))?;
+        Ok(Steering { ebpf, attached: Vec::new(), current: SteerSet::default() })
+    }
+
+    /// Attaches to `ifname` (driver mode, else generic mode) and maps its
+    /// frames to XSKMAP keys `slot * QUEUES_PER_INTERFACE + queue`.
+    pub fn attach(&mut self, ifname: &str, ifindex: u32, slot: u32) -> Result<(), SteerError> {
+        let mut base: BpfHashMap<&mut MapData, u32, u32> = self.map("if_base")?;
+        base.insert(ifindex, slot * QUEUES_PER_INTERFACE, 0).map_err(|e| SteerError(format!("if_base map: {e}")))?;
+        let prog: &mut Xdp =
+            self.ebpf.program_mut("xskgate_steer").and_then(|p| p.try_into().ok()).expect("loaded in load()");
+        match prog.attach(ifname, XdpFlags::DRV_MODE) {
+            Ok(_) => {}
+            Err(drv) => {
+                prog.attach(ifname, XdpFlags::SKB_MODE).map_err(|skb| {
+                    SteerError(format!("cannot attach XDP to {ifname}: driver mode: {drv}; generic mode: {skb}"))
+                })?;
+                tracing::warn!(interface = ifname, "XDP in generic (skb) mode: driver mode failed: {drv}");
+            }
+        }
+        self.attached.push(ifname.to_string());
+        Ok(())
+    }
+
+    /// Puts an AF_XDP socket at `slot`, `queue`.
+    pub fn add_socket(&mut self, slot: u32, queue: u32, fd: &impl AsRawFd) -> Result<(), SteerError> {
+        let mut xsks: XskMap<&mut MapData> = self
+            .ebpf
+            .map_mut("xsks")
+            .ok_or_else(|| SteerError("no map xsks".into()))?
+            .try_into()
+            .map_err(|e| SteerError(format!("xsks: {e}")))?;
+        xsks.set(slot * QUEUES_PER_INTERFACE + queue, fd.as_raw_fd(), 0)
+            .map_err(|e| SteerError(format!("adding the socket of queue {queue} to xsks: {e}")))
+    }
+
+    fn map<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> Result<BpfHashMap<&mut MapData, K, V>, SteerError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| SteerError(format!("no map {name}")))?
+            .try_into()
+            .map_err(|e| SteerError(format!("map {name}: {e}")))
+    }
+
+    /// Brings the maps to `want`, touching only what differs. Returns the
+    /// number of keys written or removed. A failed write (a full map) is
+    /// reported after the rest was applied.
+    pub fn program(&mut self, want: &SteerSet) -> Result<usize, SteerError> {
+        let mut changed = 0;
+        let mut first_error = None;
+        let mut note = |r: Result<(), aya::maps::MapError>, what: &str| match r {
+            Ok(()) => changed += 1,
+            Err(e) => {
+                if first_error.is_none() {
+                    first_error = Some(SteerError(format!("{what}: {e}")));
+                }
+            }
+        };
+        let current = std::mem::take(&mut self.current);
+        for (name, have, wanted) in
+            [("frontends", &current.frontends, &want.frontends), ("endpoints", &current.endpoints, &want.endpoints)]
+        {
+            let mut m: BpfHashMap<&mut MapData, SvcKey, u8> = self.map(name)?;
+            for k in have.difference(wanted) {
+                note(m.remove(&svc_key(&k.0, k.1, k.2)), name);
+            }
+            for k in wanted.difference(have) {
+                note(m.insert(svc_key(&k.0, k.1, k.2), 1, 0), name);
+            }
+        }
+        let mut locals: BpfHashMap<&mut MapData, AddrKey, u8> = self.map("local_addrs")?;
+        for a in current.local.keys().filter(|a| !want.local.contains_key(a)) {
+            note(locals.remove(&AddrKey { addr: a.0 }), "local_addrs");
+        }
+        for (a, snat) in want.local.iter().filter(|(a, s)| current.local.get(a) != Some(s)) {
+            note(locals.insert(AddrKey { addr: a.0 }, u8::from(*snat), 0), "local_addrs");
+        }
+        if current.snat_ports != want.snat_ports || current == SteerSet::default() {
+            let mut cfg: Array<&mut MapData, ConfigValue> = self
+                .ebpf
+                .map_mut("config")
+                .ok_or_else(|| SteerError("no map config".into()))?
+                .try_into()
+                .map_err(|e| SteerError(format!("config: {e}")))?;
+            let v = ConfigValue { snat_lo: want.snat_ports.0, snat_hi: want.snat_ports.1, pad: 0 };
+            note(cfg.set(0, v, 0), "config");
+        }
+        self.current = want.clone();
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(changed),
+        }
+    }
+
+    /// The program's counters.
+    pub fn stats(&self) -> SteerStats {
+        let Some(m) = self.ebpf.map("stats") else { return SteerStats::default() };
+        let Ok(arr) = PerCpuArray::<&MapData, u64>::try_from(m) else { return SteerStats::default() };
+        let sum = |i: u32| arr.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
+        SteerStats { steered: sum(0), passed: sum(1), no_interface: sum(2) }
+    }
+
+    /// Interfaces the program is attached to.
+    pub fn interfaces(&self) -> &[String] {
+        &self.attached
+    }
+}

@@ -1,0 +1,467 @@
+//! AF_XDP sockets (xsk-rs) and the worker loop around the pure pipeline.
+//!
+//! A [`Port`] is one socket on one (interface, queue) with its own UMEM.
+//! A [`Worker`] owns queue `q` of every interface, so a frame that enters on
+//! one interface and leaves by another stays on one thread: it is copied
+//! into a free frame of the egress UMEM and sent on that socket.
+//!
+//! Frame discipline per port: every UMEM frame is in exactly one place —
+//! the fill ring, the RX ring, the worker's hands during a batch, the TX
+//! ring, the completion ring, or the port's free stack. Received frames
+//! that are dropped go back to the free stack; sent frames come back
+//! through the completion ring. The free stack keeps a reserve for copies
+//! from other ports; the rest is given to the fill ring.
+//!
+//! Per batch: one load of the service table and of the FIB (arc-swap), no
+//! allocation, no lock; system calls only to kick TX (copy mode needs it),
+//! to wake the fill ring when the kernel asks, and to sleep when idle.
+
+use super::route::Fib;
+use crate::nat;
+use crate::pipeline::{self, BATCH, Frame, Tables, Verdict, WorkerState};
+use crate::service::{ServiceTable, ServiceTableHandle};
+use crate::wire;
+use crate::{AffinityTable, DropReason};
+use arc_swap::ArcSwap;
+use std::io::Write;
+use std::num::NonZeroU32;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+use xsk_rs::config::{BindFlags, FrameSize, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+use xskgate_conntrack::{Addr, FlowTable};
+
+/// Frames per UMEM and ring sizes.
+const FRAMES: u32 = 4096;
+const RING: u32 = 2048;
+const FRAME_SIZE: u32 = 2048;
+/// Free frames kept back from the fill ring for copies from other ports.
+const COPY_RESERVE: usize = 512;
+/// Empty rounds before a worker sleeps in `poll()`.
+const SPIN_ROUNDS: u32 = 1 << 14;
+const IDLE_POLL_MS: i32 = 10;
+/// How often a worker publishes its counters.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+
+/// Why a socket could not be opened.
+#[derive(Debug)]
+pub struct IoError(pub String);
+
+impl std::fmt::Display for IoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for IoError {}
+
+macro_rules! io_counters {
+    ($($field:ident => $doc:literal;)*) => {
+        /// What the I/O layer did, beside the pipeline's counters.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct IoCounters { $(#[doc = $doc] pub $field: u64,)* }
+
+        impl IoCounters {
+            /// (name, help, value) of every counter.
+            pub fn fields(&self) -> [(&'static str, &'static str, u64); [$(stringify!($field)),*].len()] {
+                [$((stringify!($field), $doc, self.$field)),*]
+            }
+            pub fn add(&mut self, o: &IoCounters) { $(self.$field += o.$field;)* }
+        }
+    };
+}
+
+io_counters! {
+    rx_packets => "Frames received from the AF_XDP sockets.";
+    tx_packets => "Frames handed to the AF_XDP TX rings.";
+    copied_across => "Frames copied into another interface's UMEM to leave by it.";
+    routed_unchanged => "Steered frames the pipeline did not own, routed on without NAT.";
+    no_route => "Dropped: no route to the next hop.";
+    no_neighbor => "Dropped: the next hop's MAC address is not resolved yet (resolution requested).";
+    no_egress_socket => "Dropped: the route leaves by an interface xskgate does not run on.";
+    steered_local => "Dropped: a steered frame for this node's own stack that the pipeline did not own.";
+    tx_ring_full => "Dropped: the TX ring or the egress UMEM had no room.";
+    busy_polls => "Worker rounds that found frames.";
+    idle_polls => "Worker rounds that found none.";
+}
+
+/// Counters a worker publishes for the metrics reader.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerSnapshot {
+    pub pipeline: crate::Counters,
+    pub io: IoCounters,
+}
+
+/// One AF_XDP socket with its UMEM.
+pub struct Port {
+    pub ifindex: u32,
+    pub ifname: String,
+    pub queue: u32,
+    umem: Umem,
+    fill: FillQueue,
+    comp: CompQueue,
+    tx: TxQueue,
+    rx: RxQueue,
+    free: Vec<FrameDesc>,
+    pending_tx: Vec<FrameDesc>,
+}
+
+fn setsockopt_int(fd: i32, opt: i32, v: i32) -> std::io::Result<()> {
+    // SAFETY: `fd` is an open socket; the option value is a live i32 of the
+    // size passed.
+    let r = unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&v as *const i32).cast(), std::mem::size_of::<i32>() as u32)
+    };
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+impl Port {
+    /// Opens a socket on `ifname` queue `queue`. The XDP program must not be
+    /// loaded by libxdp: ours is attached separately and the socket is put
+    /// into its XSKMAP by the caller.
+    pub fn open(ifname: &str, ifindex: u32, queue: u32) -> Result<Port, IoError> {
+        let size = |n| QueueSize::new(n).expect("power of two");
+        let umem_config = UmemConfig::builder()
+            .frame_size(FrameSize::new(FRAME_SIZE).expect("valid frame size"))
+            .fill_queue_size(size(RING))
+            .comp_queue_size(size(RING))
+            .build()
+            .map_err(|e| IoError(format!("UMEM config: {e}")))?;
+        let (umem, mut descs) = Umem::new(umem_config, NonZeroU32::new(FRAMES).expect("nonzero"), false)
+            .map_err(|e| IoError(format!("cannot create the UMEM for {ifname}: {e}")))?;
+        let socket_config = SocketConfig::builder()
+            .rx_queue_size(size(RING))
+            .tx_queue_size(size(RING))
+            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+            .bind_flags(BindFlags::XDP_USE_NEED_WAKEUP)
+            .build();
+        let name = ifname.parse().map_err(|e| IoError(format!("interface name {ifname:?}: {e}")))?;
+        // SAFETY: the UMEM is new and used by this socket only; it lives in
+        // the returned Port as long as the queues.
+        let (tx, rx, fq_cq) = unsafe { Socket::new(socket_config, &umem, &name, queue) }
+            .map_err(|e| IoError(format!("cannot open an AF_XDP socket on {ifname} queue {queue}: {e}")))?;
+        let (mut fill, comp) = fq_cq.ok_or_else(|| IoError("the socket came without fill/completion rings".into()))?;
+        let fd = rx.fd().as_raw_fd();
+        // Busy-poll options (SO_PREFER_BUSY_POLL, SO_BUSY_POLL, SO_BUSY_POLL_BUDGET):
+        // accepted by every driver; they matter on real NICs.
+        for (opt, v) in [(69, 1), (46, 20), (70, BATCH as i32)] {
+            if let Err(e) = setsockopt_int(fd, opt, v) {
+                tracing::debug!(interface = ifname, option = opt, "busy-poll socket option refused: {e}");
+            }
+        }
+        let to_fill = descs.split_off(descs.len() - RING as usize);
+        // SAFETY: the frames are fresh from this UMEM and owned by nobody else.
+        let filled = unsafe { fill.produce(&to_fill) };
+        if filled != to_fill.len() {
+            return Err(IoError(format!("the fill ring of {ifname} took {filled} of {} frames", to_fill.len())));
+        }
+        let mut free = Vec::with_capacity(FRAMES as usize);
+        free.extend(descs);
+        Ok(Port {
+            ifindex,
+            ifname: ifname.to_string(),
+            queue,
+            umem,
+            fill,
+            comp,
+            tx,
+            rx,
+            free,
+            pending_tx: Vec::with_capacity(FRAMES as usize),
+        })
+    }
+
+    /// The socket, for the XSKMAP.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.rx.fd().as_raw_fd()
+    }
+
+    /// Takes back sent frames.
+    fn reclaim(&mut self) {
+        let mut done = [FrameDesc::default(); BATCH];
+        loop {
+            // SAFETY: the completion ring hands back frames of this UMEM that
+            // the kernel finished sending.
+            let n = unsafe { self.comp.consume(&mut done) };
+            self.free.extend_from_slice(&done[..n]);
+            if n < BATCH {
+                break;
+            }
+        }
+    }
+
+    /// Gives free frames (beyond the copy reserve) to the fill ring.
+    fn refill(&mut self) {
+        let spare = self.free.len().saturating_sub(COPY_RESERVE);
+        let room = self.fill.nb_free(spare as u32) as usize;
+        let n = spare.min(room);
+        if n > 0 {
+            let from = self.free.len() - n;
+            // SAFETY: the frames are free (owned by user space, not in any ring).
+            let given = unsafe { self.fill.produce(&self.free[from..]) };
+            if given == n {
+                self.free.truncate(from);
+            }
+        }
+        if self.fill.needs_wakeup() {
+            let _ = self.fill.wakeup(self.rx.fd_mut(), 0);
+        }
+    }
+
+    /// Sends the pending frames (the ring takes all or none).
+    fn flush_tx(&mut self, io: &mut IoCounters) {
+        if self.pending_tx.is_empty() {
+            return;
+        }
+        let n = self.pending_tx.len();
+        // SAFETY: every pending frame belongs to this UMEM, holds a frame to
+        // send and is in no ring.
+        let sent = unsafe { self.tx.produce(&self.pending_tx) };
+        if sent == n {
+            io.tx_packets += n as u64;
+            // Copy mode sends only on a kick; in zero-copy mode the flag
+            // says whether one is needed.
+            let _ = self.tx.wakeup();
+        } else {
+            io.tx_ring_full += n as u64;
+            self.free.extend_from_slice(&self.pending_tx);
+        }
+        self.pending_tx.clear();
+    }
+
+    /// Points at a frame's whole data segment (its capacity).
+    fn buffer(&self, desc: &mut FrameDesc) -> (*mut u8, usize) {
+        // SAFETY: `desc` is a frame of this UMEM held by the worker (from
+        // the RX ring or the free stack), so nothing else accesses it.
+        let mut data = unsafe { self.umem.data_mut(desc) };
+        let len = data.contents().len();
+        let mut cursor = data.cursor();
+        let cap = cursor.buf_len();
+        cursor.set_pos(cap);
+        let ptr = data.contents_mut().as_mut_ptr();
+        data.cursor().set_pos(len);
+        (ptr, cap)
+    }
+
+    fn set_len(&self, desc: &mut FrameDesc, len: usize) {
+        // SAFETY: as in `buffer`.
+        unsafe { self.umem.data_mut(desc) }.cursor().set_pos(len);
+    }
+}
+
+/// What a worker reads, shared with the control plane.
+#[derive(Clone)]
+pub struct Shared {
+    pub services: Arc<ServiceTableHandle>,
+    pub conntrack: Arc<FlowTable>,
+    pub affinity: Arc<AffinityTable>,
+    pub fib: Arc<ArcSwap<Fib>>,
+    /// Next hops to resolve (the control plane adds managed neighbours).
+    pub resolve: mpsc::SyncSender<(u32, Addr)>,
+    pub stop: Arc<AtomicBool>,
+    /// The process clock: conntrack's `now` is whole seconds since this.
+    pub epoch: Instant,
+}
+
+/// One worker thread's loop state.
+pub struct Worker {
+    ports: Vec<Port>,
+    shared: Shared,
+    state: WorkerState,
+    io: IoCounters,
+    snapshot: Arc<Mutex<WorkerSnapshot>>,
+}
+
+/// Where one received frame goes after the pipeline.
+enum Out {
+    Free,
+    Tx { port: usize, len: usize },
+}
+
+impl Worker {
+    pub fn new(ports: Vec<Port>, shared: Shared) -> (Worker, Arc<Mutex<WorkerSnapshot>>) {
+        let snapshot = Arc::new(Mutex::new(WorkerSnapshot::default()));
+        let w =
+            Worker { ports, shared, state: WorkerState::new(), io: IoCounters::default(), snapshot: snapshot.clone() };
+        (w, snapshot)
+    }
+
+    /// Runs until `shared.stop` is set.
+    pub fn run(mut self) {
+        let mut empty_rounds = 0u32;
+        let mut last_publish = Instant::now();
+        let mut rx_descs = [FrameDesc::default(); BATCH];
+        let mut verdicts = [Verdict::Pass; BATCH];
+        let conntrack = self.shared.conntrack.clone();
+        let affinity = self.shared.affinity.clone();
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let now_instant = Instant::now();
+            let now = now_instant.duration_since(self.shared.epoch).as_secs() as u32;
+            let services = self.shared.services.load();
+            let fib = self.shared.fib.load();
+            let tables = Tables { services: &services, conntrack: &conntrack, affinity: &affinity };
+            let mut received = 0;
+            for i in 0..self.ports.len() {
+                let port = &mut self.ports[i];
+                port.reclaim();
+                port.refill();
+                // SAFETY: the RX ring hands over frames of this port's UMEM.
+                let n = unsafe { port.rx.consume(&mut rx_descs) };
+                if n == 0 {
+                    continue;
+                }
+                received += n;
+                self.io.rx_packets += n as u64;
+                let mut bufs = [(std::ptr::null_mut::<u8>(), 0usize); BATCH];
+                for (b, d) in bufs.iter_mut().zip(rx_descs[..n].iter_mut()) {
+                    *b = port.buffer(d);
+                }
+                let lens: [usize; BATCH] =
+                    std::array::from_fn(|j| if j < n { rx_descs[j].lengths().data() } else { 0 });
+                {
+                    let mut frames: [Frame<'_>; BATCH] = std::array::from_fn(|j| {
+                        if j < n {
+                            // SAFETY: each buffer is a distinct frame held by
+                            // this worker for the batch; the UMEM mapping
+                            // outlives it.
+                            Frame { buf: unsafe { std::slice::from_raw_parts_mut(bufs[j].0, bufs[j].1) }, len: lens[j] }
+                        } else {
+                            Frame { buf: &mut [], len: 0 }
+                        }
+                    });
+                    pipeline::process_batch(&mut frames[..n], &tables, &mut self.state, now, &mut verdicts[..n]);
+                    for j in 0..n {
+                        let f = &mut frames[j];
+                        let out = self.egress(i, f, verdicts[j], &fib, &services);
+                        match out {
+                            Out::Free => self.ports[i].free.push(rx_descs[j]),
+                            Out::Tx { port, len } if port == i => {
+                                let p = &mut self.ports[i];
+                                p.set_len(&mut rx_descs[j], len);
+                                p.pending_tx.push(rx_descs[j]);
+                            }
+                            Out::Tx { port, len } => {
+                                self.copy_to(port, &f.buf[..len]);
+                                self.ports[i].free.push(rx_descs[j]);
+                            }
+                        }
+                    }
+                }
+            }
+            for p in &mut self.ports {
+                p.flush_tx(&mut self.io);
+            }
+            if received > 0 {
+                self.io.busy_polls += 1;
+                empty_rounds = 0;
+            } else {
+                self.io.idle_polls += 1;
+                empty_rounds += 1;
+                if empty_rounds >= SPIN_ROUNDS {
+                    self.sleep_until_rx();
+                }
+            }
+            if now_instant.duration_since(last_publish) >= PUBLISH_EVERY {
+                self.publish();
+                last_publish = now_instant;
+            }
+        }
+        self.publish();
+    }
+
+    /// Decides where a processed frame goes; rewrites its L2 header.
+    fn egress(&mut self, from: usize, f: &mut Frame<'_>, v: Verdict, fib: &Fib, services: &ServiceTable) -> Out {
+        let dst = match v {
+            Verdict::Drop(_) => return Out::Free,
+            Verdict::Reply => return Out::Tx { port: from, len: f.len },
+            Verdict::Forward { next_hop } => next_hop,
+            Verdict::Pass => {
+                // Steered by the program but not the pipeline's: route it
+                // on unchanged, as the kernel would, unless it is for this
+                // node (the kernel's stack is out of reach from here).
+                let Ok(p) = wire::parse(&f.buf[..f.len]) else {
+                    self.io.steered_local += 1;
+                    return Out::Free;
+                };
+                if fib.is_local(&p.dst) || services.is_node_address(&p.dst) {
+                    self.io.steered_local += 1;
+                    return Out::Free;
+                }
+                if p.ttl <= 1 {
+                    self.state.counters.drops[DropReason::TtlExpired as usize] += 1;
+                    return Out::Free;
+                }
+                nat::route_unchanged(f.buf, &p);
+                self.io.routed_unchanged += 1;
+                p.dst
+            }
+        };
+        let Some(hop) = fib.next_hop(&dst) else {
+            self.io.no_route += 1;
+            return Out::Free;
+        };
+        let Some(mac) = fib.neighbour(hop.oif, &hop.via) else {
+            self.io.no_neighbor += 1;
+            let _ = self.shared.resolve.try_send((hop.oif, hop.via));
+            return Out::Free;
+        };
+        let Some(port) = self.ports.iter().position(|p| p.ifindex == hop.oif) else {
+            self.io.no_egress_socket += 1;
+            return Out::Free;
+        };
+        let Some(link) = fib.link(hop.oif) else {
+            self.io.no_route += 1;
+            return Out::Free;
+        };
+        if f.len < 14 {
+            return Out::Free;
+        }
+        f.buf[0..6].copy_from_slice(&mac);
+        f.buf[6..12].copy_from_slice(&link.mac);
+        Out::Tx { port, len: f.len }
+    }
+
+    /// Copies a frame into a free frame of port `to` and queues it there.
+    fn copy_to(&mut self, to: usize, bytes: &[u8]) {
+        let port = &mut self.ports[to];
+        if port.free.is_empty() {
+            port.reclaim();
+        }
+        let Some(mut desc) = port.free.pop() else {
+            self.io.tx_ring_full += 1;
+            return;
+        };
+        // SAFETY: the frame came from the port's free stack.
+        let mut data = unsafe { port.umem.data_mut(&mut desc) };
+        let mut cursor = data.cursor();
+        cursor.set_pos(0);
+        if cursor.write_all(bytes).is_err() {
+            port.free.push(desc);
+            self.io.tx_ring_full += 1;
+            return;
+        }
+        port.pending_tx.push(desc);
+        self.io.copied_across += 1;
+    }
+
+    /// Blocks in `poll()` until a socket has frames (or a short timeout, to
+    /// notice `stop` and publish counters).
+    fn sleep_until_rx(&mut self) {
+        let mut fds = [libc::pollfd { fd: -1, events: libc::POLLIN, revents: 0 }; 16];
+        let n = self.ports.len().min(fds.len());
+        for (f, p) in fds.iter_mut().zip(&self.ports) {
+            f.fd = p.fd();
+        }
+        // SAFETY: `fds[..n]` are initialized pollfds of open sockets.
+        unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, IDLE_POLL_MS) };
+    }
+
+    fn publish(&mut self) {
+        if let Ok(mut s) = self.snapshot.try_lock() {
+            s.pipeline.clone_from(&self.state.counters);
+            s.io = self.io;
+        }
+    }
+}
