@@ -178,7 +178,7 @@ fn http_date(t: SystemTime) -> String {
 pub type Responder = Arc<dyn Fn(&str) -> (u16, String) + Send + Sync>;
 
 /// Serves one connection: every request gets `respond(path)`.
-async fn serve(conn: tokio::net::TcpStream, respond: Responder) {
+async fn serve(conn: tokio::net::TcpStream, content_type: &'static str, respond: Responder) {
     let (r, mut w) = conn.into_split();
     let mut r = BufReader::new(r);
     loop {
@@ -200,7 +200,7 @@ async fn serve(conn: tokio::net::TcpStream, respond: Responder) {
         let (status, body) = respond(&path);
         let reason = if status == 200 { "OK" } else { "Service Unavailable" };
         let head = format!(
-            "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nDate: {}\r\nContent-Length: {}\r\n\r\n",
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nX-Content-Type-Options: nosniff\r\nDate: {}\r\nContent-Length: {}\r\n\r\n",
             http_date(SystemTime::now()),
             body.len()
         );
@@ -212,9 +212,18 @@ async fn serve(conn: tokio::net::TcpStream, respond: Responder) {
 
 /// Serves `respond` on an already bound listener until the task is aborted.
 pub fn spawn_server(listener: TcpListener, respond: Responder) -> tokio::task::JoinHandle<()> {
+    spawn_server_as(listener, "application/json", respond)
+}
+
+/// [`spawn_server`] with another `Content-Type`.
+pub fn spawn_server_as(
+    listener: TcpListener,
+    content_type: &'static str,
+    respond: Responder,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while let Ok((conn, _)) = listener.accept().await {
-            tokio::spawn(serve(conn, respond.clone()));
+            tokio::spawn(serve(conn, content_type, respond.clone()));
         }
     })
 }

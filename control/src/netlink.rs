@@ -1,0 +1,198 @@
+//! The kernel's forwarding state over rtnetlink: interfaces (index, name,
+//! MAC), addresses, routes of the main table and resolved neighbours,
+//! mirrored into the fast path's [`Fib`] snapshot; and resolution of next
+//! hops as `managed` neighbour entries (the kernel keeps them resolved by
+//! itself, Linux ≥ 5.16).
+//!
+//! Contract: [`Mirror::fib`] is one consistent-enough dump (links,
+//! addresses, routes, neighbours, in that order); the daemon re-reads it
+//! periodically and publishes it when it changed.
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
+use rtnetlink::packet_utils::nla::DefaultNla;
+use rtnetlink::{Handle, RouteMessageBuilder};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use xskgate_conntrack::Addr;
+use xskgate_fastpath::Cidr;
+use xskgate_fastpath::io::route::{Fib, Link, Route};
+
+/// `NDA_FLAGS_EXT` and its `NTF_EXT_MANAGED` bit (linux/neighbour.h).
+const NDA_FLAGS_EXT: u16 = 15;
+const NTF_EXT_MANAGED: u32 = 1;
+/// The main routing table.
+const RT_TABLE_MAIN: u32 = 254;
+
+/// An address of an interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceAddress {
+    pub ifindex: u32,
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+/// An rtnetlink connection.
+#[derive(Clone)]
+pub struct Mirror {
+    handle: Handle,
+}
+
+fn err(what: &str, e: impl std::fmt::Display) -> String {
+    format!("rtnetlink {what}: {e}")
+}
+
+impl Mirror {
+    /// Opens the connection (its driver runs on the current tokio runtime).
+    pub fn new() -> Result<Mirror, String> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| err("socket", e))?;
+        tokio::spawn(conn);
+        Ok(Mirror { handle })
+    }
+
+    pub async fn links(&self) -> Result<Vec<Link>, String> {
+        let mut out = Vec::new();
+        let mut s = self.handle.link().get().execute();
+        while let Some(m) = s.try_next().await.map_err(|e| err("link dump", e))? {
+            let mut name = String::new();
+            let mut mac = [0u8; 6];
+            for a in &m.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => name.clone_from(n),
+                    LinkAttribute::Address(b) if b.len() == 6 => mac.copy_from_slice(b),
+                    _ => {}
+                }
+            }
+            out.push(Link { ifindex: m.header.index, name, mac });
+        }
+        Ok(out)
+    }
+
+    pub async fn addresses(&self) -> Result<Vec<InterfaceAddress>, String> {
+        let mut out = Vec::new();
+        let mut s = self.handle.address().get().execute();
+        while let Some(m) = s.try_next().await.map_err(|e| err("address dump", e))? {
+            // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the
+            // peer's on point-to-point links); IPv6 has only IFA_ADDRESS.
+            let local = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let addr = local.or_else(|| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            });
+            if let Some(addr) = addr {
+                out.push(InterfaceAddress { ifindex: m.header.index, addr, prefix_len: m.header.prefix_len });
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn routes(&self) -> Result<Vec<Route>, String> {
+        let mut out = Vec::new();
+        for msg in [RouteMessageBuilder::<Ipv4Addr>::new().build(), RouteMessageBuilder::<Ipv6Addr>::new().build()] {
+            let mut s = self.handle.route().get(msg).execute();
+            while let Some(m) = s.try_next().await.map_err(|e| err("route dump", e))? {
+                let mut table = u32::from(m.header.table);
+                let (mut dst, mut gateway, mut oif, mut metric) = (None, None, None, 0);
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Table(t) => table = *t,
+                        RouteAttribute::Destination(d) => dst = route_ip(d),
+                        RouteAttribute::Gateway(g) => gateway = route_ip(g),
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        RouteAttribute::Priority(p) => metric = *p,
+                        _ => {}
+                    }
+                }
+                if table != RT_TABLE_MAIN || m.header.kind != RouteType::Unicast {
+                    continue;
+                }
+                let Some(oif) = oif else { continue };
+                let dst = dst.unwrap_or(if m.header.address_family == rtnetlink::packet_route::AddressFamily::Inet6 {
+                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                });
+                let Ok(dst) = Cidr::new(dst, m.header.destination_prefix_length) else { continue };
+                out.push(Route { dst, gateway: gateway.map(Addr::from), oif, metric });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Neighbours with a usable MAC address.
+    pub async fn neighbours(&self) -> Result<Vec<(u32, Addr, [u8; 6])>, String> {
+        let mut out = Vec::new();
+        let mut s = self.handle.neighbours().get().execute();
+        while let Some(m) = s.try_next().await.map_err(|e| err("neighbour dump", e))? {
+            let usable = matches!(
+                m.header.state,
+                NeighbourState::Reachable
+                    | NeighbourState::Stale
+                    | NeighbourState::Delay
+                    | NeighbourState::Probe
+                    | NeighbourState::Permanent
+                    | NeighbourState::Noarp
+            );
+            if !usable {
+                continue;
+            }
+            let mut ip = None;
+            let mut mac = None;
+            for a in &m.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(IpAddr::V4(*v4)),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => ip = Some(IpAddr::V6(*v6)),
+                    NeighbourAttribute::LinkLocalAddress(b) if b.len() == 6 => {
+                        mac = Some([b[0], b[1], b[2], b[3], b[4], b[5]]);
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(ip), Some(mac)) = (ip, mac) {
+                out.push((m.header.ifindex, Addr::from(ip), mac));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The whole snapshot.
+    pub async fn fib(&self) -> Result<(Fib, Vec<InterfaceAddress>), String> {
+        let links = self.links().await?;
+        let addresses = self.addresses().await?;
+        let routes = self.routes().await?;
+        let neighbours = self.neighbours().await?;
+        let local = addresses.iter().map(|a| Addr::from(a.addr)).collect();
+        Ok((Fib::new(routes, neighbours, links, local), addresses))
+    }
+
+    /// Asks the kernel to resolve `addr` on `ifindex` and keep it resolved
+    /// (a `managed` neighbour entry).
+    pub async fn resolve(&self, ifindex: u32, addr: Addr) -> Result<(), String> {
+        let mut req = self
+            .handle
+            .neighbours()
+            .add(ifindex, addr.to_ip())
+            .state(NeighbourState::None)
+            .flags(NeighbourFlags::ExtLearned)
+            .replace();
+        req.message_mut()
+            .attributes
+            .push(NeighbourAttribute::Other(DefaultNla::new(NDA_FLAGS_EXT, NTF_EXT_MANAGED.to_ne_bytes().to_vec())));
+        req.execute().await.map_err(|e| err(&format!("managed neighbour {addr} on ifindex {ifindex}"), e))
+    }
+}
+
+fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
