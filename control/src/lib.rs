@@ -14,13 +14,19 @@
 //! - [`node`]: who this gateway is (`--node-name`, `NODE_NAME`, hostname).
 //! - [`health`]: healthCheckNodePort servers and `/healthz`, `/livez`, as
 //!   kube-proxy answers them.
+//! - [`metrics`]: `/metrics` (kube-proxy's names and `xskgate_*`).
+//! - [`netlink`]: interfaces, addresses, routes and neighbours over rtnetlink.
+//! - [`run`]: `xskgate run`, the daemon (data path, servers, control loop).
 
 pub mod controller;
 pub mod health;
 pub mod kube_source;
 pub mod manifest;
+pub mod metrics;
+pub mod netlink;
 pub mod node;
 pub mod publish;
+pub mod run;
 pub mod state;
 pub mod table_cmd;
 pub mod translate;

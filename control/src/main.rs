@@ -55,13 +55,76 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         poll_ms: u64,
     },
+    /// Run the gateway: the XDP steering program and AF_XDP workers on
+    /// `--interfaces`, the health and metrics servers, and the control loop.
+    Run {
+        /// Directory of manifests, watched live.
+        #[arg(long, conflicts_with = "kubeconfig", required_unless_present = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// Kubeconfig of the cluster to watch.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// This gateway's node name (default: $NODE_NAME, else the hostname).
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Zone, when the Node object gives none.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Interfaces to serve, comma-separated (XDP and AF_XDP sockets on every queue).
+        #[arg(long, value_delimiter = ',', required = true)]
+        interfaces: Vec<String>,
+        /// The cluster's pod CIDR(s): traffic from them is internal.
+        #[arg(long, value_delimiter = ',')]
+        cluster_cidr: Vec<String>,
+        /// SNAT (masquerade) address per family; default: the address of the interface
+        /// the cluster CIDR is routed by, else the first address of --interfaces.
+        #[arg(long, value_delimiter = ',')]
+        snat_address: Vec<std::net::IpAddr>,
+        /// SNAT source ports, LO-HI. Keep them out of the node's
+        /// net.ipv4.ip_local_port_range: replies to these ports belong to xskgate.
+        #[arg(long, default_value = "1024-29999")]
+        snat_ports: String,
+        /// CPUs to pin the workers to (worker q gets the q-th, cycling), e.g. 2,3.
+        #[arg(long, value_delimiter = ',')]
+        cpus: Vec<usize>,
+        #[arg(long, default_value = "0.0.0.0:10256")]
+        healthz_bind_address: std::net::SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_bind_address: std::net::SocketAddr,
+        /// Conntrack capacity in flows.
+        #[arg(long, default_value_t = 1 << 20)]
+        conntrack_max: usize,
+        /// How often the manifest directory is checked, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        poll_ms: u64,
+    },
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(|e| {
+        eprintln!("xskgate: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn parse_ports(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s.split_once('-').ok_or_else(|| format!("--snat-ports {s:?}: expected LO-HI"))?;
+    let lo: u16 = lo.trim().parse().map_err(|e| format!("--snat-ports {s:?}: {e}"))?;
+    let hi: u16 = hi.trim().parse().map_err(|e| format!("--snat-ports {s:?}: {e}"))?;
+    if lo == 0 || lo > hi {
+        return Err(format!("--snat-ports {s:?}: need 1 <= LO <= HI"));
+    }
+    Ok((lo, hi))
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,netlink_packet_route=error".into()),
+        )
         .init();
     match Cli::parse().cmd {
         Cmd::Table { manifests, node_name, zone, cluster_cidr, json } => {
@@ -72,14 +135,74 @@ fn main() -> ExitCode {
                 eprintln!("xskgate: no node name: pass --node-name or set NODE_NAME");
                 return ExitCode::from(2);
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+            let runtime = match runtime() {
                 Ok(r) => r,
-                Err(e) => {
-                    eprintln!("xskgate: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             runtime.block_on(watch(manifests, kubeconfig, name, zone, std::time::Duration::from_millis(poll_ms)))
+        }
+        Cmd::Run {
+            manifests,
+            kubeconfig,
+            node_name,
+            zone,
+            interfaces,
+            cluster_cidr,
+            snat_address,
+            snat_ports,
+            cpus,
+            healthz_bind_address,
+            metrics_bind_address,
+            conntrack_max,
+            poll_ms,
+        } => {
+            let Some(name) = node::node_name(node_name.as_deref()) else {
+                eprintln!("xskgate: no node name: pass --node-name or set NODE_NAME");
+                return ExitCode::from(2);
+            };
+            let mut cidrs = Vec::new();
+            for c in &cluster_cidr {
+                match c.parse::<Cidr>() {
+                    Ok(c) => cidrs.push(c),
+                    Err(e) => {
+                        eprintln!("xskgate: --cluster-cidr {c:?}: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            let snat_ports = match parse_ports(&snat_ports) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("xskgate: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let cfg = xskgate_control::run::RunConfig {
+                manifests,
+                kubeconfig,
+                node_name: name,
+                zone,
+                interfaces,
+                cluster_cidrs: cidrs,
+                snat_addresses: snat_address,
+                snat_ports,
+                cpus,
+                healthz_bind: healthz_bind_address,
+                metrics_bind: metrics_bind_address,
+                conntrack_capacity: conntrack_max,
+                poll: std::time::Duration::from_millis(poll_ms),
+            };
+            let runtime = match runtime() {
+                Ok(r) => r,
+                Err(code) => return code,
+            };
+            match runtime.block_on(xskgate_control::run::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("xskgate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

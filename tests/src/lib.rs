@@ -17,9 +17,11 @@
 //! skip, when they cannot run.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 /// Panics (fails the test) unless running as root.
@@ -72,6 +74,8 @@ pub struct Topology {
     prefix: String,
     namespaces: Vec<String>,
     children: Vec<Child>,
+    stop_threads: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Topology {
@@ -88,7 +92,13 @@ impl Topology {
                 .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&prefix)))
                 .unwrap_or(false);
             if !taken {
-                return Topology { prefix, namespaces: Vec::new(), children: Vec::new() };
+                return Topology {
+                    prefix,
+                    namespaces: Vec::new(),
+                    children: Vec::new(),
+                    stop_threads: Arc::new(AtomicBool::new(false)),
+                    threads: Vec::new(),
+                };
             }
         }
     }
@@ -187,6 +197,110 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// Starts an echo server for pod `name` on `port` on a thread of this
+    /// process inside namespace `short` (no binary needed); it stops when
+    /// the topology is dropped. Returns once it listens.
+    pub fn echo_thread(&mut self, short: &str, name: &str, port: u16) {
+        let path = format!("/run/netns/{}", self.ns_name(short));
+        let (name, stop) = (name.to_string(), self.stop_threads.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
+            // SAFETY: `file` is an open namespace fd; setns changes only this thread.
+            let rc = unsafe { setns(std::os::fd::AsRawFd::as_raw_fd(&file), CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+            let server = EchoServer::bind(&name, port);
+            let ok = server.is_ok();
+            let _ = ready_tx.send(server.as_ref().err().map(|e| e.to_string()));
+            if ok {
+                server.expect("checked").serve(&stop);
+            }
+        });
+        match ready_rx.recv() {
+            Ok(None) => {}
+            Ok(Some(e)) => panic!("echo server in {short} did not start: {e}"),
+            Err(_) => panic!("echo server thread for {short} died before listening"),
+        }
+        self.threads.push(t);
+    }
+}
+
+/// The pod echo server: on TCP and UDP `port`, answers every request (a TCP
+/// connection's first line, or a datagram) with `<pod> <peer addr>:<port>\n`;
+/// HTTP GETs get the same line as an HTTP/1.1 response, so curl works too.
+pub struct EchoServer {
+    name: String,
+    tcp: TcpListener,
+    udp: UdpSocket,
+}
+
+/// An IPv4-mapped peer as the IPv4 address it is.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+impl EchoServer {
+    /// Binds `[::]:port` (IPv4 too, IPv4-mapped) for TCP and UDP.
+    ///
+    /// # Errors
+    /// A port that cannot be bound.
+    pub fn bind(name: &str, port: u16) -> std::io::Result<EchoServer> {
+        let tcp = TcpListener::bind(("::", port))?;
+        let udp = UdpSocket::bind(("::", port))?;
+        tcp.set_nonblocking(true)?;
+        udp.set_read_timeout(Some(Duration::from_millis(50)))?;
+        Ok(EchoServer { name: name.to_string(), tcp, udp })
+    }
+
+    /// Serves until `stop` is set (checked every 50 ms).
+    pub fn serve(self, stop: &AtomicBool) {
+        let EchoServer { name, tcp, udp } = self;
+        let udp_name = name.clone();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(format!("{udp_name} {}\n", canonical(peer)).as_bytes(), peer);
+                    }
+                }
+            });
+            while !stop.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((conn, peer)) => {
+                        let name = name.clone();
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                        std::thread::spawn(move || answer_tcp(&name, &conn, canonical(peer)));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+    }
+}
+
+fn answer_tcp(name: &str, conn: &TcpStream, peer: SocketAddr) {
+    let mut reader = BufReader::new(conn);
+    let mut first = String::new();
+    if reader.read_line(&mut first).is_err() {
+        return;
+    }
+    let line = format!("{name} {peer}\n");
+    let mut w = conn;
+    if first.starts_with("GET ") {
+        // Drain the request head, answer as HTTP/1.1 and close.
+        let mut h = String::new();
+        while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
+            h.clear();
+        }
+        let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{line}", line.len());
+    } else {
+        let _ = w.write_all(line.as_bytes());
+    }
+}
+
 impl Default for Topology {
     fn default() -> Topology {
         Topology::new()
@@ -195,6 +309,10 @@ impl Default for Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
+        self.stop_threads.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();

@@ -1,0 +1,417 @@
+//! `xskgate run`: the daemon a gateway node runs.
+//!
+//! Start-up, in order, each step failing with a plain message (never a
+//! panic): read the interfaces, addresses and routes over rtnetlink; check
+//! that every `--interfaces` entry exists; choose the node and SNAT
+//! addresses; load the XDP steering program (needs root: CAP_BPF,
+//! CAP_NET_ADMIN, CAP_SYS_ADMIN on older kernels) and attach it to each
+//! interface through a BPF link (it goes away with the process, also after
+//! SIGKILL); open one AF_XDP socket per (interface, queue); start one worker
+//! thread per queue; open `/healthz`, `/livez` and `/metrics`; then follow
+//! the manifest directory or the Kubernetes API.
+//!
+//! Every published table is followed by the steering maps and the
+//! healthCheckNodePort servers. The FIB is re-read every 250 ms and next
+//! hops the workers could not resolve become managed neighbour entries.
+//! SIGINT or SIGTERM stops the workers, detaches the program and exits 0.
+
+use crate::controller::Controller;
+use crate::health::{ProxyHealth, ServiceHealth, spawn_proxy_health, spawn_server_as, wanted};
+use crate::kube_source::{self, Change};
+use crate::manifest::{DirWatcher, Object};
+use crate::metrics::{self, ControlMetrics, Sources};
+use crate::netlink::{InterfaceAddress, Mirror};
+use crate::publish::{Outcome, Publisher};
+use crate::state::Kind;
+use arc_swap::ArcSwap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime};
+use tracing::{error, info, warn};
+use xskgate_conntrack::{Addr, FlowTable};
+use xskgate_fastpath::io::route::{Fib, NextHop};
+use xskgate_fastpath::io::steer::{SteerSet, Steering};
+use xskgate_fastpath::io::xsk::{Port, Shared, Worker};
+use xskgate_fastpath::{AffinityTable, Cidr, NodeConfig, ServiceTable, ServiceTableHandle};
+
+/// Everything `xskgate run` is told.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub manifests: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: String,
+    pub zone: Option<String>,
+    pub interfaces: Vec<String>,
+    pub cluster_cidrs: Vec<Cidr>,
+    pub snat_addresses: Vec<IpAddr>,
+    pub snat_ports: (u16, u16),
+    pub cpus: Vec<usize>,
+    pub healthz_bind: SocketAddr,
+    pub metrics_bind: SocketAddr,
+    pub conntrack_capacity: usize,
+    pub poll: Duration,
+}
+
+/// The node's addresses and SNAT choice, from the interfaces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Addressing {
+    pub node_addresses: Vec<Addr>,
+    pub snat_v4: Option<Addr>,
+    pub snat_v6: Option<Addr>,
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        IpAddr::V4(v4) => v4.is_link_local(),
+    }
+}
+
+/// Node addresses are the (non-link-local) addresses of the interfaces;
+/// the SNAT address of a family is `--snat-address` if given, else the
+/// address of the interface by which the route to the cluster CIDR leaves
+/// (the side the endpoints are on), else the first node address.
+pub fn addressing(
+    interfaces: &[u32],
+    addrs: &[InterfaceAddress],
+    fib: &Fib,
+    cluster_cidrs: &[Cidr],
+    snat_flag: &[IpAddr],
+) -> Addressing {
+    let node_addresses: Vec<Addr> = addrs
+        .iter()
+        .filter(|a| interfaces.contains(&a.ifindex) && !is_link_local(&a.addr))
+        .map(|a| Addr::from(a.addr))
+        .collect();
+    let pick = |v4: bool| -> Option<Addr> {
+        if let Some(ip) = snat_flag.iter().find(|ip| ip.is_ipv4() == v4) {
+            return Some(Addr::from(*ip));
+        }
+        // The interface of the first route into the cluster CIDR (the
+        // CIDR itself, or a part of it such as a node's pod range).
+        let toward_pods = cluster_cidrs
+            .iter()
+            .filter(|c| c.network().is_v4() == v4)
+            .filter_map(|c| {
+                fib.next_hop(&c.network()).or_else(|| {
+                    fib.routes()
+                        .iter()
+                        .find(|r| c.contains(&r.dst.network()))
+                        .map(|r| NextHop { oif: r.oif, via: r.dst.network() })
+                })
+            })
+            .find_map(|hop| {
+                addrs
+                    .iter()
+                    .find(|a| a.ifindex == hop.oif && a.addr.is_ipv4() == v4 && !is_link_local(&a.addr))
+                    .map(|a| Addr::from(a.addr))
+            });
+        toward_pods.or_else(|| node_addresses.iter().copied().find(|a| a.is_v4() == v4))
+    };
+    Addressing { snat_v4: pick(true), snat_v6: pick(false), node_addresses }
+}
+
+/// Receive queues of an interface (sysfs), at least 1.
+fn rx_queues(ifname: &str) -> u32 {
+    std::fs::read_dir(format!("/sys/class/net/{ifname}/queues"))
+        .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with("rx-")).count() as u32)
+        .unwrap_or(1)
+        .max(1)
+}
+
+fn pin_to(cpu: usize) -> Result<(), String> {
+    // SAFETY: `set` is a zeroed cpu_set_t on the stack, passed with its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+    }
+    Ok(())
+}
+
+fn privilege_hint(e: &str) -> String {
+    if e.contains("Operation not permitted") || e.contains("EPERM") || e.contains("permission") {
+        format!("{e} (xskgate run needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW and CAP_SYS_ADMIN)")
+    } else {
+        e.to_string()
+    }
+}
+
+/// The data path's running pieces.
+struct DataPath {
+    steering: Arc<Mutex<Steering>>,
+    local: Vec<Addr>,
+    stop: Arc<AtomicBool>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl DataPath {
+    /// Programs the steering maps for `table`; returns how long it took.
+    fn program(&self, table: &ServiceTable, m: &ControlMetrics) {
+        let set = SteerSet::of(table, &self.local);
+        let mut s = self.steering.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = s.program(&set) {
+            m.steering_errors.fetch_add(1, Ordering::Relaxed);
+            error!("steering map update: {e}; frames of the affected Services may go to the kernel");
+        }
+    }
+
+    fn shutdown(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.workers {
+            let _ = w.join();
+        }
+        // Dropping the Steering detaches the program (the BPF links close).
+        drop(self.steering);
+    }
+}
+
+/// Runs the daemon until SIGINT/SIGTERM. Errors are start-up failures,
+/// worded for the operator.
+pub async fn run(cfg: RunConfig) -> Result<(), String> {
+    let started = Instant::now();
+    let mirror = Mirror::new().map_err(|e| privilege_hint(&e))?;
+    let (fib, addrs) = mirror.fib().await.map_err(|e| privilege_hint(&e))?;
+    let mut ifindexes = Vec::new();
+    for name in &cfg.interfaces {
+        match fib.links().find(|l| &l.name == name) {
+            Some(l) => ifindexes.push(l.ifindex),
+            None => {
+                let mut have: Vec<&str> = fib.links().map(|l| l.name.as_str()).collect();
+                have.sort_unstable();
+                return Err(format!("interface {name:?} does not exist here (interfaces: {})", have.join(", ")));
+            }
+        }
+    }
+    let addressing = addressing(&ifindexes, &addrs, &fib, &cfg.cluster_cidrs, &cfg.snat_addresses);
+    let node = NodeConfig {
+        addresses: addressing.node_addresses.clone(),
+        pod_cidrs: cfg.cluster_cidrs.clone(),
+        snat_v4: addressing.snat_v4,
+        snat_v6: addressing.snat_v6,
+        snat_ports: cfg.snat_ports,
+    };
+    let conntrack = Arc::new(
+        FlowTable::new(xskgate_conntrack::Config {
+            capacity: cfg.conntrack_capacity,
+            ..xskgate_conntrack::Config::default()
+        })
+        .map_err(|e| format!("cannot allocate the conntrack table ({} flows): {e}", cfg.conntrack_capacity))?,
+    );
+    let affinity = Arc::new(AffinityTable::new(1 << 16));
+    let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
+    let fib_handle = Arc::new(ArcSwap::from_pointee(fib));
+
+    let mut steering = Steering::load().map_err(|e| privilege_hint(&e.to_string()))?;
+    for (slot, (name, ifindex)) in cfg.interfaces.iter().zip(&ifindexes).enumerate() {
+        steering.attach(name, *ifindex, slot as u32).map_err(|e| privilege_hint(&e.to_string()))?;
+    }
+    let queues = cfg.interfaces.iter().map(|i| rx_queues(i)).max().unwrap_or(1);
+    let mut per_queue: Vec<Vec<Port>> = (0..queues).map(|_| Vec::new()).collect();
+    for (slot, (name, ifindex)) in cfg.interfaces.iter().zip(&ifindexes).enumerate() {
+        for q in 0..rx_queues(name) {
+            let port = Port::open(name, *ifindex, q).map_err(|e| privilege_hint(&e.to_string()))?;
+            steering.add_socket(slot as u32, q, &port.fd()).map_err(|e| e.to_string())?;
+            per_queue[q as usize].push(port);
+        }
+    }
+    let steering = Arc::new(Mutex::new(steering));
+    let (resolve_tx, resolve_rx) = mpsc::sync_channel(1024);
+    let stop = Arc::new(AtomicBool::new(false));
+    let shared = Shared {
+        services: handle.clone(),
+        conntrack: conntrack.clone(),
+        affinity,
+        fib: fib_handle.clone(),
+        resolve: resolve_tx,
+        stop: stop.clone(),
+        epoch: Instant::now(),
+    };
+    let mut snapshots = Vec::new();
+    let mut workers = Vec::new();
+    for (q, ports) in per_queue.into_iter().enumerate() {
+        if ports.is_empty() {
+            continue;
+        }
+        let (worker, snapshot) = Worker::new(ports, shared.clone());
+        snapshots.push(snapshot);
+        let cpu = (!cfg.cpus.is_empty()).then(|| cfg.cpus[q % cfg.cpus.len()]);
+        let t = std::thread::Builder::new()
+            .name(format!("xsk-q{q}"))
+            .spawn(move || {
+                if let Some(cpu) = cpu
+                    && let Err(e) = pin_to(cpu)
+                {
+                    warn!(queue = q, cpu, "cannot pin the worker: {e}");
+                }
+                worker.run();
+            })
+            .map_err(|e| format!("cannot start a worker thread: {e}"))?;
+        workers.push(t);
+    }
+    let local: Vec<Addr> = addrs.iter().map(|a| Addr::from(a.addr)).collect();
+    let dp = DataPath { steering: steering.clone(), local, stop, workers };
+
+    let control_metrics = Arc::new(ControlMetrics::default());
+    let proxy_health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
+    let (healthz_addr, _healthz) = spawn_proxy_health(cfg.healthz_bind, proxy_health.clone())
+        .await
+        .map_err(|e| format!("cannot listen on --healthz-bind-address {}: {e}", cfg.healthz_bind))?;
+    let sources = Arc::new(Sources {
+        control: control_metrics.clone(),
+        workers: snapshots,
+        conntrack: conntrack.clone(),
+        services: handle.clone(),
+        steer: {
+            let s = steering.clone();
+            Arc::new(move || s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).stats())
+        },
+    });
+    let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_bind)
+        .await
+        .map_err(|e| format!("cannot listen on --metrics-bind-address {}: {e}", cfg.metrics_bind))?;
+    let metrics_addr = metrics_listener.local_addr().map_err(|e| e.to_string())?;
+    let _metrics = spawn_server_as(
+        metrics_listener,
+        "text/plain; version=0.0.4; charset=utf-8",
+        Arc::new(move |path: &str| match path.split('?').next() {
+            Some("/metrics") => (200, metrics::render(&sources)),
+            _ => (503, String::new()),
+        }),
+    );
+    let mut service_health = ServiceHealth::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), proxy_health.clone());
+
+    let publisher = Publisher::new(handle.clone(), Some(conntrack.clone()), node.clone());
+    let mut controller = Controller::new(publisher, cfg.node_name.clone(), cfg.zone.clone());
+    let mode = if cfg.manifests.is_some() { "manifests" } else { "kubernetes" };
+    info!(
+        node = %cfg.node_name,
+        interfaces = %cfg.interfaces.join(","),
+        queues,
+        mode,
+        node_addresses = %node.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
+        snat_v4 = %node.snat_v4.map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
+        snat_v6 = %node.snat_v6.map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
+        snat_ports = %format!("{}-{}", cfg.snat_ports.0, cfg.snat_ports.1),
+        healthz = %healthz_addr,
+        metrics = %metrics_addr,
+        start_ms = started.elapsed().as_millis() as u64,
+        "xskgate running"
+    );
+
+    let after_publish = |c: &Controller, out: &Outcome, received: Instant| {
+        if out.published {
+            let t = Instant::now();
+            dp.program(&handle.load(), &control_metrics);
+            control_metrics.publication.record(out.build_time + t.elapsed());
+            control_metrics.sync_duration.record(received.elapsed());
+            control_metrics.network_programming.record(received.elapsed());
+            control_metrics.service_changes.fetch_add(out.services_translated as u64, Ordering::Relaxed);
+            control_metrics.last_sync_unix_seconds.store(
+                SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                Ordering::Relaxed,
+            );
+        }
+        proxy_health.updated();
+        wanted(c.publisher().entries())
+    };
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
+    let mut fib_tick = tokio::time::interval(Duration::from_millis(250));
+    let mut sweep_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sweep_cursor = 0usize;
+    let epoch = shared.epoch;
+    let mut services_summary_logged = false;
+
+    // The source: a directory poller or the API's watch streams.
+    let mut dir = cfg.manifests.as_deref().map(DirWatcher::new);
+    let mut dir_failed = false;
+    let mut stream = match &cfg.kubeconfig {
+        Some(path) => {
+            let client = kube_source::client(Some(path)).await?;
+            Some(Box::pin(kube_source::changes(client, &cfg.node_name)))
+        }
+        None => None,
+    };
+    let mut last_error = None;
+    let mut source_tick = tokio::time::interval(cfg.poll);
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = source_tick.tick(), if dir.is_some() => {
+                let w = dir.as_mut().expect("guarded");
+                match w.poll() {
+                    Ok(Some(loaded)) => {
+                        let received = Instant::now();
+                        proxy_health.queued();
+                        for o in &loaded.objects {
+                            if let Object::Node(n) = o && n.metadata.name.as_deref() == Some(cfg.node_name.as_str()) {
+                                proxy_health.sync_node(n.as_ref());
+                            }
+                        }
+                        let out = controller.reset(loaded);
+                        let want = after_publish(&controller, &out, received);
+                        service_health.sync(&want).await;
+                        dir_failed = false;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        if !dir_failed {
+                            warn!("cannot read the manifest directory: {e}; keeping the last table");
+                        }
+                        dir_failed = true;
+                    }
+                }
+            }
+            change = async { futures::StreamExt::next(stream.as_mut().expect("guarded")).await }, if stream.is_some() => {
+                let Some(change) = change else { error!("the Kubernetes watch ended"); break; };
+                let received = Instant::now();
+                match &change {
+                    Change::Apply(Object::EndpointSlice(_)) | Change::Delete(Kind::EndpointSlice, _) => {
+                        control_metrics.endpoint_changes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Change::Apply(Object::Node(n)) => proxy_health.sync_node(n),
+                    _ => {}
+                }
+                if !matches!(change, Change::Error(..)) {
+                    proxy_health.queued();
+                }
+                let before = controller.publisher().generation();
+                kube_source::handle(&mut controller, change, &mut last_error, Duration::from_secs(30));
+                let out = Outcome { published: controller.publisher().generation() != before, ..Outcome::default() };
+                let want = after_publish(&controller, &out, received);
+                service_health.sync(&want).await;
+            }
+            _ = fib_tick.tick() => {
+                while let Ok((ifindex, addr)) = resolve_rx.try_recv() {
+                    if let Err(e) = mirror.resolve(ifindex, addr).await {
+                        warn!("cannot ask for the neighbour {addr}: {e}");
+                    }
+                }
+                match mirror.fib().await {
+                    Ok((fib, _)) => fib_handle.store(Arc::new(fib)),
+                    Err(e) => warn!("cannot re-read routes and neighbours: {e}"),
+                }
+            }
+            _ = sweep_tick.tick() => {
+                let now = epoch.elapsed().as_secs() as u32;
+                let budget = (conntrack.capacity() / 30).max(4096);
+                conntrack.sweep(now, &mut sweep_cursor, budget);
+                if !services_summary_logged && controller.publisher().generation() > 0 {
+                    services_summary_logged = true;
+                    info!(service_ports = handle.load().ports().len(), "first table published");
+                }
+            }
+        }
+    }
+    drop(service_health);
+    dp.shutdown();
+    info!("stopped; XDP program detached");
+    Ok(())
+}
