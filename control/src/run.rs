@@ -113,6 +113,23 @@ pub fn addressing(
     Addressing { snat_v4: pick(true), snat_v6: pick(false), node_addresses }
 }
 
+/// Masquerade by egress: for every route that leaves by one of the
+/// interfaces, that interface's first (non-link-local) address of the
+/// route's family, longest prefix first (the FIB's order).
+pub fn snat_routes(interfaces: &[u32], addrs: &[InterfaceAddress], fib: &Fib) -> Vec<(Cidr, Addr)> {
+    fib.routes()
+        .iter()
+        .filter(|r| interfaces.contains(&r.oif))
+        .filter_map(|r| {
+            let v4 = r.dst.network().is_v4();
+            addrs
+                .iter()
+                .find(|a| a.ifindex == r.oif && a.addr.is_ipv4() == v4 && !is_link_local(&a.addr))
+                .map(|a| (r.dst, Addr::from(a.addr)))
+        })
+        .collect()
+}
+
 /// Receive queues of an interface (sysfs), at least 1.
 fn rx_queues(ifname: &str) -> u32 {
     std::fs::read_dir(format!("/sys/class/net/{ifname}/queues"))
@@ -194,6 +211,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
         snat_v4: addressing.snat_v4,
         snat_v6: addressing.snat_v6,
         snat_ports: cfg.snat_ports,
+        snat_routes: if cfg.snat_addresses.is_empty() { snat_routes(&ifindexes, &addrs, &fib) } else { Vec::new() },
     };
     let conntrack = Arc::new(
         FlowTable::new(xskgate_conntrack::Config {
@@ -297,6 +315,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
         snat_v4 = %node.snat_v4.map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
         snat_v6 = %node.snat_v6.map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
         snat_ports = %format!("{}-{}", cfg.snat_ports.0, cfg.snat_ports.1),
+        snat_by_egress = %node.snat_routes.iter().map(|(c, a)| format!("{c}->{a}")).collect::<Vec<_>>().join(","),
         healthz = %healthz_addr,
         metrics = %metrics_addr,
         start_ms = started.elapsed().as_millis() as u64,

@@ -359,7 +359,7 @@ fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, w: &mu
         || (external && policy == TrafficPolicy::Cluster)
         || (kind == FrontendKind::ClusterIp && !from_pod && !node.pod_cidrs.is_empty());
     let (reply_dst, keep_port) = if masquerade {
-        match if p.v6 { node.snat_v6 } else { node.snat_v4 } {
+        match node.snat_for(&ep.addr) {
             Some(a) => (a, false),
             None => return w.drop(DropReason::NoSnatAddress),
         }

@@ -228,6 +228,24 @@ pub struct NodeConfig {
     pub snat_v6: Option<Addr>,
     /// SNAT source port range (inclusive).
     pub snat_ports: (u16, u16),
+    /// Per-egress masquerade addresses: (destination prefix, the address of
+    /// the interface that prefix is routed by), longest prefix first. The
+    /// first prefix holding the endpoint gives its SNAT address; without
+    /// one, `snat_v4`/`snat_v6` do.
+    pub snat_routes: Vec<(Cidr, Addr)>,
+}
+
+impl NodeConfig {
+    /// The masquerade address for a flow to `endpoint`.
+    #[inline]
+    pub fn snat_for(&self, endpoint: &Addr) -> Option<Addr> {
+        let v4 = endpoint.is_v4();
+        self.snat_routes.iter().find(|(c, a)| a.is_v4() == v4 && c.contains(endpoint)).map(|(_, a)| *a).or(if v4 {
+            self.snat_v4
+        } else {
+            self.snat_v6
+        })
+    }
 }
 
 impl Default for NodeConfig {
@@ -238,6 +256,7 @@ impl Default for NodeConfig {
             snat_v4: None,
             snat_v6: None,
             snat_ports: (1024, 65535),
+            snat_routes: Vec::new(),
         }
     }
 }

@@ -76,6 +76,7 @@ fn node() -> NodeConfig {
         snat_v4: Some(Addr::from_v4(GW)),
         snat_v6: Some(Addr::from_v6(v6("2001:db8::1"))),
         snat_ports: SNAT_PORTS,
+        snat_routes: Vec::new(),
     }
 }
 

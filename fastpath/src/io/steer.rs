@@ -81,7 +81,7 @@ impl SteerSet {
         for a in local.iter().chain(node.addresses.iter()) {
             s.local.insert(*a, false);
         }
-        for a in [node.snat_v4, node.snat_v6].into_iter().flatten() {
+        for a in [node.snat_v4, node.snat_v6].into_iter().flatten().chain(node.snat_routes.iter().map(|r| r.1)) {
             s.local.insert(a, true);
         }
         for p in table.ports() {
@@ -100,6 +100,18 @@ impl SteerSet {
         }
         s
     }
+}
+
+/// `e` and its sources, `: `-separated (aya keeps the errno in the source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
 }
 
 /// Why the program could not be loaded or attached.
@@ -132,13 +144,14 @@ pub struct Steering {
 impl Steering {
     /// Loads the program into the kernel (not attached yet).
     pub fn load() -> Result<Steering, SteerError> {
-        let mut ebpf = aya::Ebpf::load(PROGRAM).map_err(|e| SteerError(format!("loading the XDP program: {e}")))?;
+        let mut ebpf =
+            aya::Ebpf::load(PROGRAM).map_err(|e| SteerError(format!("loading the XDP program: {}", chain(&e))))?;
         let prog: &mut Xdp = ebpf
             .program_mut("xskgate_steer")
             .ok_or_else(|| SteerError("the XDP object has no program xskgate_steer".into()))?
             .try_into()
             .map_err(|e| SteerError(format!("xskgate_steer is not an XDP program: {e}")))?;
-        prog.load().map_err(|e| SteerError(format!("the kernel refused the XDP program: {e}")))?;
+        prog.load().map_err(|e| SteerError(format!("the kernel refused the XDP program: {}", chain(&e))))?;
         Ok(Steering { ebpf, attached: Vec::new(), current: SteerSet::default() })
     }
 
@@ -153,7 +166,11 @@ impl Steering {
             Ok(_) => {}
             Err(drv) => {
                 prog.attach(ifname, XdpFlags::SKB_MODE).map_err(|skb| {
-                    SteerError(format!("cannot attach XDP to {ifname}: driver mode: {drv}; generic mode: {skb}"))
+                    SteerError(format!(
+                        "cannot attach XDP to {ifname}: driver mode: {}; generic mode: {}",
+                        chain(&drv),
+                        chain(&skb)
+                    ))
                 })?;
                 tracing::warn!(interface = ifname, "XDP in generic (skb) mode: driver mode failed: {drv}");
             }
