@@ -38,38 +38,14 @@ enum Cmd {
     /// Run the control loop without a data path: follow the manifest directory or
     /// the Kubernetes API, publish the table, log every change (a dry run of `run`).
     Watch {
-        /// Directory of manifests, watched live.
-        #[arg(long, conflicts_with = "kubeconfig", required_unless_present = "kubeconfig")]
-        manifests: Option<PathBuf>,
-        /// Kubeconfig of the cluster to watch (in-cluster config when neither flag is given
-        /// is not attempted: say which source you mean).
-        #[arg(long)]
-        kubeconfig: Option<PathBuf>,
-        /// This gateway's node name (default: $NODE_NAME, else the hostname).
-        #[arg(long)]
-        node_name: Option<String>,
-        /// Zone, when the Node object gives none.
-        #[arg(long)]
-        zone: Option<String>,
-        /// How often the manifest directory is checked, in milliseconds.
-        #[arg(long, default_value_t = 1000)]
-        poll_ms: u64,
+        #[command(flatten)]
+        source: Source,
     },
     /// Run the gateway: the XDP steering program and AF_XDP workers on
     /// `--interfaces`, the health and metrics servers, and the control loop.
     Run {
-        /// Directory of manifests, watched live.
-        #[arg(long, conflicts_with = "kubeconfig", required_unless_present = "kubeconfig")]
-        manifests: Option<PathBuf>,
-        /// Kubeconfig of the cluster to watch.
-        #[arg(long)]
-        kubeconfig: Option<PathBuf>,
-        /// This gateway's node name (default: $NODE_NAME, else the hostname).
-        #[arg(long)]
-        node_name: Option<String>,
-        /// Zone, when the Node object gives none.
-        #[arg(long)]
-        zone: Option<String>,
+        #[command(flatten)]
+        source: Source,
         /// Interfaces to serve, comma-separated (XDP and AF_XDP sockets on every queue).
         #[arg(long, value_delimiter = ',', required = true)]
         interfaces: Vec<String>,
@@ -77,7 +53,8 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         cluster_cidr: Vec<String>,
         /// SNAT (masquerade) address per family; default: the address of the interface
-        /// the cluster CIDR is routed by, else the first address of --interfaces.
+        /// the endpoint is routed by (else the one toward --cluster-cidr, else the first
+        /// address of --interfaces).
         #[arg(long, value_delimiter = ',')]
         snat_address: Vec<std::net::IpAddr>,
         /// SNAT source ports, LO-HI. Keep them out of the node's
@@ -94,10 +71,28 @@ enum Cmd {
         /// Conntrack capacity in flows.
         #[arg(long, default_value_t = 1 << 20)]
         conntrack_max: usize,
-        /// How often the manifest directory is checked, in milliseconds.
-        #[arg(long, default_value_t = 1000)]
-        poll_ms: u64,
     },
+}
+
+/// Where objects come from and who this gateway is (`watch` and `run`).
+#[derive(clap::Args)]
+struct Source {
+    /// Directory of manifests, watched live.
+    #[arg(long, conflicts_with = "kubeconfig", required_unless_present = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig of the cluster to watch (in-cluster config when neither flag is given
+    /// is not attempted: say which source you mean).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// This gateway's node name (default: $NODE_NAME, else the hostname).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Zone, when the Node object gives none.
+    #[arg(long)]
+    zone: Option<String>,
+    /// How often the manifest directory is checked, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    poll_ms: u64,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
@@ -130,7 +125,7 @@ fn main() -> ExitCode {
         Cmd::Table { manifests, node_name, zone, cluster_cidr, json } => {
             table(&manifests, node_name.as_deref(), zone.as_deref(), &cluster_cidr, json)
         }
-        Cmd::Watch { manifests, kubeconfig, node_name, zone, poll_ms } => {
+        Cmd::Watch { source: Source { manifests, kubeconfig, node_name, zone, poll_ms } } => {
             let Some(name) = node::node_name(node_name.as_deref()) else {
                 eprintln!("xskgate: no node name: pass --node-name or set NODE_NAME");
                 return ExitCode::from(2);
@@ -142,10 +137,7 @@ fn main() -> ExitCode {
             runtime.block_on(watch(manifests, kubeconfig, name, zone, std::time::Duration::from_millis(poll_ms)))
         }
         Cmd::Run {
-            manifests,
-            kubeconfig,
-            node_name,
-            zone,
+            source: Source { manifests, kubeconfig, node_name, zone, poll_ms },
             interfaces,
             cluster_cidr,
             snat_address,
@@ -154,7 +146,6 @@ fn main() -> ExitCode {
             healthz_bind_address,
             metrics_bind_address,
             conntrack_max,
-            poll_ms,
         } => {
             let Some(name) = node::node_name(node_name.as_deref()) else {
                 eprintln!("xskgate: no node name: pass --node-name or set NODE_NAME");

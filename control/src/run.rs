@@ -70,9 +70,10 @@ fn is_link_local(ip: &IpAddr) -> bool {
 }
 
 /// Node addresses are the (non-link-local) addresses of the interfaces;
-/// the SNAT address of a family is `--snat-address` if given, else the
-/// address of the interface by which the route to the cluster CIDR leaves
-/// (the side the endpoints are on), else the first node address.
+/// the fallback SNAT address of a family (used when no route of
+/// [`snat_routes`] holds the endpoint) is `--snat-address` if given, else
+/// the address of the interface by which the route to the cluster CIDR
+/// leaves (the side the endpoints are on), else the first node address.
 pub fn addressing(
     interfaces: &[u32],
     addrs: &[InterfaceAddress],
