@@ -64,6 +64,16 @@ impl Fib {
         }
     }
 
+    /// This snapshot with one neighbour set (`Some(mac)`) or removed.
+    pub fn with_neighbour(&self, ifindex: u32, addr: Addr, mac: Option<[u8; 6]>) -> Fib {
+        let mut f = self.clone();
+        match mac {
+            Some(m) => f.neighbours.insert((ifindex, addr), m),
+            None => f.neighbours.remove(&(ifindex, addr)),
+        };
+        f
+    }
+
     /// Where the kernel would send a packet to `dst`.
     #[inline]
     pub fn next_hop(&self, dst: &Addr) -> Option<NextHop> {

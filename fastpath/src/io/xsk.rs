@@ -27,7 +27,7 @@ use std::io::Write;
 use std::num::NonZeroU32;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use xsk_rs::config::{BindFlags, FrameSize, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
@@ -42,6 +42,10 @@ const COPY_RESERVE: usize = 512;
 /// Empty rounds before a worker sleeps in `poll()`.
 const SPIN_ROUNDS: u32 = 1 << 14;
 const IDLE_POLL_MS: i32 = 10;
+/// Frames a worker holds while their next hops are resolved, and for how
+/// long (the kernel's ARP queue does the same).
+const HELD_MAX: usize = 256;
+const HELD_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a worker publishes its counters.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
@@ -79,7 +83,8 @@ io_counters! {
     copied_across => "Frames copied into another interface's UMEM to leave by it.";
     routed_unchanged => "Steered frames the pipeline did not own, routed on without NAT.";
     no_route => "Dropped: no route to the next hop.";
-    no_neighbor => "Dropped: the next hop's MAC address is not resolved yet (resolution requested).";
+    neighbor_queued => "Frames held until their next hop's MAC address was resolved (resolution requested).";
+    no_neighbor => "Dropped: the next hop's MAC address was not resolved within 1 s, or too many frames were waiting.";
     no_egress_socket => "Dropped: the route leaves by an interface xskgate does not run on.";
     steered_local => "Dropped: a steered frame for this node's own stack that the pipeline did not own.";
     tx_ring_full => "Dropped: the TX ring or the egress UMEM had no room.";
@@ -258,8 +263,9 @@ pub struct Shared {
     pub conntrack: Arc<FlowTable>,
     pub affinity: Arc<AffinityTable>,
     pub fib: Arc<ArcSwap<Fib>>,
-    /// Next hops to resolve (the control plane adds managed neighbours).
-    pub resolve: mpsc::SyncSender<(u32, Addr)>,
+    /// Asks the control plane to resolve a next hop (ifindex, address);
+    /// must not block (it is called on the drop path of a worker).
+    pub resolve: Arc<dyn Fn(u32, Addr) + Send + Sync>,
     pub stop: Arc<AtomicBool>,
     /// The process clock: conntrack's `now` is whole seconds since this.
     pub epoch: Instant,
@@ -272,19 +278,46 @@ pub struct Worker {
     state: WorkerState,
     io: IoCounters,
     snapshot: Arc<Mutex<WorkerSnapshot>>,
+    /// Frames waiting for a next hop's MAC (capacity [`HELD_MAX`]).
+    held: Vec<Held>,
 }
 
 /// Where one received frame goes after the pipeline.
 enum Out {
     Free,
-    Tx { port: usize, len: usize },
+    Tx {
+        port: usize,
+        len: usize,
+    },
+    /// Waits for the next hop's MAC (kept by the worker, like the kernel's
+    /// ARP queue).
+    Hold {
+        oif: u32,
+        via: Addr,
+    },
+}
+
+/// A frame waiting for its next hop to be resolved.
+struct Held {
+    port: usize,
+    desc: FrameDesc,
+    len: usize,
+    oif: u32,
+    via: Addr,
+    since: Instant,
 }
 
 impl Worker {
     pub fn new(ports: Vec<Port>, shared: Shared) -> (Worker, Arc<Mutex<WorkerSnapshot>>) {
         let snapshot = Arc::new(Mutex::new(WorkerSnapshot::default()));
-        let w =
-            Worker { ports, shared, state: WorkerState::new(), io: IoCounters::default(), snapshot: snapshot.clone() };
+        let w = Worker {
+            ports,
+            shared,
+            state: WorkerState::new(),
+            io: IoCounters::default(),
+            snapshot: snapshot.clone(),
+            held: Vec::with_capacity(HELD_MAX),
+        };
         (w, snapshot)
     }
 
@@ -346,9 +379,20 @@ impl Worker {
                                 self.copy_to(port, &f.buf[..len]);
                                 self.ports[i].free.push(rx_descs[j]);
                             }
+                            Out::Hold { oif, via } => self.held.push(Held {
+                                port: i,
+                                desc: rx_descs[j],
+                                len: f.len,
+                                oif,
+                                via,
+                                since: now_instant,
+                            }),
                         }
                     }
                 }
+            }
+            if !self.held.is_empty() {
+                self.release_held(&fib, now_instant);
             }
             for p in &mut self.ports {
                 p.flush_tx(&mut self.io);
@@ -402,25 +446,75 @@ impl Worker {
             self.io.no_route += 1;
             return Out::Free;
         };
-        let Some(mac) = fib.neighbour(hop.oif, &hop.via) else {
+        if fib.neighbour(hop.oif, &hop.via).is_none() {
+            if self.held.len() < HELD_MAX {
+                (self.shared.resolve)(hop.oif, hop.via);
+                self.io.neighbor_queued += 1;
+                return Out::Hold { oif: hop.oif, via: hop.via };
+            }
             self.io.no_neighbor += 1;
-            let _ = self.shared.resolve.try_send((hop.oif, hop.via));
+            (self.shared.resolve)(hop.oif, hop.via);
+            return Out::Free;
+        }
+        self.l2(f.buf, f.len, hop.oif, &hop.via, fib)
+    }
+
+    /// Writes the Ethernet addresses for leaving by `oif` towards `via`.
+    fn l2(&mut self, buf: &mut [u8], len: usize, oif: u32, via: &Addr, fib: &Fib) -> Out {
+        let Some(mac) = fib.neighbour(oif, via) else {
+            self.io.no_neighbor += 1;
             return Out::Free;
         };
-        let Some(port) = self.ports.iter().position(|p| p.ifindex == hop.oif) else {
+        let Some(port) = self.ports.iter().position(|p| p.ifindex == oif) else {
             self.io.no_egress_socket += 1;
             return Out::Free;
         };
-        let Some(link) = fib.link(hop.oif) else {
+        let Some(link) = fib.link(oif) else {
             self.io.no_route += 1;
             return Out::Free;
         };
-        if f.len < 14 {
+        if len < 14 {
             return Out::Free;
         }
-        f.buf[0..6].copy_from_slice(&mac);
-        f.buf[6..12].copy_from_slice(&link.mac);
-        Out::Tx { port, len: f.len }
+        buf[0..6].copy_from_slice(&mac);
+        buf[6..12].copy_from_slice(&link.mac);
+        Out::Tx { port, len }
+    }
+
+    /// Sends held frames whose next hop got resolved; drops those that
+    /// waited longer than [`HELD_TIMEOUT`].
+    fn release_held(&mut self, fib: &Fib, now: Instant) {
+        let mut i = 0;
+        while i < self.held.len() {
+            let h = &self.held[i];
+            let (resolved, expired) =
+                (fib.neighbour(h.oif, &h.via).is_some(), now.duration_since(h.since) > HELD_TIMEOUT);
+            if !resolved && !expired {
+                i += 1;
+                continue;
+            }
+            let mut h = self.held.swap_remove(i);
+            if !resolved {
+                self.io.no_neighbor += 1;
+                self.ports[h.port].free.push(h.desc);
+                continue;
+            }
+            let (ptr, cap) = self.ports[h.port].buffer(&mut h.desc);
+            // SAFETY: the held frame belongs to this worker until sent or freed.
+            let buf = unsafe { std::slice::from_raw_parts_mut(ptr, cap) };
+            match self.l2(buf, h.len, h.oif, &h.via, fib) {
+                Out::Tx { port, len } if port == h.port => {
+                    let p = &mut self.ports[port];
+                    p.set_len(&mut h.desc, len);
+                    p.pending_tx.push(h.desc);
+                }
+                Out::Tx { port, len } => {
+                    self.copy_to(port, &buf[..len]);
+                    self.ports[h.port].free.push(h.desc);
+                }
+                Out::Free | Out::Hold { .. } => self.ports[h.port].free.push(h.desc),
+            }
+        }
     }
 
     /// Copies a frame into a free frame of port `to` and queues it there.
