@@ -34,6 +34,93 @@ pub struct InterfaceAddress {
     pub prefix_len: u8,
 }
 
+/// What an rtnetlink notification means for the FIB snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FibEvent {
+    /// A neighbour became usable (or changed its MAC).
+    Neighbour { ifindex: u32, addr: Addr, mac: [u8; 6] },
+    /// A neighbour went away or became unusable.
+    NeighbourGone { ifindex: u32, addr: Addr },
+    /// A link, address or route changed: re-read everything.
+    Other,
+}
+
+const fn group(g: u32) -> u32 {
+    1 << (g - 1)
+}
+/// RTNLGRP_LINK, _NEIGH, _IPV4_IFADDR, _IPV4_ROUTE, _IPV6_IFADDR, _IPV6_ROUTE.
+const EVENT_GROUPS: u32 = group(1) | group(3) | group(5) | group(7) | group(9) | group(11);
+
+/// Subscribes to link, address, route and neighbour notifications. The
+/// first dump should be taken after this returns, so no change falls
+/// between the dump and the subscription.
+pub fn events() -> Result<tokio::sync::mpsc::UnboundedReceiver<FibEvent>, String> {
+    use netlink_sys::AsyncSocket;
+    use rtnetlink::packet_core::NetlinkPayload;
+    use rtnetlink::packet_route::RouteNetlinkMessage;
+    let (mut conn, _handle, mut messages) = rtnetlink::new_connection().map_err(|e| err("socket", e))?;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&netlink_sys::SocketAddr::new(0, EVENT_GROUPS))
+        .map_err(|e| err("subscribing to notifications", e))?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        // Keeps the connection's handle alive with the task.
+        let _handle = _handle;
+        while let Some((m, _)) = futures::StreamExt::next(&mut messages).await {
+            let event = match m.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) => match neighbour_entry(&n) {
+                    Some((ifindex, addr, mac)) => FibEvent::Neighbour { ifindex, addr, mac },
+                    None => match neighbour_addr(&n) {
+                        Some(addr) => FibEvent::NeighbourGone { ifindex: n.header.ifindex, addr },
+                        None => continue,
+                    },
+                },
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(n)) => match neighbour_addr(&n) {
+                    Some(addr) => FibEvent::NeighbourGone { ifindex: n.header.ifindex, addr },
+                    None => continue,
+                },
+                NetlinkPayload::InnerMessage(_) => FibEvent::Other,
+                _ => continue,
+            };
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+fn neighbour_addr(m: &rtnetlink::packet_route::neighbour::NeighbourMessage) -> Option<Addr> {
+    m.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => Some(Addr::from(IpAddr::V4(*v4))),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => Some(Addr::from(IpAddr::V6(*v6))),
+        _ => None,
+    })
+}
+
+/// (ifindex, address, MAC) of a neighbour in a usable state.
+fn neighbour_entry(m: &rtnetlink::packet_route::neighbour::NeighbourMessage) -> Option<(u32, Addr, [u8; 6])> {
+    let usable = matches!(
+        m.header.state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+            | NeighbourState::Noarp
+    );
+    if !usable {
+        return None;
+    }
+    let mac = m.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLocalAddress(b) if b.len() == 6 => Some([b[0], b[1], b[2], b[3], b[4], b[5]]),
+        _ => None,
+    })?;
+    Some((m.header.ifindex, neighbour_addr(m)?, mac))
+}
+
 /// An rtnetlink connection.
 #[derive(Clone)]
 pub struct Mirror {
@@ -131,33 +218,7 @@ impl Mirror {
         let mut out = Vec::new();
         let mut s = self.handle.neighbours().get().execute();
         while let Some(m) = s.try_next().await.map_err(|e| err("neighbour dump", e))? {
-            let usable = matches!(
-                m.header.state,
-                NeighbourState::Reachable
-                    | NeighbourState::Stale
-                    | NeighbourState::Delay
-                    | NeighbourState::Probe
-                    | NeighbourState::Permanent
-                    | NeighbourState::Noarp
-            );
-            if !usable {
-                continue;
-            }
-            let mut ip = None;
-            let mut mac = None;
-            for a in &m.attributes {
-                match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(IpAddr::V4(*v4)),
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => ip = Some(IpAddr::V6(*v6)),
-                    NeighbourAttribute::LinkLocalAddress(b) if b.len() == 6 => {
-                        mac = Some([b[0], b[1], b[2], b[3], b[4], b[5]]);
-                    }
-                    _ => {}
-                }
-            }
-            if let (Some(ip), Some(mac)) = (ip, mac) {
-                out.push((m.header.ifindex, Addr::from(ip), mac));
-            }
+            out.extend(neighbour_entry(&m));
         }
         Ok(out)
     }

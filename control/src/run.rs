@@ -11,8 +11,11 @@
 //! the manifest directory or the Kubernetes API.
 //!
 //! Every published table is followed by the steering maps and the
-//! healthCheckNodePort servers. The FIB is re-read every 250 ms and next
-//! hops the workers could not resolve become managed neighbour entries.
+//! healthCheckNodePort servers. The FIB follows rtnetlink notifications
+//! (neighbours patched at once; links, addresses and routes re-read within
+//! 50 ms; a full re-read every 2 s in case one was lost). The next hops of
+//! all endpoints are kept resolved as managed neighbour entries, and a next
+//! hop a worker could not resolve is looked up and requested at once.
 //! SIGINT or SIGTERM stops the workers, detaches the program and exits 0.
 
 use crate::controller::Controller;
@@ -27,7 +30,7 @@ use arc_swap::ArcSwap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tracing::{error, info, warn};
 use xskgate_conntrack::{Addr, FlowTable};
@@ -131,6 +134,40 @@ pub fn snat_routes(interfaces: &[u32], addrs: &[InterfaceAddress], fib: &Fib) ->
         .collect()
 }
 
+/// How long to wait after asking for neighbours before re-reading them.
+const RESOLVE_WAIT: Duration = Duration::from_millis(20);
+
+async fn refresh_fib(mirror: &Mirror, fib: &ArcSwap<Fib>) {
+    match mirror.fib().await {
+        Ok((f, _)) => fib.store(Arc::new(f)),
+        Err(e) => warn!("cannot re-read routes and neighbours: {e}"),
+    }
+}
+
+/// Keeps the next hops of every endpoint resolved: each one without a
+/// neighbour entry becomes a managed entry (the kernel resolves it and keeps
+/// it resolved), so a flow's first packets do not meet `no_neighbor`.
+async fn resolve_endpoints(mirror: &Mirror, fib: &ArcSwap<Fib>, table: &ServiceTable, interfaces: &[u32]) {
+    let current = fib.load_full();
+    let mut asked = std::collections::HashSet::new();
+    for p in table.ports() {
+        for e in p.cluster.endpoints().iter().chain(p.local.endpoints()) {
+            let Some(hop) = current.next_hop(&e.addr) else { continue };
+            if interfaces.contains(&hop.oif)
+                && current.neighbour(hop.oif, &hop.via).is_none()
+                && asked.insert((hop.oif, hop.via))
+                && let Err(e) = mirror.resolve(hop.oif, hop.via).await
+            {
+                warn!("cannot ask for the neighbour {}: {e}", hop.via);
+            }
+        }
+    }
+    if !asked.is_empty() {
+        tokio::time::sleep(RESOLVE_WAIT).await;
+        refresh_fib(mirror, fib).await;
+    }
+}
+
 /// Receive queues of an interface (sysfs), at least 1.
 fn rx_queues(ifname: &str) -> u32 {
     std::fs::read_dir(format!("/sys/class/net/{ifname}/queues"))
@@ -192,6 +229,8 @@ impl DataPath {
 /// worded for the operator.
 pub async fn run(cfg: RunConfig) -> Result<(), String> {
     let started = Instant::now();
+    // Subscribe first, then dump: no change falls between the two.
+    let mut fib_events = crate::netlink::events().map_err(|e| privilege_hint(&e))?;
     let mirror = Mirror::new().map_err(|e| privilege_hint(&e))?;
     let (fib, addrs) = mirror.fib().await.map_err(|e| privilege_hint(&e))?;
     let mut ifindexes = Vec::new();
@@ -239,14 +278,17 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
         }
     }
     let steering = Arc::new(Mutex::new(steering));
-    let (resolve_tx, resolve_rx) = mpsc::sync_channel(1024);
+    let (resolve_tx, mut resolve_rx) = tokio::sync::mpsc::channel::<(u32, Addr)>(1024);
     let stop = Arc::new(AtomicBool::new(false));
     let shared = Shared {
         services: handle.clone(),
         conntrack: conntrack.clone(),
         affinity,
         fib: fib_handle.clone(),
-        resolve: resolve_tx,
+        resolve: Arc::new(move |ifindex, addr| {
+            // Full: requests are already waiting; this one will come again.
+            let _ = resolve_tx.try_send((ifindex, addr));
+        }),
         stop: stop.clone(),
         epoch: Instant::now(),
     };
@@ -342,7 +384,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
-    let mut fib_tick = tokio::time::interval(Duration::from_millis(250));
+    let mut fib_tick = tokio::time::interval(Duration::from_millis(50));
+    let mut fib_dirty = false;
+    let mut fib_tick_count = 0u64;
     let mut sweep_tick = tokio::time::interval(Duration::from_secs(1));
     let mut sweep_cursor = 0usize;
     let epoch = shared.epoch;
@@ -378,6 +422,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
                         let out = controller.reset(loaded);
                         let want = after_publish(&controller, &out, received);
                         service_health.sync(&want).await;
+                        if out.published {
+                            resolve_endpoints(&mirror, &fib_handle, &handle.load(), &ifindexes).await;
+                        }
                         dir_failed = false;
                     }
                     Ok(None) => {}
@@ -407,17 +454,59 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
                 let out = Outcome { published: controller.publisher().generation() != before, ..Outcome::default() };
                 let want = after_publish(&controller, &out, received);
                 service_health.sync(&want).await;
+                if out.published {
+                    resolve_endpoints(&mirror, &fib_handle, &handle.load(), &ifindexes).await;
+                }
             }
-            _ = fib_tick.tick() => {
-                while let Ok((ifindex, addr)) = resolve_rx.try_recv() {
+            Some(first) = resolve_rx.recv() => {
+                // The kernel may know it already (learnt from an ARP request
+                // or a neighbour advertisement); else ask for a managed entry.
+                let mut wanted = vec![first];
+                while let Ok(more) = resolve_rx.try_recv() {
+                    if !wanted.contains(&more) {
+                        wanted.push(more);
+                    }
+                }
+                refresh_fib(&mirror, &fib_handle).await;
+                let fib = fib_handle.load_full();
+                let mut asked = false;
+                for (ifindex, addr) in wanted.into_iter().filter(|(i, a)| fib.neighbour(*i, a).is_none()) {
+                    asked = true;
                     if let Err(e) = mirror.resolve(ifindex, addr).await {
                         warn!("cannot ask for the neighbour {addr}: {e}");
                     }
                 }
-                match mirror.fib().await {
-                    Ok((fib, _)) => fib_handle.store(Arc::new(fib)),
-                    Err(e) => warn!("cannot re-read routes and neighbours: {e}"),
+                if asked {
+                    tokio::time::sleep(RESOLVE_WAIT).await;
+                    refresh_fib(&mirror, &fib_handle).await;
                 }
+            }
+            Some(event) = fib_events.recv() => {
+                use crate::netlink::FibEvent;
+                match event {
+                    FibEvent::Neighbour { ifindex, addr, mac } => {
+                        let fib = fib_handle.load_full();
+                        if fib.neighbour(ifindex, &addr) != Some(mac) {
+                            fib_handle.store(Arc::new(fib.with_neighbour(ifindex, addr, Some(mac))));
+                        }
+                    }
+                    FibEvent::NeighbourGone { ifindex, addr } => {
+                        let fib = fib_handle.load_full();
+                        if fib.neighbour(ifindex, &addr).is_some() {
+                            fib_handle.store(Arc::new(fib.with_neighbour(ifindex, addr, None)));
+                        }
+                    }
+                    FibEvent::Other => fib_dirty = true,
+                }
+            }
+            _ = fib_tick.tick() => {
+                // Links, addresses and routes changed (or a periodic
+                // re-read, in case a notification was lost).
+                if fib_dirty || fib_tick_count % 40 == 0 {
+                    refresh_fib(&mirror, &fib_handle).await;
+                    fib_dirty = false;
+                }
+                fib_tick_count += 1;
             }
             _ = sweep_tick.tick() => {
                 let now = epoch.elapsed().as_secs() as u32;
