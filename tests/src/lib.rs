@@ -16,6 +16,8 @@
 //! End-to-end tests need root; [`require_root`] makes them fail loudly, never
 //! skip, when they cannot run.
 
+pub mod reference;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::net::{SocketAddr, TcpStream, UdpSocket};

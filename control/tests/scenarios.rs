@@ -1,0 +1,308 @@
+//! The seeds' experiments end to end: the reference topology of
+//! `xskgate_tests::reference` (client, gw1 with pod-a, gw2 with pods b and
+//! c), two real `xskgate run` daemons on real AF_XDP sockets and veths,
+//! real clients (ureq for HTTP, UDP sockets), in namespaces the test makes
+//! and removes. Needs root; fails loudly without it, never skips.
+
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use xskgate_tests::in_ns;
+use xskgate_tests::reference::{Gw, LB_CLUSTER, LB_LOCAL, LB_NONE, PodState, Reference, http_get, udp_flows};
+
+const XSKGATE: &str = env!("CARGO_BIN_EXE_xskgate");
+const NO_LOCAL: &str = "xskgate_drops_total{reason=\"no_local_endpoints\"}";
+const SYNCS: &str = "kubeproxy_sync_proxy_rules_duration_seconds_count";
+
+fn start() -> Reference {
+    Reference::start(Path::new(XSKGATE)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One HTTP request from the client: (pod, the source address it saw).
+fn http(r: &Reference, url: &str) -> Result<(String, String), String> {
+    let (status, body) = http_get(&r.topo.ns_name("client"), url.to_string())?;
+    if status != 200 {
+        return Err(format!("{url}: status {status}: {body}"));
+    }
+    let (pod, peer) = body.trim().split_once(' ').ok_or(format!("answer {body:?}"))?;
+    let peer: SocketAddr = peer.parse().map_err(|e| format!("{peer}: {e}"))?;
+    Ok((pod.to_string(), peer.ip().to_string()))
+}
+
+/// Every non-zero xskgate counter of both gateways, for failure messages.
+fn counters(r: &Reference) -> String {
+    let mut out = String::new();
+    for gw in Gw::BOTH {
+        for l in r.metrics(gw).lines() {
+            if l.starts_with("xskgate_") && !l.ends_with(" 0") && !l.contains("_bucket") {
+                out.push_str(&format!("{}: {l}\n", gw.name()));
+            }
+        }
+    }
+    for gw in Gw::BOTH {
+        let n = r.topo.exec(gw.name(), &["ip", "neigh"]);
+        out.push_str(&format!("{} neigh: {}\n", gw.name(), String::from_utf8_lossy(&n.stdout).replace('\n', " | ")));
+    }
+    for g in &r.gateways {
+        for l in g.log_text().lines().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
+            out.push_str(&format!("{} log: {l}\n", g.gw.name()));
+        }
+    }
+    out
+}
+
+/// Waits until `gw` has published another table after `before` syncs.
+fn wait_publication(r: &Reference, gw: Gw, before: u64) {
+    wait_for("a table publication", Duration::from_secs(5), || r.metric(gw, SYNCS) > before);
+}
+
+/// Scenario 1 (seed 003): Cluster through either gateway reaches a pod that
+/// sees the gateway's address; Local keeps the client's address and stays on
+/// the gateway's own pods; with pod-a scaled away, Local through gw1 times
+/// out and counts `no_local_endpoints` while Cluster through gw1 still works.
+#[test]
+fn s1_seed_003_policies_and_a_gateway_without_local_pods() {
+    let mut r = start();
+    for gw in Gw::BOTH {
+        r.via(gw);
+        let (pod, src) = http(&r, &format!("http://{LB_CLUSTER}/")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(gw.addresses().contains(&src.as_str()), "Cluster via {gw:?}: {pod} saw {src}");
+        let (pod, src) = http(&r, &format!("http://{LB_LOCAL}/")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(src, gw.client_address(), "Local via {gw:?} keeps the client address");
+        let local_pods: &[&str] = if gw == Gw::Gw1 { &["pod-a"] } else { &["pod-b", "pod-c"] };
+        assert!(local_pods.contains(&pod.as_str()), "Local via {gw:?} answered by {pod}");
+    }
+    r.set_pod("pod-a", PodState::Deleted);
+    wait_for("gw1's health check to say 503", Duration::from_secs(5), || {
+        r.health(Gw::Gw1).is_ok_and(|(code, _)| code == 503)
+    });
+    r.via(Gw::Gw1);
+    let before = r.metric(Gw::Gw1, NO_LOCAL);
+    let local = http(&r, &format!("http://{LB_LOCAL}/"));
+    assert!(local.is_err(), "Local through a gateway without local pods must time out: {local:?}");
+    wait_for("no_local_endpoints to rise on gw1", Duration::from_secs(3), || r.metric(Gw::Gw1, NO_LOCAL) > before);
+    let (pod, src) = http(&r, &format!("http://{LB_CLUSTER}/")).expect("Cluster through gw1 still works");
+    assert!(["pod-b", "pod-c"].contains(&pod.as_str()) && Gw::Gw1.addresses().contains(&src.as_str()), "{pod} {src}");
+}
+
+/// Scenario 2: healthCheckNodePort says 200 with the local count on each
+/// gateway, and gw1's flips to 503 as pod-a becomes not ready, terminating,
+/// or deleted — and back to 200.
+#[test]
+fn s2_health_check_follows_the_local_endpoints() {
+    let mut r = start();
+    assert_eq!(r.health(Gw::Gw1), Ok((200, 1)));
+    assert_eq!(r.health(Gw::Gw2), Ok((200, 2)));
+    for state in [PodState::NotReady, PodState::Terminating, PodState::Deleted] {
+        r.set_pod("pod-a", state);
+        wait_for(&format!("503 with pod-a {state:?}"), Duration::from_secs(5), || r.health(Gw::Gw1) == Ok((503, 0)));
+        assert_eq!(r.health(Gw::Gw2), Ok((200, 2)), "gw2 is not affected");
+        r.set_pod("pod-a", PodState::Ready);
+        wait_for("200 again", Duration::from_secs(5), || r.health(Gw::Gw1) == Ok((200, 1)));
+    }
+    r.set_pod("pod-b", PodState::NotReady);
+    wait_for("gw2 counts one local endpoint", Duration::from_secs(5), || r.health(Gw::Gw2) == Ok((200, 1)));
+}
+
+/// Scenario 3 (seed 004): 3,000 flows spread evenly over the two gateways.
+/// Local gives pod-a half (it is alone on gw1) and b, c a quarter each;
+/// Cluster gives each pod a third. Tolerance: ±5 points (about six standard
+/// deviations of a fair split of 3,000 flows).
+#[test]
+fn s3_seed_004_imbalance() {
+    let r = start();
+    for (udp_nodeport, expected) in
+        [(30053u16, [("pod-a", 0.5), ("pod-b", 0.25), ("pod-c", 0.25)]), (30054, [("pod-a", 1.0 / 3.0); 3])]
+    {
+        let mut tally = xskgate_tests::reference::Tally::default();
+        for gw in Gw::BOTH {
+            let to: SocketAddr = format!("{}:{udp_nodeport}", gw.address()).parse().unwrap();
+            let t = udp_flows(&r.topo.ns_name("client"), to, 1500, Duration::from_secs(2));
+            assert_eq!(t.unanswered, 0, "every flow through {gw:?} is answered: {t:?}\n{}", counters(&r));
+            for (pod, n) in t.per_pod {
+                *tally.per_pod.entry(pod).or_default() += n;
+            }
+        }
+        let shares = tally.shares();
+        let names = ["pod-a", "pod-b", "pod-c"];
+        for (i, (_, want)) in expected.iter().enumerate() {
+            let got = shares.get(names[i]).copied().unwrap_or(0.0);
+            assert!((got - want).abs() <= 0.05, "NodePort {udp_nodeport}: {} has {got:.3}, want {want:.3}", names[i]);
+        }
+    }
+}
+
+/// Scenario 4: a pod reaching the LoadBalancer IP of the Local Service is
+/// internal traffic: it uses the Cluster set (pods on gw2 answer too), and
+/// its own address is kept.
+#[test]
+fn s4_pod_to_loadbalancer_ip_is_internal() {
+    let r = start();
+    let to: SocketAddr = format!("{LB_LOCAL}:53").parse().unwrap();
+    let t = udp_flows(&r.topo.ns_name("pa"), to, 200, Duration::from_secs(2));
+    assert_eq!(t.unanswered, 0, "{t:?}\n{}", counters(&r));
+    let pods: BTreeSet<_> = t.per_pod.keys().cloned().collect();
+    assert!(pods.contains("pod-b") && pods.contains("pod-c"), "the Cluster set answers: {t:?}");
+    // pod-a reaching itself is hairpin (masqueraded); every other pod sees pod-a.
+    let from_pod_a = t.sources.get("198.19.1.10").copied().unwrap_or(0);
+    assert_eq!(from_pod_a, t.answered() - t.per_pod.get("pod-a").copied().unwrap_or(0), "{t:?}");
+}
+
+/// Scenario 5: no endpoints anywhere: TCP is refused (RST), UDP gets ICMP
+/// port unreachable — no silent timeout.
+#[test]
+fn s5_no_endpoints_is_refused_not_silent() {
+    let r = start();
+    let (tcp, udp) = in_ns(&r.topo.ns_name("client"), || {
+        let tcp = TcpStream::connect_timeout(&format!("{LB_NONE}:80").parse().unwrap(), Duration::from_secs(2));
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect(format!("{LB_NONE}:53")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.send(b"who").unwrap();
+        let mut buf = [0u8; 64];
+        (tcp.map(|_| ()), s.recv(&mut buf).map(|_| ()))
+    });
+    assert_eq!(tcp.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionRefused), "TCP gets a RST");
+    assert_eq!(udp.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionRefused), "UDP gets port unreachable");
+}
+
+/// Scenario 6: a UDP flow whose endpoint is removed reaches a live endpoint
+/// with its next datagram (its conntrack entry was flushed).
+#[test]
+fn s6_udp_flow_moves_when_its_endpoint_goes() {
+    let mut r = start();
+    let sock = in_ns(&r.topo.ns_name("client"), || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect(format!("{LB_CLUSTER}:53")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s
+    });
+    let ask = |s: &UdpSocket, r: &Reference| -> String {
+        s.send(b"who").unwrap();
+        let mut buf = [0u8; 128];
+        let n = s.recv(&mut buf).unwrap_or_else(|e| panic!("no answer ({e}):\n{}", counters(&r)));
+        String::from_utf8_lossy(&buf[..n]).split(' ').next().unwrap().to_string()
+    };
+    let first = ask(&sock, &r);
+    assert_eq!(ask(&sock, &r), first, "the flow sticks to its endpoint");
+    let pod: &'static str = ["pod-a", "pod-b", "pod-c"].into_iter().find(|p| *p == first).expect("a known pod");
+    let before = r.metric(Gw::Gw1, SYNCS);
+    r.set_pod(pod, PodState::Deleted);
+    wait_publication(&r, Gw::Gw1, before);
+    let next = ask(&sock, &r);
+    assert_ne!(next, first, "the next datagram reached a live endpoint");
+}
+
+/// Scenario 7: a bounded continuous UDP stream loses nothing while 100
+/// table updates that leave its endpoint in place are published.
+#[test]
+fn s7_no_loss_across_100_table_updates() {
+    let mut r = start();
+    let sock = in_ns(&r.topo.ns_name("client"), || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect(format!("{LB_CLUSTER}:53")).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        s
+    });
+    // The flow exists (endpoint chosen, next hops resolved) before counting.
+    sock.send(b"who").unwrap();
+    let mut buf = [0u8; 128];
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    sock.recv(&mut buf).expect("the flow answers before the stream starts");
+    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (s, stop) = (sock.try_clone().unwrap(), stop.clone());
+        std::thread::spawn(move || {
+            let mut sent = 0u64;
+            let start = Instant::now();
+            // At most 60 s and 200,000 datagrams, about 2,000 per second.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && start.elapsed() < Duration::from_secs(60)
+                && sent < 200_000
+            {
+                if s.send(b"who").is_ok() {
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            sent
+        })
+    };
+    let receiver = {
+        let s = sock.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut got = 0u64;
+            let mut buf = [0u8; 128];
+            let mut quiet_since = Instant::now();
+            loop {
+                match s.recv(&mut buf) {
+                    Ok(_) => {
+                        got += 1;
+                        quiet_since = Instant::now();
+                    }
+                    Err(_) if quiet_since.elapsed() > Duration::from_secs(2) => return got,
+                    Err(_) => {}
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let published_before = r.metric(Gw::Gw1, SYNCS);
+    for _ in 0..100 {
+        let before = r.metric(Gw::Gw1, SYNCS);
+        r.churn();
+        wait_publication(&r, Gw::Gw1, before);
+    }
+    let published = r.metric(Gw::Gw1, SYNCS) - published_before;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    let got = receiver.join().unwrap();
+    assert!(published >= 100, "{published} publications");
+    assert!(sent > 500, "the stream ran ({sent} datagrams)");
+    assert_eq!(got, sent, "datagrams lost across {published} table updates");
+}
+
+/// Scenario 8: 1,000 sequential HTTP requests (a real client, one
+/// connection each) all succeed through the gateway, in each policy.
+#[test]
+fn s8_a_thousand_http_requests_per_policy() {
+    let r = start();
+    r.via(Gw::Gw1);
+    for lb in [LB_LOCAL, LB_CLUSTER] {
+        let url = format!("http://{lb}/");
+        let failures = in_ns(&r.topo.ns_name("client"), move || {
+            let agent: ureq::Agent =
+                ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(3))).build().into();
+            let mut failures = Vec::new();
+            for i in 0..1000 {
+                match agent.get(&url).call() {
+                    Ok(mut resp) => {
+                        let status = resp.status();
+                        let body = resp.body_mut().read_to_string();
+                        if status != 200 || !body.as_deref().is_ok_and(|b| b.starts_with("pod-")) {
+                            failures.push(format!("#{i}: status {status}, body {body:?}"));
+                        }
+                    }
+                    Err(e) => failures.push(format!("#{i}: {e}")),
+                }
+            }
+            failures
+        });
+        assert!(
+            failures.is_empty(),
+            "{lb}: {} of 1000 failed: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+    }
+}

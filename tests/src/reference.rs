@@ -1,0 +1,402 @@
+//! The reference topology of seeds 003 and 004, with two real gateways
+//! running `xskgate run`:
+//!
+//! ```text
+//!             c1 198.18.1.100 ── 198.18.1.1 gw1 ── 198.19.1.1 ── pod-a 198.19.1.10
+//!   client                         │ 198.18.3.1
+//!                                  │ 198.18.3.2
+//!             c2 198.18.2.100 ── 198.18.2.1 gw2 ── 198.19.2.1 ── pod-b 198.19.2.10
+//!                                               ── 198.19.3.1 ── pod-c 198.19.3.10
+//! ```
+//!
+//! Both gateways are reachable from the client; each routes to the other's
+//! pods over the link between them. The Services (all in `default`):
+//! - `whoami-local`: LoadBalancer 198.18.100.10, NodePort 30080 (TCP 80, UDP
+//!   53), `externalTrafficPolicy: Local`, healthCheckNodePort 32080;
+//! - `whoami-cluster`: LoadBalancer 198.18.100.11, NodePort 30081, Cluster;
+//! - `whoami-none`: LoadBalancer 198.18.100.12, NodePort 30082, no endpoints.
+//!
+//! The client reaches a LoadBalancer IP through one gateway at a time
+//! ([`Reference::via`]); NodePorts are reached on each gateway's address.
+//! Endpoint conditions are changed by rewriting the manifest directory that
+//! both gateways watch ([`Reference::set_pods`]).
+
+use crate::Topology;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const LB_LOCAL: &str = "198.18.100.10";
+pub const LB_CLUSTER: &str = "198.18.100.11";
+pub const LB_NONE: &str = "198.18.100.12";
+pub const NODEPORT_LOCAL: u16 = 30080;
+pub const NODEPORT_CLUSTER: u16 = 30081;
+pub const NODEPORT_NONE: u16 = 30082;
+pub const HEALTH_PORT: u16 = 32080;
+pub const POD_PORT: u16 = 8080;
+
+/// One of the two gateways.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Gw {
+    Gw1,
+    Gw2,
+}
+
+impl Gw {
+    pub const BOTH: [Gw; 2] = [Gw::Gw1, Gw::Gw2];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Gw::Gw1 => "gw1",
+            Gw::Gw2 => "gw2",
+        }
+    }
+
+    /// The gateway's address on the client's side (where NodePorts and the
+    /// health check are reached).
+    pub fn address(self) -> &'static str {
+        match self {
+            Gw::Gw1 => "198.18.1.1",
+            Gw::Gw2 => "198.18.2.1",
+        }
+    }
+
+    /// The client's address on its link to this gateway.
+    pub fn client_address(self) -> &'static str {
+        match self {
+            Gw::Gw1 => "198.18.1.100",
+            Gw::Gw2 => "198.18.2.100",
+        }
+    }
+
+    /// Addresses of this gateway a masqueraded flow may carry.
+    pub fn addresses(self) -> &'static [&'static str] {
+        match self {
+            Gw::Gw1 => &["198.18.1.1", "198.18.3.1", "198.19.1.1"],
+            Gw::Gw2 => &["198.18.2.1", "198.18.3.2", "198.19.2.1", "198.19.3.1"],
+        }
+    }
+}
+
+/// A pod of the whoami Deployment and its endpoint's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodState {
+    Ready,
+    NotReady,
+    /// Terminating: not ready, still serving.
+    Terminating,
+    /// Gone from the EndpointSlices.
+    Deleted,
+}
+
+/// (pod name, address, node).
+pub const PODS: [(&str, &str, &str); 3] =
+    [("pod-a", "198.19.1.10", "gw1"), ("pod-b", "198.19.2.10", "gw2"), ("pod-c", "198.19.3.10", "gw2")];
+
+/// The manifests for the given pod states. An odd `churn` gives
+/// `whoami-none` one endpoint (pod-z, 198.19.9.9, on gw2): a published table
+/// update that leaves the whoami Services' endpoints in place.
+pub fn manifests(pods: &BTreeMap<&str, PodState>, churn: u64) -> String {
+    let mut out = String::from(
+        r#"apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Node, metadata: {name: gw1, labels: {kubernetes.io/hostname: gw1}}, status: {addresses: [{type: InternalIP, address: 198.18.1.1}]}}
+- {apiVersion: v1, kind: Node, metadata: {name: gw2, labels: {kubernetes.io/hostname: gw2}}, status: {addresses: [{type: InternalIP, address: 198.18.2.1}]}}
+"#,
+    );
+    let services = [
+        ("whoami-local", LB_LOCAL, "Local", NODEPORT_LOCAL, 30053, "198.19.128.10", true),
+        ("whoami-cluster", LB_CLUSTER, "Cluster", NODEPORT_CLUSTER, 30054, "198.19.128.11", true),
+        ("whoami-none", LB_NONE, "Cluster", NODEPORT_NONE, 30055, "198.19.128.12", false),
+    ];
+    for (name, lb, policy, np, np_udp, cip, has_pods) in services {
+        let hc = if policy == "Local" { format!("\n    healthCheckNodePort: {HEALTH_PORT}") } else { String::new() };
+        out.push_str(&format!(
+            r#"- apiVersion: v1
+  kind: Service
+  metadata: {{name: {name}, namespace: default}}
+  spec:
+    type: LoadBalancer
+    clusterIP: {cip}
+    externalTrafficPolicy: {policy}{hc}
+    ports:
+    - {{name: http, port: 80, protocol: TCP, targetPort: {POD_PORT}, nodePort: {np}}}
+    - {{name: dns, port: 53, protocol: UDP, targetPort: {POD_PORT}, nodePort: {np_udp}}}
+  status: {{loadBalancer: {{ingress: [{{ip: {lb}}}]}}}}
+"#
+        ));
+        let mut endpoints = String::new();
+        if !has_pods {
+            if churn % 2 == 1 {
+                endpoints.push_str("\n  - {addresses: [198.19.9.9], nodeName: gw2, conditions: {ready: true}}");
+            } else {
+                continue;
+            }
+        }
+        for (pod, addr, node) in PODS.into_iter().filter(|_| has_pods) {
+            let (ready, serving, terminating) = match pods.get(pod).copied().unwrap_or(PodState::Ready) {
+                PodState::Ready => (true, true, false),
+                PodState::NotReady => (false, false, false),
+                PodState::Terminating => (false, true, true),
+                PodState::Deleted => continue,
+            };
+            endpoints.push_str(&format!(
+                "\n  - {{addresses: [{addr}], nodeName: {node}, targetRef: {{kind: Pod, name: {pod}}}, conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}}}"
+            ));
+        }
+        if endpoints.is_empty() {
+            endpoints.push_str(" []");
+        }
+        out.push_str(&format!(
+            r#"- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+  addressType: IPv4
+  ports: [{{name: http, port: {POD_PORT}, protocol: TCP}}, {{name: dns, port: {POD_PORT}, protocol: UDP}}]
+  endpoints:{endpoints}
+"#
+        ));
+    }
+    out
+}
+
+/// One `xskgate run`, killed on drop.
+pub struct Gateway {
+    pub gw: Gw,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Gateway {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The running reference topology. Everything goes away on drop.
+pub struct Reference {
+    pub gateways: Vec<Gateway>,
+    pods: BTreeMap<&'static str, PodState>,
+    churn: u64,
+    dir: PathBuf,
+    // Declared last: dropped after the gateways stopped.
+    pub topo: Topology,
+}
+
+impl Reference {
+    /// Builds the topology, starts the pods' echo servers and both gateways
+    /// (the `xskgate` binary at `xskgate`), and waits until both serve.
+    ///
+    /// # Errors
+    /// A gateway that does not start (its log is in the message).
+    pub fn start(xskgate: &Path) -> Result<Reference, String> {
+        let mut t = Topology::new();
+        for ns in ["client", "gw1", "gw2", "pa", "pb", "pc"] {
+            t.add_ns(ns);
+        }
+        t.link("client", "c1", "198.18.1.100/24", "gw1", "g1c", "198.18.1.1/24");
+        t.link("client", "c2", "198.18.2.100/24", "gw2", "g2c", "198.18.2.1/24");
+        t.link("gw1", "g1x", "198.18.3.1/24", "gw2", "g2x", "198.18.3.2/24");
+        t.link("gw1", "g1a", "198.19.1.1/24", "pa", "a0", "198.19.1.10/24");
+        t.link("gw2", "g2b", "198.19.2.1/24", "pb", "b0", "198.19.2.10/24");
+        t.link("gw2", "g2p", "198.19.3.1/24", "pc", "c0", "198.19.3.10/24");
+        for gw in ["gw1", "gw2"] {
+            t.forwarding(gw);
+        }
+        t.route("gw1", "198.19.2.0/24", "198.18.3.2");
+        t.route("gw1", "198.19.3.0/24", "198.18.3.2");
+        t.route("gw2", "198.19.1.0/24", "198.18.3.1");
+        t.route("pa", "default", "198.19.1.1");
+        t.route("pb", "default", "198.19.2.1");
+        t.route("pc", "default", "198.19.3.1");
+        t.route("client", "198.18.100.0/24", Gw::Gw1.address());
+        for (ns, (pod, _, _)) in ["pa", "pb", "pc"].into_iter().zip(PODS) {
+            t.echo_thread(ns, pod, POD_PORT);
+        }
+        let dir = std::env::temp_dir().join(format!("{}-manifests", t.prefix()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut r = Reference { gateways: Vec::new(), pods: BTreeMap::new(), churn: 0, dir, topo: t };
+        r.write();
+        for gw in Gw::BOTH {
+            let interfaces = match gw {
+                Gw::Gw1 => ["g1c", "g1x", "g1a"].map(|i| r.topo.if_name(i)).join(","),
+                Gw::Gw2 => ["g2c", "g2x", "g2b", "g2p"].map(|i| r.topo.if_name(i)).join(","),
+            };
+            let log = r.dir.join(format!("{}.log", gw.name()));
+            let err = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+            let child = Command::new("ip")
+                .args(["netns", "exec", &r.topo.ns_name(gw.name()), &xskgate.to_string_lossy(), "run"])
+                .args(["--manifests", &r.dir.to_string_lossy(), "--node-name", gw.name()])
+                .args(["--interfaces", &interfaces, "--cluster-cidr", "198.19.0.0/16", "--poll-ms", "50"])
+                .stdout(Stdio::null())
+                .stderr(err)
+                .spawn()
+                .map_err(|e| format!("cannot start {}: {e}", xskgate.display()))?;
+            r.gateways.push(Gateway { gw, child, log });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for g in &mut r.gateways {
+            while !g.log_text().contains("first table published") {
+                if let Ok(Some(status)) = g.child.try_wait() {
+                    return Err(format!("{} exited ({status}):\n{}", g.gw.name(), g.log_text()));
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("{} did not start:\n{}", g.gw.name(), g.log_text()));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(r)
+    }
+
+    fn write(&mut self) {
+        let tmp = self.dir.join(".whoami.yaml.tmp");
+        std::fs::write(&tmp, manifests(&self.pods, self.churn)).expect("write manifests");
+        std::fs::rename(&tmp, self.dir.join("whoami.yaml")).expect("rename manifests");
+    }
+
+    /// Sets a pod's endpoint state (in both Services' EndpointSlices).
+    pub fn set_pod(&mut self, pod: &'static str, state: PodState) {
+        self.pods.insert(pod, state);
+        self.write();
+    }
+
+    /// A table update that changes nothing the data path uses.
+    pub fn churn(&mut self) {
+        self.churn += 1;
+        self.write();
+    }
+
+    /// Routes the client's traffic to the LoadBalancer IPs through `gw`.
+    pub fn via(&self, gw: Gw) {
+        self.topo.exec("client", &["ip", "route", "replace", "198.18.100.0/24", "via", gw.address()]);
+    }
+
+    /// The gateway's metrics text.
+    pub fn metrics(&self, gw: Gw) -> String {
+        http_get(&self.topo.ns_name(gw.name()), "http://127.0.0.1:10249/metrics".into())
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
+    /// One sample of a gateway's metrics (0 when absent).
+    pub fn metric(&self, gw: Gw, sample: &str) -> u64 {
+        self.metrics(gw)
+            .lines()
+            .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+
+    /// The health check of `whoami-local` on `gw`, from the client:
+    /// (status, localEndpoints).
+    pub fn health(&self, gw: Gw) -> Result<(u16, u64), String> {
+        let (status, body) = http_get(&self.topo.ns_name("client"), format!("http://{}:{HEALTH_PORT}/", gw.address()))?;
+        let n = body
+            .split("\"localEndpoints\": ")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("health body {body:?}"))?;
+        Ok((status, n))
+    }
+}
+
+impl Drop for Reference {
+    fn drop(&mut self) {
+        self.gateways.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An HTTP GET with a real client (ureq), from inside namespace `ns`.
+///
+/// # Errors
+/// No answer within 2 s (or any transport error).
+pub fn http_get(ns: &str, url: String) -> Result<(u16, String), String> {
+    crate::in_ns(ns, move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(2)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut resp = agent.get(&url).call().map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = resp.body_mut().read_to_string().map_err(|e| e.to_string())?;
+        Ok((status, body))
+    })
+}
+
+/// Flows from the client to `to`, each a new UDP socket (a new flow):
+/// answers per pod, the source addresses the pods saw, and how many went
+/// unanswered.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Tally {
+    pub per_pod: BTreeMap<String, usize>,
+    pub sources: BTreeMap<String, usize>,
+    pub unanswered: usize,
+}
+
+impl Tally {
+    pub fn answered(&self) -> usize {
+        self.per_pod.values().sum()
+    }
+
+    /// Each pod's share of the answered flows.
+    pub fn shares(&self) -> BTreeMap<String, f64> {
+        let n = self.answered().max(1) as f64;
+        self.per_pod.iter().map(|(p, c)| (p.clone(), *c as f64 / n)).collect()
+    }
+}
+
+/// Sends `flows` UDP flows from namespace `ns` to `to`, 64 in flight at a
+/// time; each group of 64 waits at most `timeout` for its answers.
+pub fn udp_flows(ns: &str, to: SocketAddr, flows: usize, timeout: Duration) -> Tally {
+    crate::in_ns(ns, move || {
+        let mut tally = Tally::default();
+        for chunk in 0..flows.div_ceil(64) {
+            let n = (flows - chunk * 64).min(64);
+            let socks: Vec<_> = (0..n)
+                .filter_map(|_| {
+                    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+                    s.connect(to).ok()?;
+                    s.send(b"who").ok()?;
+                    Some(s)
+                })
+                .collect();
+            tally.unanswered += n - socks.len();
+            let deadline = Instant::now() + timeout;
+            for s in socks {
+                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                let _ = s.set_read_timeout(Some(left));
+                let mut buf = [0u8; 256];
+                match s.recv(&mut buf) {
+                    Ok(len) => {
+                        let line = String::from_utf8_lossy(&buf[..len]);
+                        let mut it = line.trim().split(' ');
+                        let pod = it.next().unwrap_or("?").to_string();
+                        let src = it
+                            .next()
+                            .and_then(|p| p.parse::<SocketAddr>().ok())
+                            .map_or_else(|| "?".into(), |a| a.ip().to_string());
+                        *tally.per_pod.entry(pod).or_default() += 1;
+                        *tally.sources.entry(src).or_default() += 1;
+                    }
+                    Err(_) => tally.unanswered += 1,
+                }
+            }
+        }
+        tally
+    })
+}
