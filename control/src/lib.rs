@@ -16,11 +16,13 @@
 //!   kube-proxy answers them.
 //! - [`metrics`]: `/metrics` (kube-proxy's names and `xskgate_*`).
 //! - [`netlink`]: interfaces, addresses, routes and neighbours over rtnetlink.
+//! - [`lab`]: `xskgate lab`, the reference topology on this machine.
 //! - [`run`]: `xskgate run`, the daemon (data path, servers, control loop).
 
 pub mod controller;
 pub mod health;
 pub mod kube_source;
+pub mod lab;
 pub mod manifest;
 pub mod metrics;
 pub mod netlink;

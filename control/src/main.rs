@@ -16,6 +16,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Build seed 003/004's reference topology here (namespaces and veths; needs
+    /// root), run two gateways, replay the experiments, print what they show, and
+    /// remove everything.
+    Lab {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the service table computed from manifests, without touching the network.
     Table {
         /// Directory of Service, EndpointSlice and Node manifests (YAML or JSON).
@@ -122,6 +130,7 @@ fn main() -> ExitCode {
         )
         .init();
     match Cli::parse().cmd {
+        Cmd::Lab { json } => lab(json),
         Cmd::Table { manifests, node_name, zone, cluster_cidr, json } => {
             table(&manifests, node_name.as_deref(), zone.as_deref(), &cluster_cidr, json)
         }
@@ -249,6 +258,38 @@ async fn watch(
                 Some(change) => kube_source::handle(&mut c, change, &mut last_error, std::time::Duration::from_secs(30)),
                 None => return ExitCode::FAILURE,
             },
+        }
+    }
+}
+
+fn lab(json: bool) -> ExitCode {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "xskgate lab needs root: it creates network namespaces and veth pairs and attaches XDP programs to them \
+             (nothing outside its own namespaces is touched). Run it as root, e.g. with sudo."
+        );
+        return ExitCode::from(2);
+    }
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("xskgate: cannot find my own binary to run the gateways: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match xskgate_control::lab::run_lab(&exe, json) {
+        Ok(rows) => {
+            if json {
+                println!("{}", xskgate_control::lab::to_json(&rows));
+            } else {
+                print!("{}", xskgate_control::lab::to_text(&rows));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("xskgate lab: {e}");
+            ExitCode::FAILURE
         }
     }
 }

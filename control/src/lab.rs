@@ -1,0 +1,236 @@
+//! `xskgate lab`: the embedded default. It builds seed 003/004's reference
+//! topology on this machine (namespaces and veths under a unique prefix,
+//! from `xskgate_tests::reference`), runs two gateways with this very
+//! binary (`xskgate run`), replays scenarios 1–3 and prints what a person
+//! checks in ten seconds: per policy and gateway, whether the Service
+//! answers, which source address the pod saw, each pod's share of the
+//! flows, and the health check's answer. Then it removes everything.
+//!
+//! `--json` prints one object: `{"scenarios": [...]}`, each entry with
+//! `case`, `policy`, `gateway`, `reachable`, `source_seen`,
+//! `client_address`, `gateway_address`, `shares` (pod → fraction of the
+//! answered flows) and `health_status` (the healthCheckNodePort's HTTP
+//! status; `null` for Cluster, which has none).
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+use xskgate_tests::reference::{Gw, LB_CLUSTER, LB_LOCAL, PodState, Reference, Tally, http_get, udp_flows};
+
+/// UDP flows per (policy, gateway): 2 × 750 = 1,500 per policy, so each
+/// share is within about ±3 points of its expectation (3 standard deviations).
+const FLOWS: usize = 750;
+
+/// One row of the lab's table.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub case: String,
+    pub policy: &'static str,
+    pub gateway: &'static str,
+    pub reachable: bool,
+    /// "client", "gateway", or "none" when unreachable.
+    pub source_seen: String,
+    pub client_address: &'static str,
+    pub gateway_address: &'static str,
+    pub shares: BTreeMap<String, f64>,
+    pub health_status: Option<u16>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    scenarios: Vec<Row>,
+}
+
+fn progress(json: bool, msg: &str) {
+    if !json {
+        eprintln!("lab: {msg}");
+    }
+}
+
+/// Which address the pod saw, in words.
+fn source_kind(gw: Gw, seen: &str) -> String {
+    if seen == gw.client_address() {
+        "client".into()
+    } else if gw.addresses().contains(&seen) {
+        "gateway".into()
+    } else {
+        format!("other ({seen})")
+    }
+}
+
+fn ask_http(r: &Reference, lb: &str) -> Option<(String, String)> {
+    let (status, body) = http_get(&r.topo.ns_name("client"), format!("http://{lb}/")).ok()?;
+    if status != 200 {
+        return None;
+    }
+    let (pod, peer) = body.trim().split_once(' ')?;
+    let peer: SocketAddr = peer.parse().ok()?;
+    Some((pod.to_string(), peer.ip().to_string()))
+}
+
+fn row(r: &Reference, case: &str, policy: &'static str, gw: Gw, tally: &Tally) -> Row {
+    r.via(gw);
+    let lb = if policy == "Local" { LB_LOCAL } else { LB_CLUSTER };
+    let answer = ask_http(r, lb);
+    let health_status = (policy == "Local").then(|| r.health(gw).map(|(code, _)| code).unwrap_or(0));
+    Row {
+        case: case.to_string(),
+        policy,
+        gateway: gw.name(),
+        reachable: answer.is_some(),
+        source_seen: answer.as_ref().map_or_else(|| "none".to_string(), |(_, seen)| source_kind(gw, seen)),
+        client_address: gw.client_address(),
+        gateway_address: gw.address(),
+        shares: tally.shares(),
+        health_status,
+    }
+}
+
+fn flows(r: &Reference, policy: &str, gw: Gw, n: usize) -> Tally {
+    let port = if policy == "Local" { 30053 } else { 30054 };
+    let to: SocketAddr = format!("{}:{port}", gw.address()).parse().expect("literal address");
+    udp_flows(&r.topo.ns_name("client"), to, n, Duration::from_secs(1))
+}
+
+fn merge(a: &Tally, b: &Tally) -> Tally {
+    let mut t = a.clone();
+    for (pod, n) in &b.per_pod {
+        *t.per_pod.entry(pod.clone()).or_default() += n;
+    }
+    t.unanswered += b.unanswered;
+    t
+}
+
+/// Runs the lab; the rows, or why it could not run.
+pub fn run_lab(xskgate: &Path, json: bool) -> Result<Vec<Row>, String> {
+    progress(json, "building the reference topology (client, gw1 with pod-a, gw2 with pods b and c)");
+    let mut r = Reference::start(xskgate)?;
+    progress(json, &format!("gateways running (prefix {}); replaying seeds 003 and 004", r.topo.prefix()));
+    let mut rows = Vec::new();
+    for policy in ["Cluster", "Local"] {
+        let per_gw: Vec<(Gw, Tally)> = Gw::BOTH.iter().map(|&gw| (gw, flows(&r, policy, gw, FLOWS))).collect();
+        for (gw, t) in &per_gw {
+            rows.push(row(&r, "both gateways serving", policy, *gw, t));
+        }
+        let both = merge(&per_gw[0].1, &per_gw[1].1);
+        let lb = if policy == "Local" { LB_LOCAL } else { LB_CLUSTER };
+        rows.push(Row {
+            case: "clients split evenly over gw1 and gw2 (seed 004)".into(),
+            policy: if policy == "Local" { "Local" } else { "Cluster" },
+            gateway: "both",
+            reachable: both.answered() > 0 && ask_http(&r, lb).is_some(),
+            source_seen: if policy == "Local" { "client".into() } else { "gateway".into() },
+            client_address: "",
+            gateway_address: "",
+            shares: both.shares(),
+            health_status: None,
+        });
+    }
+    progress(json, "scaling pod-a away: gw1 has no local endpoint now (seed 003)");
+    r.set_pod("pod-a", PodState::Deleted);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while r.health(Gw::Gw1).map(|(c, _)| c) != Ok(503) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for policy in ["Cluster", "Local"] {
+        // 64 flows (one group) are enough to show that none is answered.
+        let t = flows(&r, policy, Gw::Gw1, 64);
+        rows.push(row(&r, "pod-a scaled away", policy, Gw::Gw1, &t));
+    }
+    progress(json, "removing the topology");
+    Ok(rows)
+}
+
+/// The table a person reads.
+pub fn to_text(rows: &[Row]) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<48} {:<8} {:<8} {:<10} {:<26} {:<22} {}\n",
+        "case", "policy", "gateway", "reachable", "source the pod saw", "flows a / b / c", "health check"
+    ));
+    for r in rows {
+        let share = |p: &str| r.shares.get(p).map_or("   -".to_string(), |s| format!("{:>3.0}%", s * 100.0));
+        let source = match r.source_seen.as_str() {
+            "client" if !r.client_address.is_empty() => format!("client {}", r.client_address),
+            "gateway" => "gateway (SNAT)".to_string(),
+            s => s.to_string(),
+        };
+        let health = match r.health_status {
+            Some(200) => "200 (serve here)".to_string(),
+            Some(503) => "503 (drain)".to_string(),
+            Some(c) => c.to_string(),
+            None => "-".to_string(),
+        };
+        out.push_str(&format!(
+            "{:<48} {:<8} {:<8} {:<10} {:<26} {:<22} {}\n",
+            r.case,
+            r.policy,
+            r.gateway,
+            if r.reachable { "yes" } else { "NO" },
+            source,
+            format!("{} / {} / {}", share("pod-a"), share("pod-b"), share("pod-c")),
+            health
+        ));
+    }
+    out.push_str(
+        "\nLocal keeps the client's address and serves only the gateway's own pods: 50/25/25 when clients \
+         split evenly,\nand a gateway without local pods drops the traffic (its health check says 503 so a load \
+         balancer drains it).\nCluster balances over every pod (33/33/33) and the pod sees the gateway's address.\n",
+    );
+    out
+}
+
+/// The JSON object.
+pub fn to_json(rows: &[Row]) -> String {
+    serde_json::to_string_pretty(&Report { scenarios: rows.to_vec() }).expect("serializable")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Row> {
+        vec![Row {
+            case: "both gateways serving".into(),
+            policy: "Local",
+            gateway: "gw1",
+            reachable: true,
+            source_seen: "client".into(),
+            client_address: "198.18.1.100",
+            gateway_address: "198.18.1.1",
+            shares: [("pod-a".to_string(), 1.0)].into(),
+            health_status: Some(200),
+        }]
+    }
+
+    #[test]
+    fn json_has_the_documented_keys() {
+        let v: serde_json::Value = serde_json::from_str(&to_json(&sample())).unwrap();
+        let row = &v["scenarios"][0];
+        for key in [
+            "policy",
+            "gateway",
+            "reachable",
+            "source_seen",
+            "client_address",
+            "gateway_address",
+            "shares",
+            "health_status",
+        ] {
+            assert!(!row[key].is_null(), "missing {key}: {row}");
+        }
+        assert_eq!(row["shares"]["pod-a"], 1.0);
+        assert_eq!(row["health_status"], 200);
+    }
+
+    #[test]
+    fn text_reads_in_ten_seconds() {
+        let t = to_text(&sample());
+        let line = t.lines().nth(1).unwrap();
+        for want in ["Local", "gw1", "yes", "client 198.18.1.100", "100%", "200 (serve here)"] {
+            assert!(line.contains(want), "{want} missing from {line:?}");
+        }
+    }
+}
