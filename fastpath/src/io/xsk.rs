@@ -88,6 +88,10 @@ io_counters! {
     no_egress_socket => "Dropped: the route leaves by an interface xskgate does not run on.";
     steered_local => "Dropped: a steered frame for this node's own stack that the pipeline did not own.";
     tx_ring_full => "Dropped: the TX ring or the egress UMEM had no room.";
+    xsk_rx_dropped => "Dropped by the kernel before the socket: no room in the UMEM (XDP_STATISTICS rx_dropped).";
+    xsk_rx_ring_full => "Dropped by the kernel: the socket's RX ring was full (rx_ring_full).";
+    xsk_fill_ring_empty => "Times the kernel found the fill ring empty (rx_fill_ring_empty_descs).";
+    xsk_invalid_descs => "Invalid RX or TX descriptors (rx_invalid_descs + tx_invalid_descs).";
     busy_polls => "Worker rounds that found frames.";
     idle_polls => "Worker rounds that found none.";
 }
@@ -553,6 +557,21 @@ impl Worker {
     }
 
     fn publish(&mut self) {
+        // The kernel's per-socket drop counters (one getsockopt per socket,
+        // every PUBLISH_EVERY, never per packet).
+        let (mut dropped, mut full, mut empty, mut invalid) = (0, 0, 0, 0);
+        for p in &self.ports {
+            if let Ok(st) = p.rx.fd().xdp_statistics() {
+                dropped += st.rx_dropped();
+                full += st.rx_ring_full();
+                empty += st.rx_fill_ring_empty_descs();
+                invalid += st.rx_invalid_descs() + st.tx_invalid_descs();
+            }
+        }
+        self.io.xsk_rx_dropped = dropped;
+        self.io.xsk_rx_ring_full = full;
+        self.io.xsk_fill_ring_empty = empty;
+        self.io.xsk_invalid_descs = invalid;
         if let Ok(mut s) = self.snapshot.try_lock() {
             s.pipeline.clone_from(&self.state.counters);
             s.io = self.io;
