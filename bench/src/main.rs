@@ -6,10 +6,14 @@
 //! - `pipeline`: the packet pipeline in memory on one core (established and
 //!   new-flow packets, 1 against 10,000 Services).
 //! - `control`: translation and publication at 10,000 Services.
+//! - `e2e`: the gateway on veths against kube-proxy's iptables and nftables
+//!   rules, plain routing and a bare AF_XDP reflector (needs root).
 
 mod alloc_count;
+mod chart;
 mod conntrack;
 mod control;
+mod e2e;
 mod pipeline;
 mod report;
 
@@ -33,6 +37,9 @@ enum Cmd {
     Pipeline(report::Args),
     /// Control plane: full sync and one EndpointSlice change at 10,000 Services.
     Control(report::Args),
+    /// End to end on veths (root): xskgate vs kube-proxy's iptables and nftables rules,
+    /// plain routing and an AF_XDP reflector; Mpps, latency, scaling, programming time.
+    E2e(report::Args),
 }
 
 fn main() {
@@ -41,6 +48,7 @@ fn main() {
         Cmd::Conntrack(args) => conntrack::run(&args),
         Cmd::Pipeline(args) => pipeline::run_bench(&args),
         Cmd::Control(args) => control::run(&args),
+        Cmd::E2e(args) => e2e::run(&args),
     };
     if let Err(e) = result {
         eprintln!("xskgate-bench: {e}");

@@ -254,6 +254,51 @@ impl Port {
         (ptr, cap)
     }
 
+    /// Sends up to `n` (at most [`BATCH`]) new frames, each written by
+    /// `write(i, buffer) -> length`; returns how many the TX ring took. For
+    /// generators: no pipeline, no allocation.
+    pub fn send_with(&mut self, n: usize, mut write: impl FnMut(usize, &mut [u8]) -> usize) -> usize {
+        self.reclaim();
+        let n = n.min(BATCH).min(self.free.len());
+        for i in 0..n {
+            let mut d = self.free.pop().expect("counted above");
+            let (ptr, cap) = self.buffer(&mut d);
+            // SAFETY: the frame came from the free stack: this port holds it alone.
+            let len = write(i, unsafe { std::slice::from_raw_parts_mut(ptr, cap) });
+            self.set_len(&mut d, len.min(cap));
+            self.pending_tx.push(d);
+        }
+        let mut io = IoCounters::default();
+        self.flush_tx(&mut io);
+        io.tx_packets as usize
+    }
+
+    /// Receives up to a batch and hands each frame to `f(buffer, length)`:
+    /// `Some(length)` sends it back out of this port, `None` frees it.
+    /// Returns how many frames were received. For reflectors and sinks.
+    pub fn reflect_with(&mut self, mut f: impl FnMut(&mut [u8], usize) -> Option<usize>) -> usize {
+        self.reclaim();
+        self.refill();
+        let mut descs = [FrameDesc::default(); BATCH];
+        // SAFETY: the RX ring hands over frames of this port's UMEM.
+        let n = unsafe { self.rx.consume(&mut descs) };
+        for d in descs[..n].iter_mut() {
+            let len = d.lengths().data();
+            let (ptr, cap) = self.buffer(d);
+            // SAFETY: a received frame is held by this port until sent or freed.
+            match f(unsafe { std::slice::from_raw_parts_mut(ptr, cap) }, len) {
+                Some(l) => {
+                    self.set_len(d, l.min(cap));
+                    self.pending_tx.push(*d);
+                }
+                None => self.free.push(*d),
+            }
+        }
+        let mut io = IoCounters::default();
+        self.flush_tx(&mut io);
+        n
+    }
+
     fn set_len(&self, desc: &mut FrameDesc, len: usize) {
         // SAFETY: as in `buffer`.
         unsafe { self.umem.data_mut(desc) }.cursor().set_pos(len);
