@@ -149,19 +149,9 @@ fn topology() -> Topology {
     t
 }
 
-/// An HTTP GET with a real client from inside namespace `ns`: (status, body).
+/// An HTTP GET with a real client (ureq) from inside namespace `ns`.
 fn http_get(t: &Topology, ns: &str, url: String) -> Result<(u16, String), String> {
-    in_ns(&t.ns_name(ns), move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(2)))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut resp = agent.get(&url).call().map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let body = resp.body_mut().read_to_string().map_err(|e| e.to_string())?;
-        Ok((status, body))
-    })
+    xskgate_tests::reference::http_get(&t.ns_name(ns), url)
 }
 
 /// The echo server's answer line over HTTP: (pod, source address it saw).

@@ -49,17 +49,19 @@ const CLONE_NEWNET: i32 = 0x4000_0000;
 /// # Panics
 /// If the namespace cannot be entered (the test cannot run), or if `f` panics.
 pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
-        // SAFETY: `file` is an open namespace file descriptor for the call's
-        // duration; setns only changes this thread's network namespace.
-        let rc = unsafe { setns(std::os::fd::AsRawFd::as_raw_fd(&file), CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("the closure run in the namespace panicked")
+    spawn_in_ns(ns, f).join().expect("the closure run in the namespace panicked")
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+///
+/// # Panics
+/// If the namespace cannot be entered (the test cannot run).
+fn enter_ns(path: &str) {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
+    // SAFETY: `file` is an open namespace file descriptor for the call's
+    // duration; setns only changes this thread's network namespace.
+    let rc = unsafe { setns(std::os::fd::AsRawFd::as_raw_fd(&file), CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
 }
 
 /// Starts `f` on a thread inside network namespace `ns` and returns its
@@ -67,10 +69,7 @@ pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static
 pub fn spawn_in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
     let path = format!("/run/netns/{ns}");
     std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
-        // SAFETY: `file` is an open namespace fd; setns changes only this thread.
-        let rc = unsafe { setns(std::os::fd::AsRawFd::as_raw_fd(&file), CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+        enter_ns(&path);
         f()
     })
 }
@@ -221,10 +220,7 @@ impl Topology {
         let (name, stop) = (name.to_string(), self.stop_threads.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let t = std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
-            // SAFETY: `file` is an open namespace fd; setns changes only this thread.
-            let rc = unsafe { setns(std::os::fd::AsRawFd::as_raw_fd(&file), CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+            enter_ns(&path);
             let server = EchoServer::bind(&name, port);
             let ok = server.is_ok();
             let _ = ready_tx.send(server.as_ref().err().map(|e| e.to_string()));
