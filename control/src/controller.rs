@@ -95,6 +95,24 @@ impl Controller {
         self.publish(changed)
     }
 
+    /// Several changes at once (a file of the manifest directory edited),
+    /// published as one table.
+    pub fn apply_all(&mut self, applied: Vec<Object>, deleted: Vec<(Kind, Key)>, warnings: Vec<String>) -> Outcome {
+        self.log(warnings);
+        let mut changed = BTreeSet::new();
+        for (kind, key) in &deleted {
+            changed.extend(match kind {
+                Kind::Service => self.state.delete_service(key),
+                Kind::EndpointSlice => self.state.delete_slice(key),
+                Kind::Node => self.state.delete_node(&key.1),
+            });
+        }
+        for o in applied {
+            changed.extend(self.state.apply(o));
+        }
+        self.publish(changed)
+    }
+
     /// One deleted Service, EndpointSlice or Node (a Node's key is
     /// `("", name)`).
     pub fn delete(&mut self, kind: Kind, key: &Key) -> Outcome {

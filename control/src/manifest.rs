@@ -8,17 +8,48 @@
 //! is skipped with a warning that names the file and the object, and
 //! everything else is kept.
 
+use crate::state::{Key, Kind};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 /// An object xskgate reads.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     Node(Box<Node>),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::Node(_) => Kind::Node,
+        }
+    }
+
+    /// Its key as the cluster state files it (a Node's is `("", name)`).
+    pub fn key(&self) -> Key {
+        match self {
+            Object::Service(o) => crate::state::key(&o.metadata),
+            Object::EndpointSlice(o) => crate::state::key(&o.metadata),
+            Object::Node(o) => (String::new(), o.metadata.name.clone().unwrap_or_default()),
+        }
+    }
+}
+
+/// What changed in a watched directory.
+#[derive(Debug)]
+pub enum Update {
+    /// Everything (the first poll, or a change that cannot be told object
+    /// by object, such as an object defined in two files).
+    Full(Loaded),
+    /// Objects added or changed, and objects gone, with the warnings of the
+    /// files read again.
+    Changes { applied: Vec<Object>, deleted: Vec<(Kind, Key)>, warnings: Vec<String> },
 }
 
 /// Objects read from one source, and what was skipped.
@@ -248,5 +279,37 @@ impl DirWatcher {
         }
         let objects = self.files.values().flat_map(|(_, _, o)| o.iter().cloned()).collect();
         Ok(Some(Loaded { objects, warnings }))
+    }
+
+    /// Like [`poll`](Self::poll), but after the first call it reports what
+    /// changed object by object, so that one edited EndpointSlice costs one
+    /// Service's translation, not a comparison of the whole directory.
+    ///
+    /// # Errors
+    /// The directory cannot be read (the caller keeps what it has).
+    pub fn poll_changes(&mut self) -> std::io::Result<Option<Update>> {
+        if !self.primed {
+            return Ok(self.poll()?.map(Update::Full));
+        }
+        let before: std::collections::BTreeMap<(Kind, Key), Object> =
+            self.files.values().flat_map(|(_, _, o)| o.iter()).map(|o| ((o.kind(), o.key()), o.clone())).collect();
+        let defined_before: usize = self.files.values().map(|(_, _, o)| o.len()).sum();
+        let Some(loaded) = self.poll()? else { return Ok(None) };
+        if before.len() != defined_before || self.defined_twice() {
+            return Ok(Some(Update::Full(loaded)));
+        }
+        let mut after = std::collections::BTreeMap::new();
+        for o in loaded.objects {
+            after.insert((o.kind(), o.key()), o);
+        }
+        let deleted = before.keys().filter(|k| !after.contains_key(k)).cloned().collect();
+        let applied = after.into_iter().filter(|(k, o)| before.get(k) != Some(o)).map(|(_, o)| o).collect();
+        Ok(Some(Update::Changes { applied, deleted, warnings: loaded.warnings }))
+    }
+
+    /// True if some object is defined in more than one place.
+    fn defined_twice(&self) -> bool {
+        let mut seen = std::collections::BTreeSet::new();
+        self.files.values().flat_map(|(_, _, o)| o.iter()).any(|o| !seen.insert((o.kind(), o.key())))
     }
 }

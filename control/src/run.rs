@@ -21,7 +21,7 @@
 use crate::controller::Controller;
 use crate::health::{ProxyHealth, ServiceHealth, spawn_proxy_health, spawn_server_as, wanted};
 use crate::kube_source::{self, Change};
-use crate::manifest::{DirWatcher, Object};
+use crate::manifest::{DirWatcher, Object, Update};
 use crate::metrics::{self, ControlMetrics, Sources};
 use crate::netlink::{InterfaceAddress, Mirror};
 use crate::publish::{Outcome, Publisher};
@@ -410,16 +410,28 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = source_tick.tick(), if dir.is_some() => {
                 let w = dir.as_mut().expect("guarded");
-                match w.poll() {
-                    Ok(Some(loaded)) => {
+                match w.poll_changes() {
+                    Ok(Some(update)) => {
                         let received = Instant::now();
                         proxy_health.queued();
-                        for o in &loaded.objects {
+                        let objects = match &update {
+                            Update::Full(l) => &l.objects,
+                            Update::Changes { applied, .. } => applied,
+                        };
+                        for o in objects {
                             if let Object::Node(n) = o && n.metadata.name.as_deref() == Some(cfg.node_name.as_str()) {
                                 proxy_health.sync_node(n.as_ref());
                             }
                         }
-                        let out = controller.reset(loaded);
+                        let out = match update {
+                            Update::Full(loaded) => controller.reset(loaded),
+                            Update::Changes { applied, deleted, warnings } => {
+                                let slices = applied.iter().filter(|o| o.kind() == Kind::EndpointSlice).count()
+                                    + deleted.iter().filter(|(k, _)| *k == Kind::EndpointSlice).count();
+                                control_metrics.endpoint_changes.fetch_add(slices as u64, Ordering::Relaxed);
+                                controller.apply_all(applied, deleted, warnings)
+                            }
+                        };
                         let want = after_publish(&controller, &out, received);
                         service_health.sync(&want).await;
                         if out.published {
