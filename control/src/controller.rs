@@ -36,6 +36,10 @@ impl Controller {
         &self.publisher
     }
 
+    pub fn publisher_mut(&mut self) -> &mut Publisher {
+        &mut self.publisher
+    }
+
     pub fn state(&self) -> &ClusterState {
         &self.state
     }
@@ -67,6 +71,7 @@ impl Controller {
                 services_translated = out.services_translated,
                 udp_flows_flushed = out.udp_flows_flushed,
                 build_us = out.build_time.as_micros() as u64,
+                flush_us = out.flush_time.as_micros() as u64,
                 "published service table"
             );
         }

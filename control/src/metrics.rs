@@ -136,7 +136,7 @@ pub fn render(s: &Sources) -> String {
     c.publication.render(
         &mut out,
         "xskgate_table_publication_seconds",
-        "Time to publish a new service table (atomic swap and steering maps).",
+        "Time to translate the changed Services and publish the new service table (one atomic swap).",
     );
     counter(
         &mut out,

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use xskgate_conntrack::{Addr, FlowTable, Proto};
 use xskgate_fastpath::{
     Endpoint, EndpointSet, Frontend, FrontendKind, NodeConfig, PortChange, ServicePort, ServicePortName, ServiceTable,
-    ServiceTableBuilder, ServiceTableHandle, flush_udp_flows_to,
+    ServiceTableBuilder, ServiceTableHandle,
 };
 
 /// What one update did.
@@ -35,7 +35,10 @@ pub struct Outcome {
     pub udp_flows_flushed: usize,
     /// Objects or fields skipped, frontend conflicts.
     pub warnings: Vec<String>,
+    /// Translation and publication (the table is live after this).
     pub build_time: Duration,
+    /// The UDP flush after publication (one pass over the conntrack table).
+    pub flush_time: Duration,
 }
 
 #[derive(Default)]
@@ -62,6 +65,10 @@ impl Ids {
     }
 }
 
+/// Called right after each publication, before the UDP flush: the data
+/// path's other tables (the XDP steering maps) follow the service table here.
+pub type OnPublish = Box<dyn FnMut(&ServiceTable) + Send>;
+
 /// Keeps the fast-path table in step with the cluster state.
 pub struct Publisher {
     handle: Arc<ServiceTableHandle>,
@@ -72,6 +79,7 @@ pub struct Publisher {
     /// The table last published (patched, not rebuilt, on each change).
     current: Arc<ServiceTable>,
     generation: u64,
+    on_publish: Option<OnPublish>,
 }
 
 impl Publisher {
@@ -85,6 +93,7 @@ impl Publisher {
             ports: BTreeMap::new(),
             current: Arc::new(ServiceTableBuilder::new(node, 0).build()),
             generation: 0,
+            on_publish: None,
         }
     }
 
@@ -103,6 +112,7 @@ impl Publisher {
         let started = Instant::now();
         let mut out = Outcome::default();
         let mut changes = Vec::new();
+        let mut gone = BTreeSet::new();
         for k in changed {
             let (entries, warnings) = state.translate_one(k, node);
             out.warnings.extend(warnings);
@@ -110,7 +120,7 @@ impl Publisher {
             let ports: Vec<Arc<ServicePort>> =
                 entries.iter().flat_map(|e| self.service_ports(k, e)).map(Arc::new).collect();
             let old = self.ports.get(k).cloned().unwrap_or_default();
-            out.udp_flows_flushed += self.flush_removed(&old, &ports);
+            Self::removed_udp_endpoints(&old, &ports, &mut gone);
             for gone in old.iter().filter(|o| !ports.iter().any(|p| p.id == o.id)) {
                 changes.push(PortChange::Remove(gone.id));
             }
@@ -135,9 +145,15 @@ impl Publisher {
             }
             self.current = Arc::new(table);
             self.handle.publish_arc(self.current.clone());
+            if let Some(f) = self.on_publish.as_mut() {
+                f(&self.current);
+            }
             out.published = true;
         }
         out.build_time = started.elapsed();
+        let flushing = Instant::now();
+        out.udp_flows_flushed = self.flush(&gone);
+        out.flush_time = flushing.elapsed();
         out
     }
 
@@ -150,19 +166,32 @@ impl Publisher {
 
     /// Flushes UDP flows to endpoints present in `old` ports and gone from
     /// the same port in `new`.
-    fn flush_removed(&self, old: &[Arc<ServicePort>], new: &[Arc<ServicePort>]) -> usize {
-        let Some(ct) = &self.conntrack else { return 0 };
+    /// Sets the hook called after each publication.
+    pub fn on_publish(&mut self, f: OnPublish) {
+        self.on_publish = Some(f);
+    }
+
+    /// UDP endpoints of `old` that `new` no longer has.
+    fn removed_udp_endpoints(old: &[Arc<ServicePort>], new: &[Arc<ServicePort>], into: &mut BTreeSet<(Addr, u16)>) {
         let endpoints = |p: &ServicePort| -> BTreeSet<Endpoint> {
             p.cluster.endpoints().iter().chain(p.local.endpoints()).copied().collect()
         };
-        let mut flushed = 0;
         for o in old.iter().filter(|p| p.proto == Proto::UDP) {
             let now: BTreeSet<Endpoint> = new.iter().filter(|n| n.id == o.id).flat_map(|n| endpoints(n)).collect();
-            for gone in endpoints(o).difference(&now) {
-                flushed += flush_udp_flows_to(ct, gone);
-            }
+            into.extend(endpoints(o).difference(&now).map(|e| (e.addr, e.port)));
         }
-        flushed
+    }
+
+    /// Removes the UDP flows to `gone` (one pass over the table for all of
+    /// them), after the table without them was published: a datagram that
+    /// arrives in between starts a flow from the new table, never the old.
+    fn flush(&self, gone: &BTreeSet<(Addr, u16)>) -> usize {
+        match &self.conntrack {
+            Some(ct) if !gone.is_empty() => {
+                ct.flush(|f| f.orig.proto == Proto::UDP && gone.contains(&(f.reply.src, f.reply.sport)))
+            }
+            _ => 0,
+        }
     }
 
     /// The fast-path ports of one translated port: one per address family

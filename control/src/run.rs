@@ -35,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::{error, info, warn};
 use xskgate_conntrack::{Addr, FlowTable};
 use xskgate_fastpath::io::route::{Fib, NextHop};
-use xskgate_fastpath::io::steer::{SteerSet, Steering};
+use xskgate_fastpath::io::steer::Steering;
 use xskgate_fastpath::io::xsk::{Port, Shared, Worker};
 use xskgate_fastpath::{AffinityTable, Cidr, NodeConfig, ServiceTable, ServiceTableHandle};
 
@@ -196,6 +196,15 @@ fn privilege_hint(e: &str) -> String {
     }
 }
 
+/// Programs the steering maps for `table` (a diff of what they hold).
+fn program_steering(steering: &Mutex<Steering>, local: &[Addr], table: &ServiceTable, m: &ControlMetrics) {
+    let mut s = steering.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Err(e) = s.follow(table, local) {
+        m.steering_errors.fetch_add(1, Ordering::Relaxed);
+        error!("steering map update: {e}; frames of the affected Services may go to the kernel");
+    }
+}
+
 /// The data path's running pieces.
 struct DataPath {
     steering: Arc<Mutex<Steering>>,
@@ -205,16 +214,6 @@ struct DataPath {
 }
 
 impl DataPath {
-    /// Programs the steering maps for `table`; returns how long it took.
-    fn program(&self, table: &ServiceTable, m: &ControlMetrics) {
-        let set = SteerSet::of(table, &self.local);
-        let mut s = self.steering.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Err(e) = s.program(&set) {
-            m.steering_errors.fetch_add(1, Ordering::Relaxed);
-            error!("steering map update: {e}; frames of the affected Services may go to the kernel");
-        }
-    }
-
     fn shutdown(self) {
         self.stop.store(true, Ordering::Relaxed);
         for w in self.workers {
@@ -365,13 +364,22 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
         "xskgate running"
     );
 
+    // The steering maps follow each publication at once (before the UDP
+    // flush); network programming ends there: the change is live.
+    let received_at = Arc::new(Mutex::new(Instant::now()));
+    {
+        let (steering, local, m, received_at) =
+            (dp.steering.clone(), dp.local.clone(), control_metrics.clone(), received_at.clone());
+        controller.publisher_mut().on_publish(Box::new(move |table| {
+            program_steering(&steering, &local, table, &m);
+            let received = *received_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            m.network_programming.record(received.elapsed());
+        }));
+    }
     let after_publish = |c: &Controller, out: &Outcome, received: Instant| {
         if out.published {
-            let t = Instant::now();
-            dp.program(&handle.load(), &control_metrics);
-            control_metrics.publication.record(out.build_time + t.elapsed());
+            control_metrics.publication.record(out.build_time);
             control_metrics.sync_duration.record(received.elapsed());
-            control_metrics.network_programming.record(received.elapsed());
             control_metrics.service_changes.fetch_add(out.services_translated as u64, Ordering::Relaxed);
             control_metrics.last_sync_unix_seconds.store(
                 SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
@@ -413,6 +421,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
                 match w.poll_changes() {
                     Ok(Some(update)) => {
                         let received = Instant::now();
+                        *received_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = received;
                         proxy_health.queued();
                         let objects = match &update {
                             Update::Full(l) => &l.objects,
@@ -451,6 +460,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
             change = async { futures::StreamExt::next(stream.as_mut().expect("guarded")).await }, if stream.is_some() => {
                 let Some(change) = change else { error!("the Kubernetes watch ended"); break; };
                 let received = Instant::now();
+                *received_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = received;
                 match &change {
                     Change::Apply(Object::EndpointSlice(_)) | Change::Delete(Kind::EndpointSlice, _) => {
                         control_metrics.endpoint_changes.fetch_add(1, Ordering::Relaxed);

@@ -358,3 +358,48 @@ fn tempdir(t: &Topology) -> TempDir {
     std::fs::create_dir_all(&dir).unwrap();
     TempDir(dir)
 }
+
+/// IPv6 through the gateway: a LoadBalancer IPv6 address in both policies
+/// (TCP with a real HTTP client): Local keeps the client's IPv6 address,
+/// Cluster masquerades to the gateway's address on the pod's side.
+#[test]
+fn ipv6_loadbalancer_in_both_policies() {
+    let mut t = Topology::new();
+    for ns in ["client", "gw", "pa"] {
+        t.add_ns(ns);
+    }
+    t.link("client", "c6", "2001:db8::100/64", "gw", "h0", "2001:db8::1/64");
+    t.link("gw", "h1", "2001:db8:1::1/64", "pa", "a6", "2001:db8:1::10/64");
+    t.forwarding("gw");
+    t.route("client", "2001:db8:100::/64", "2001:db8::1");
+    t.route("pa", "::/0", "2001:db8:1::1");
+    t.echo_thread("pa", "pod-a", 8080);
+    let dir = tempdir(&t);
+    let svc = |name: &str, policy: &str, cip: &str, lb: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  type: LoadBalancer\n  clusterIP: {cip}\n  ipFamilies: [IPv6]\n  externalTrafficPolicy: {policy}\n\
+             \x20 ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]\n\
+             status: {{loadBalancer: {{ingress: [{{ip: \"{lb}\"}}]}}}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv6\nports: [{{name: http, port: 8080, protocol: TCP}}]\n\
+             endpoints: [{{addresses: [\"2001:db8:1::10\"], nodeName: gw1, conditions: {{ready: true}}}}]\n---\n"
+        )
+    };
+    let text = svc("web6-local", "Local", "2001:db8:ffff::10", "2001:db8:100::10")
+        + &svc("web6-cluster", "Cluster", "2001:db8:ffff::11", "2001:db8:100::11");
+    write_manifest(&dir, &text);
+    let interfaces = [t.if_name("h0"), t.if_name("h1")].join(",");
+    let gw = Daemon::start(
+        &t,
+        "gw",
+        &["--manifests", dir.to_str().unwrap(), "--node-name", "gw1", "--interfaces", &interfaces],
+        dir.join("xskgate.log"),
+    );
+    let (pod, seen) =
+        who_http(&t, "http://[2001:db8:100::10]/").unwrap_or_else(|e| panic!("Local v6: {e}\n{}", gw.log_text()));
+    assert_eq!((pod.as_str(), seen.as_str()), ("pod-a", "2001:db8::100"), "Local keeps the client's IPv6 address");
+    let (pod, seen) = who_http(&t, "http://[2001:db8:100::11]/").unwrap_or_else(|e| panic!("Cluster v6: {e}"));
+    assert_eq!((pod.as_str(), seen.as_str()), ("pod-a", "2001:db8:1::1"), "Cluster masquerades to the egress address");
+}

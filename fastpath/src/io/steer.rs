@@ -9,11 +9,13 @@
 //! kernel. Map updates are diffs: a change of one Service touches only its
 //! keys.
 
-use crate::service::{FrontendKind, ServiceTable};
+use crate::service::{FrontendKind, NodeConfig, ServicePort, ServiceTable};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, XskMap};
 use aya::programs::{Xdp, XdpFlags};
+use std::collections::HashMap;
 use std::collections::HashSet;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use xskgate_conntrack::{Addr, Proto};
 
 /// The compiled program, aligned for the ELF parser.
@@ -85,21 +87,42 @@ impl SteerSet {
             s.local.insert(a, true);
         }
         for p in table.ports() {
-            for f in &p.frontends {
-                if f.kind == FrontendKind::NodePort {
-                    for a in node.addresses.iter().filter(|a| a.is_v4() == f.addr.is_v4()) {
-                        s.frontends.insert((*a, p.proto, f.port));
-                    }
-                } else {
-                    s.frontends.insert((f.addr, p.proto, f.port));
-                }
-            }
-            for e in p.cluster.endpoints().iter().chain(p.local.endpoints()) {
-                s.endpoints.insert((e.addr, p.proto, e.port));
-            }
+            let (fe, ep) = contributions(p, node);
+            s.frontends.extend(fe);
+            s.endpoints.extend(ep);
         }
         s
     }
+}
+
+/// (address, protocol, port) of a frontend or an endpoint.
+pub type SteerKey = (Addr, Proto, u16);
+
+/// What one service port adds to the frontends and endpoints maps.
+fn contributions(p: &ServicePort, node: &NodeConfig) -> (Vec<SteerKey>, Vec<SteerKey>) {
+    let mut fe = Vec::with_capacity(p.frontends.len());
+    for f in &p.frontends {
+        if f.kind == FrontendKind::NodePort {
+            for a in node.addresses.iter().filter(|a| a.is_v4() == f.addr.is_v4()) {
+                fe.push((*a, p.proto, f.port));
+            }
+        } else {
+            fe.push((f.addr, p.proto, f.port));
+        }
+    }
+    let ep = p.cluster.endpoints().iter().chain(p.local.endpoints()).map(|e| (e.addr, p.proto, e.port)).collect();
+    (fe, ep)
+}
+
+/// What [`Steering::follow`] remembers between tables: the ports it saw
+/// and how many ports use each key.
+#[derive(Default)]
+struct Followed {
+    node: Option<NodeConfig>,
+    local: Vec<Addr>,
+    ports: HashMap<u32, Arc<ServicePort>>,
+    frontends: HashMap<SteerKey, u32>,
+    endpoints: HashMap<SteerKey, u32>,
 }
 
 /// `e` and its sources, `: `-separated (aya keeps the errno in the source).
@@ -139,6 +162,7 @@ pub struct Steering {
     ebpf: aya::Ebpf,
     attached: Vec<String>,
     current: SteerSet,
+    followed: Followed,
 }
 
 impl Steering {
@@ -152,7 +176,7 @@ impl Steering {
             .try_into()
             .map_err(|e| SteerError(format!("xskgate_steer is not an XDP program: {e}")))?;
         prog.load().map_err(|e| SteerError(format!("the kernel refused the XDP program: {}", chain(&e))))?;
-        Ok(Steering { ebpf, attached: Vec::new(), current: SteerSet::default() })
+        Ok(Steering { ebpf, attached: Vec::new(), current: SteerSet::default(), followed: Followed::default() })
     }
 
     /// Attaches to `ifname` (driver mode, else generic mode) and maps its
@@ -247,6 +271,135 @@ impl Steering {
             Some(e) => Err(e),
             None => Ok(changed),
         }
+    }
+
+    /// Brings the maps to the set of `table` in time proportional to what
+    /// changed since the last call: service ports are compared by pointer
+    /// (the publisher shares unchanged ones between tables), and only the
+    /// keys of changed ports are written. A changed node configuration or
+    /// address list falls back to [`program`](Self::program).
+    pub fn follow(&mut self, table: &ServiceTable, local: &[Addr]) -> Result<usize, SteerError> {
+        let node = table.node();
+        if self.followed.node.as_ref() != Some(node) || self.followed.local != local {
+            let set = SteerSet::of(table, local);
+            let mut f = Followed { node: Some(node.clone()), local: local.to_vec(), ..Followed::default() };
+            for p in table.ports() {
+                let (fe, ep) = contributions(p, node);
+                for k in fe {
+                    *f.frontends.entry(k).or_default() += 1;
+                }
+                for k in ep {
+                    *f.endpoints.entry(k).or_default() += 1;
+                }
+                f.ports.insert(p.id, p.clone());
+            }
+            self.followed = f;
+            return self.program(&set);
+        }
+        let mut added: Vec<(bool, SteerKey)> = Vec::new();
+        let mut removed: Vec<(bool, SteerKey)> = Vec::new();
+        let followed = &mut self.followed;
+        let mut count = |fe: Vec<SteerKey>, ep: Vec<SteerKey>, delta: i32| {
+            for (is_fe, k) in fe.into_iter().map(|k| (true, k)).chain(ep.into_iter().map(|k| (false, k))) {
+                let map = if is_fe { &mut followed.frontends } else { &mut followed.endpoints };
+                let c = map.entry(k).or_default();
+                if delta > 0 {
+                    *c += 1;
+                    if *c == 1 {
+                        added.push((is_fe, k));
+                    }
+                } else {
+                    *c = c.saturating_sub(1);
+                    if *c == 0 {
+                        map.remove(&k);
+                        removed.push((is_fe, k));
+                    }
+                }
+            }
+        };
+        let changed: Vec<Arc<ServicePort>> = table
+            .ports()
+            .iter()
+            .filter(|p| !followed.ports.get(&p.id).is_some_and(|old| Arc::ptr_eq(old, p)))
+            .cloned()
+            .collect();
+        for p in changed {
+            if let Some(old) = followed.ports.insert(p.id, p.clone()) {
+                let (fe, ep) = contributions(&old, node);
+                count(fe, ep, -1);
+            }
+            let (fe, ep) = contributions(&p, node);
+            count(fe, ep, 1);
+        }
+        // Ports that left the table (ids are unique per table).
+        if followed.ports.len() > table.ports().len() {
+            let ids: std::collections::HashSet<u32> = table.ports().iter().map(|p| p.id).collect();
+            let gone: Vec<u32> = followed.ports.keys().filter(|id| !ids.contains(id)).copied().collect();
+            for id in gone {
+                if let Some(old) = followed.ports.remove(&id) {
+                    let (fe, ep) = contributions(&old, node);
+                    count(fe, ep, -1);
+                }
+            }
+        }
+        // A key removed and added back (moved between ports) stays.
+        let readded: std::collections::HashSet<(bool, SteerKey)> = added.iter().copied().collect();
+        removed.retain(|k| !readded.contains(k) || !self.current_has(k));
+        added.retain(|k| !self.current_has(k));
+        let mut written = 0;
+        let mut first_error = None;
+        for (name, is_fe) in [("frontends", true), ("endpoints", false)] {
+            let mut m: BpfHashMap<&mut MapData, SvcKey, u8> = self.map(name)?;
+            for (_, k) in removed.iter().filter(|(f, _)| *f == is_fe) {
+                match m.remove(&svc_key(&k.0, k.1, k.2)) {
+                    Ok(()) => written += 1,
+                    Err(e) => {
+                        first_error.get_or_insert(SteerError(format!("{name}: {e}")));
+                    }
+                }
+            }
+            for (_, k) in added.iter().filter(|(f, _)| *f == is_fe) {
+                match m.insert(svc_key(&k.0, k.1, k.2), 1, 0) {
+                    Ok(()) => written += 1,
+                    Err(e) => {
+                        first_error.get_or_insert(SteerError(format!("{name}: {e}")));
+                    }
+                }
+            }
+        }
+        for (is_fe, k) in removed {
+            if is_fe {
+                self.current.frontends.remove(&k)
+            } else {
+                self.current.endpoints.remove(&k)
+            };
+        }
+        for (is_fe, k) in added {
+            if is_fe {
+                self.current.frontends.insert(k)
+            } else {
+                self.current.endpoints.insert(k)
+            };
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(written),
+        }
+    }
+
+    /// The frontends and endpoints the kernel's maps hold now (read back
+    /// from the maps, for diagnostics and tests).
+    pub fn programmed(&self) -> (HashSet<SteerKey>, HashSet<SteerKey>) {
+        let read = |name: &str| -> HashSet<SteerKey> {
+            let Some(m) = self.ebpf.map(name) else { return HashSet::new() };
+            let Ok(h) = BpfHashMap::<&MapData, SvcKey, u8>::try_from(m) else { return HashSet::new() };
+            h.keys().filter_map(Result::ok).map(|k| (Addr(k.addr), Proto(k.proto), u16::from_be(k.port_be))).collect()
+        };
+        (read("frontends"), read("endpoints"))
+    }
+
+    fn current_has(&self, k: &(bool, SteerKey)) -> bool {
+        if k.0 { self.current.frontends.contains(&k.1) } else { self.current.endpoints.contains(&k.1) }
     }
 
     /// The program's counters.
