@@ -160,6 +160,9 @@ impl Table for Xskgate {
                 self.0.prefetch(h);
             }
             for h in &hashes[..chunk.len()] {
+                self.0.prefetch_slot(h);
+            }
+            for h in &hashes[..chunk.len()] {
                 if let Some(v) = self.0.lookup_hashed(h) {
                     hits += 1;
                     acc ^= v.peer.src.0[15] as u64 ^ u64::from(v.peer.sport) ^ u64::from(v.backend);

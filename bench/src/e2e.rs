@@ -241,15 +241,18 @@ fn write_frame(buf: &mut [u8], lab_macs: ([u8; 6], [u8; 6]), src: [u8; 4], sport
 /// (a socket closed and reopened at once may find the queue still busy) and
 /// kept by a thread in the gen namespace that runs one [`Load`] at a time.
 struct Generator {
-    jobs: std::sync::mpsc::Sender<(Load, u64, std::sync::mpsc::Sender<Result<u64, String>>)>,
+    jobs: std::sync::mpsc::Sender<Job>,
 }
+
+/// A load to send, its packet budget, and where to report the packets sent.
+type Job = (Load, u64, std::sync::mpsc::Sender<Result<u64, String>>);
 
 impl Generator {
     fn start(lab: &Lab) -> Result<Generator, String> {
         let ns = lab.t.ns_name("gen");
         let ifname = lab.t.if_name("e0");
         let macs = (lab.gen_mac, lab.gw_mac);
-        let (jobs, rx) = std::sync::mpsc::channel::<(Load, u64, std::sync::mpsc::Sender<Result<u64, String>>)>();
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         spawn_in_ns(&ns, move || {
             pin(0);

@@ -384,6 +384,27 @@ impl std::fmt::Debug for FlowTable {
     }
 }
 
+/// How far [`FlowTable::prefetch_slot`] looks for a matching tag.
+const PREFETCH_PROBE: usize = 8;
+
+/// Starts loading the cache line at `p` (a hint that never faults; no-op
+/// elsewhere than x86-64).
+#[inline(always)]
+fn prefetch_line(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: prefetching is a hint: it never faults and has no effect
+        // other than on the cache, whatever the address.
+        #[allow(unused_unsafe)]
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(p.cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 #[inline(always)]
 fn fold(a: u64, b: u64) -> u64 {
     let p = u128::from(a) * u128::from(b);
@@ -488,27 +509,39 @@ impl FlowTable {
         if i + 1 == self.n { 0 } else { i + 1 }
     }
 
-    /// Starts loading the key's home hint and slot into the cache (no-op
-    /// elsewhere than x86-64). Lets a batch overlap its memory misses.
+    /// Stage one of a batched lookup: starts loading the key's home hint
+    /// into the cache (no-op elsewhere than x86-64).
+    ///
+    /// A batch calls this for every key, then [`FlowTable::prefetch_slot`]
+    /// for every key, then looks them up: each stage finds the memory the
+    /// previous one asked for already arriving, and the misses of the whole
+    /// batch overlap.
     #[inline]
     pub fn prefetch(&self, h: &KeyHash) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-            let home = self.home(h.hash);
-            let hint = std::ptr::from_ref(&self.hints[home]).cast::<i8>();
-            let slot = std::ptr::from_ref(&self.slots[home]).cast::<i8>();
-            // SAFETY: prefetch is a hint that never faults; the pointers
-            // point into live arrays and both slot lines belong to one slot.
-            #[allow(unused_unsafe)]
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(hint);
-                _mm_prefetch::<_MM_HINT_T0>(slot);
-                _mm_prefetch::<_MM_HINT_T0>(slot.add(64));
+        prefetch_line(std::ptr::from_ref(&self.hints[self.home(h.hash)]).cast());
+    }
+
+    /// Stage two of a batched lookup: reads the key's hints (which
+    /// [`FlowTable::prefetch`] started loading) and starts loading the first
+    /// slot whose tag matches, the one a lookup will read. A key whose
+    /// probe sequence is long or has no match prefetches nothing.
+    #[inline]
+    pub fn prefetch_slot(&self, h: &KeyHash) {
+        let hinted = HINT_OCCUPIED | u32::from(tag_of(h.hash)) << 16;
+        let mut i = self.home(h.hash);
+        for _ in 0..PREFETCH_PROBE {
+            let hint = self.hints[i].0.load(Relaxed);
+            if hint & !HINT_OVERFLOW == hinted {
+                let slot = std::ptr::from_ref(&self.slots[i]).cast::<u8>();
+                prefetch_line(slot);
+                prefetch_line(slot.wrapping_add(64));
+                return;
             }
+            if hint & HINT_OVERFLOW == 0 {
+                return;
+            }
+            i = self.next(i);
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = h;
     }
 
     /// Copies slot `i`'s immutable part if `meta` still equals `m` afterwards.

@@ -524,7 +524,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
             _ = fib_tick.tick() => {
                 // Links, addresses and routes changed (or a periodic
                 // re-read, in case a notification was lost).
-                if fib_dirty || fib_tick_count % 40 == 0 {
+                if fib_dirty || fib_tick_count.is_multiple_of(40) {
                     refresh_fib(&mirror, &fib_handle).await;
                     fib_dirty = false;
                 }

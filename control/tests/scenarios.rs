@@ -189,7 +189,7 @@ fn s6_udp_flow_moves_when_its_endpoint_goes() {
     let ask = |s: &UdpSocket, r: &Reference| -> String {
         s.send(b"who").unwrap();
         let mut buf = [0u8; 128];
-        let n = s.recv(&mut buf).unwrap_or_else(|e| panic!("no answer ({e}):\n{}", counters(&r)));
+        let n = s.recv(&mut buf).unwrap_or_else(|e| panic!("no answer ({e}):\n{}", counters(r)));
         String::from_utf8_lossy(&buf[..n]).split(' ').next().unwrap().to_string()
     };
     let first = ask(&sock, &r);

@@ -65,6 +65,12 @@ impl Incremental {
         }
     }
 
+    /// Accounts for changes already summed as `~m + m'` over their words.
+    #[inline]
+    pub fn add(&mut self, delta: u64) {
+        self.acc += delta;
+    }
+
     /// The updated checksum.
     #[inline]
     pub fn finish(self) -> u16 {

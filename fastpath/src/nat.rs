@@ -49,38 +49,93 @@ fn l4_checksum_at(proto: Proto, l4: usize, end: usize) -> Option<usize> {
 /// Writes new addresses and ports into the IP/L4 headers at `l3`/`l4`,
 /// updating the L4 checksum (if within `end`) incrementally, and returns
 /// the IPv4 header checksum update for the caller to finish.
+#[inline]
 fn translate(buf: &mut [u8], l3: usize, l4: usize, end: usize, v6: bool, proto: Proto, to: &FlowKey) -> Incremental {
-    let (sa, da, alen) = addr_offsets(l3, v6);
+    if v6 {
+        translate_n::<16>(buf, l3, l4, end, proto, &to.src.0, &to.dst.0, to.sport, to.dport)
+    } else {
+        let v4 = |a: &Addr| {
+            let [.., a, b, c, d] = a.0;
+            [a, b, c, d]
+        };
+        translate_n::<4>(buf, l3, l4, end, proto, &v4(&to.src), &v4(&to.dst), to.sport, to.dport)
+    }
+}
+
+/// The one's-complement sum of the 16-bit words of a field of `N` bytes
+/// (4 or 16), read as 32-bit words so that it compiles to a few adds.
+#[inline(always)]
+fn word_sum<const N: usize>(b: &[u8; N]) -> u64 {
+    let mut acc = 0u64;
+    for c in b.chunks_exact(4) {
+        let w = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+        acc += u64::from(w >> 16) + u64::from(w & 0xffff);
+    }
+    acc
+}
+
+/// Writes `new` over the `N`-byte field at `at` and returns the checksum
+/// delta of the change (RFC 1624's `~m + m'` over its words; 0 when the
+/// field does not change, so an unchanged field leaves checksums as they are).
+#[inline(always)]
+fn replace_field<const N: usize>(buf: &mut [u8], at: usize, new: &[u8; N]) -> u64 {
+    let Some(old) = buf.get_mut(at..at + N).and_then(|b| <&mut [u8; N]>::try_from(b).ok()) else {
+        return 0; // unreachable for a parsed frame: parse checked the header
+    };
+    if old == new {
+        return 0;
+    }
+    // ~m summed over N/2 words is N/2 * 0xffff - sum(m), never negative.
+    let delta = (N as u64 / 2) * 0xffff - word_sum(old) + word_sum(new);
+    *old = *new;
+    delta
+}
+
+/// As [`replace_field`] for a 16-bit field.
+#[inline(always)]
+fn replace16(buf: &mut [u8], at: usize, new: u16) -> u64 {
+    let old = get16(buf, at);
+    if old == new {
+        return 0;
+    }
+    put16(buf, at, new);
+    u64::from(!old) + u64::from(new)
+}
+
+/// [`translate`] for addresses of `N` bytes: 4 (IPv4, whose header has a
+/// checksum) or 16 (IPv6). Fixed sizes let every compare and sum compile
+/// to a few word operations.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn translate_n<const N: usize>(
+    buf: &mut [u8],
+    l3: usize,
+    l4: usize,
+    end: usize,
+    proto: Proto,
+    src: &[u8; N],
+    dst: &[u8; N],
+    sport: u16,
+    dport: u16,
+) -> Incremental {
+    let v6 = N == 16;
+    let (sa, da, _) = addr_offsets(l3, v6);
     let mut ip = Incremental::new(if v6 { 0 } else { get16(buf, l3 + 10) });
-    let mut l4c = l4_checksum_at(proto, l4, end).and_then(|at| {
+    let addr_delta = replace_field(buf, sa, src) + replace_field(buf, da, dst);
+    ip.add(addr_delta);
+    let port_delta = replace16(buf, l4, sport) + replace16(buf, l4 + 2, dport);
+    if let Some(at) = l4_checksum_at(proto, l4, end) {
         let c = get16(buf, at);
         // An IPv4 UDP checksum of zero means "none" and stays zero.
-        (proto != Proto::UDP || v6 || c != 0).then(|| (at, Incremental::new(c)))
-    });
-    for (at, new) in [(sa, addr_bytes(&to.src, v6)), (da, addr_bytes(&to.dst, v6))] {
-        if buf[at..at + alen] != *new {
-            ip.bytes(&buf[at..at + alen], new);
-            if let Some((_, c)) = l4c.as_mut() {
-                c.bytes(&buf[at..at + alen], new);
+        if proto != Proto::UDP || v6 || c != 0 {
+            let mut l4c = Incremental::new(c);
+            l4c.add(addr_delta + port_delta);
+            let mut v = l4c.finish();
+            if proto == Proto::UDP && v == 0 {
+                v = 0xffff; // RFC 768: a computed zero is sent as all ones
             }
-            buf[at..at + alen].copy_from_slice(new);
+            put16(buf, at, v);
         }
-    }
-    for (at, new) in [(l4, to.sport), (l4 + 2, to.dport)] {
-        let old = get16(buf, at);
-        if old != new {
-            if let Some((_, c)) = l4c.as_mut() {
-                c.word(old, new);
-            }
-            put16(buf, at, new);
-        }
-    }
-    if let Some((at, c)) = l4c {
-        let mut v = c.finish();
-        if proto == Proto::UDP && v == 0 {
-            v = 0xffff; // RFC 768: a computed zero is sent as all ones
-        }
-        put16(buf, at, v);
     }
     ip
 }
@@ -98,11 +153,82 @@ fn decrement_ttl(buf: &mut [u8], p: &Parsed, ip: &mut Incremental) {
 
 /// Rewrites a TCP/UDP packet to the tuple `to` and decrements its TTL
 /// (the caller checked `p.ttl > 1`).
+///
+/// This is the per-packet work of every tracked flow, so it works on
+/// fixed-size views of the IP header and the first L4 bytes: one bounds
+/// check each, then constant offsets.
+#[inline]
 pub fn rewrite(buf: &mut [u8], p: &Parsed, to: &FlowKey) {
-    let mut ip = translate(buf, p.l3, p.l4, p.end, p.v6, p.proto, to);
-    decrement_ttl(buf, p, &mut ip);
-    if !p.v6 {
-        put16(buf, p.l3 + 10, ip.finish());
+    if p.v6 {
+        rewrite_fixed::<16, 40>(buf, p, &to.src.0, &to.dst.0, to.sport, to.dport);
+    } else {
+        let v4 = |a: &Addr| {
+            let [.., a, b, c, d] = a.0;
+            [a, b, c, d]
+        };
+        rewrite_fixed::<4, 20>(buf, p, &v4(&to.src), &v4(&to.dst), to.sport, to.dport);
+    }
+}
+
+/// [`rewrite`] for addresses of `N` bytes in an IP header of (at least) `H`
+/// bytes: `N = 4, H = 20` for IPv4, `N = 16, H = 40` for IPv6.
+#[inline(always)]
+fn rewrite_fixed<const N: usize, const H: usize>(
+    buf: &mut [u8],
+    p: &Parsed,
+    src: &[u8; N],
+    dst: &[u8; N],
+    sport: u16,
+    dport: u16,
+) {
+    let v6 = N == 16;
+    // parse() guaranteed l3 + H <= l4 and the ports (and checksum) within
+    // end <= buf.len(); these checks only keep a caller bug from panicking.
+    let Some((head, seg)) = buf.split_at_mut_checked(p.l4) else { return };
+    let Some(ip) = head.get_mut(p.l3..p.l3 + H).and_then(|b| <&mut [u8; H]>::try_from(b).ok()) else { return };
+    let Some(ports) = seg.get_mut(..4).and_then(|b| <&mut [u8; 4]>::try_from(b).ok()) else { return };
+    let (sa, ttl_at) = if v6 { (8, 7) } else { (12, 8) };
+    let mut addr_delta = 0;
+    for (at, new) in [(sa, src), (sa + N, dst)] {
+        // Always Ok: an N-byte range of an H-byte array.
+        if let Ok(old) = <&mut [u8; N]>::try_from(&mut ip[at..at + N])
+            && old != new
+        {
+            addr_delta += (N as u64 / 2) * 0xffff - word_sum(old) + word_sum(new);
+            *old = *new;
+        }
+    }
+    let new_ports = (u32::from(sport) << 16) | u32::from(dport);
+    let old_ports = u32::from_be_bytes(*ports);
+    let mut port_delta = 0;
+    if old_ports != new_ports {
+        port_delta = 2 * 0xffff - word_sum(ports) + word_sum(&new_ports.to_be_bytes());
+        *ports = new_ports.to_be_bytes();
+    }
+    let l4_sum_at = match p.proto {
+        Proto::TCP => 16,
+        _ => 6,
+    };
+    if let Some(c) = seg.get_mut(l4_sum_at..l4_sum_at + 2) {
+        let old = u16::from_be_bytes([c[0], c[1]]);
+        // An IPv4 UDP checksum of zero means "none" and stays zero.
+        if p.proto != Proto::UDP || v6 || old != 0 {
+            let mut l4c = Incremental::new(old);
+            l4c.add(addr_delta + port_delta);
+            let mut v = l4c.finish();
+            if p.proto == Proto::UDP && v == 0 {
+                v = 0xffff; // RFC 768: a computed zero is sent as all ones
+            }
+            c.copy_from_slice(&v.to_be_bytes());
+        }
+    }
+    // TTL / hop limit minus one; in IPv4 the word (TTL, protocol) drops by
+    // 0x0100, whose RFC 1624 delta is the constant ~0x0100 = 0xfeff.
+    ip[ttl_at] = p.ttl - 1;
+    if !v6 {
+        let mut c = Incremental::new(u16::from_be_bytes([ip[10], ip[11]]));
+        c.add(addr_delta + 0xfeff);
+        ip[10..12].copy_from_slice(&c.finish().to_be_bytes());
     }
 }
 

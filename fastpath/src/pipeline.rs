@@ -10,8 +10,9 @@
 //! source ranges, the class's endpoint set and policy, ClientIP affinity,
 //! Maglev, masquerade); anything else is passed to the kernel.
 //!
-//! The batch is processed in two passes: parse, hash and prefetch every
-//! frame's conntrack slot, then decide; the memory misses of a batch overlap.
+//! The batch is processed in three passes: parse, hash and prefetch every
+//! frame's conntrack hint; prefetch the slot each hint points to; then
+//! decide. The memory misses of a batch overlap.
 //! No allocation, no lock, no system call: counters live in the caller's
 //! [`WorkerState`], tables are read-only or lock-free.
 
@@ -222,6 +223,9 @@ pub fn process_batch(
                 hashes[i] = Some(h);
             }
         }
+        for h in hashes.iter().take(frames.len()).flatten() {
+            t.conntrack.prefetch_slot(h);
+        }
         for (i, f) in frames.iter_mut().enumerate() {
             verdicts[i] = process_parsed(f, parsed[i], hashes[i].as_ref(), t, w, now);
         }
@@ -251,7 +255,10 @@ fn process_parsed(
     let verdict = match p {
         Ok(p) => match p.l4_kind {
             L4::Tcp | L4::Udp => flow_packet(f, &p, h, t, w, now),
-            L4::IcmpError(inner) => icmp_error(f, &p, &inner, t, w),
+            L4::IcmpError => match wire::icmp_inner(f.buf, &p) {
+                Some(inner) => icmp_error(f, &p, &inner, t, w),
+                None => Verdict::Pass,
+            },
             L4::Other => Verdict::Pass,
         },
         Err(Unparsed::NotIp) => Verdict::Pass,

@@ -1,7 +1,15 @@
 //! Parsing at the boundary: a frame becomes a [`Parsed`] view of offsets and
 //! header fields, or an [`Unparsed`] reason.
 //!
-//! etherparse validates the frame (Ethernet II, optional 802.1Q / QinQ tags,
+//! Two parsers give the same answer. [`parse`] first tries a direct reading
+//! of the shape nearly all traffic has (Ethernet II, IPv4 without options or
+//! IPv6 without extension headers, unfragmented, TCP or UDP) and accepts the
+//! frame only when every length in it is consistent; anything else, valid or
+//! not, goes to [`parse_general`]. A differential property test
+//! (`tests/robust.rs`) holds the two to the same result on valid, mutated
+//! and truncated frames.
+//!
+//! In [`parse_general`], etherparse validates the frame (Ethernet II, optional 802.1Q / QinQ tags,
 //! IPv4 with options, IPv6 with extension headers skipped, TCP, UDP, ICMP,
 //! ICMPv6) without copying; we keep the byte offsets so the pipeline can
 //! rewrite the frame in place. Once `parse` returned `Ok`, every offset in
@@ -31,9 +39,9 @@ pub enum L4 {
     Tcp,
     Udp,
     /// ICMP / ICMPv6 error (destination unreachable, fragmentation needed /
-    /// packet too big, time exceeded, parameter problem) with the packet
-    /// it is about.
-    IcmpError(Inner),
+    /// packet too big, time exceeded, parameter problem) that quotes the
+    /// addresses and ports of a TCP or UDP packet; [`icmp_inner`] reads them.
+    IcmpError,
     /// Anything else (echo, other protocols): never a service frontend.
     Other,
 }
@@ -88,7 +96,93 @@ fn ports(l4: &[u8]) -> Option<(u16, u16)> {
 ///
 /// # Errors
 /// [`Unparsed`] says why the frame cannot be handled as an IP flow.
+#[inline]
 pub fn parse(frame: &[u8]) -> Result<Parsed, Unparsed> {
+    match parse_common(frame) {
+        Some(p) => Ok(p),
+        None => parse_general(frame),
+    }
+}
+
+#[inline]
+fn be16(b: &[u8], at: usize) -> usize {
+    usize::from(u16::from_be_bytes([b[at], b[at + 1]]))
+}
+
+/// The common shape read directly: `Some` only for a consistent,
+/// unfragmented TCP or UDP packet in IPv4 without options or IPv6 without
+/// extension headers, straight after an untagged Ethernet header. Every
+/// other frame (tagged, with options, ICMP, fragmented, or inconsistent in
+/// any length) is `None`, for [`parse_general`] to decide.
+#[inline]
+fn parse_common(frame: &[u8]) -> Option<Parsed> {
+    const L3: usize = 14;
+    let (v6, l4, end, next, src, dst, ttl) = match frame.get(12..14)? {
+        [0x08, 0x00] => {
+            let ip: &[u8; 20] = frame.get(L3..L3 + 20)?.try_into().ok()?;
+            let total = be16(ip, 2);
+            // Version 4 with a 5-word header; MF clear and offset zero.
+            if ip[0] != 0x45 || total < 20 || L3 + total > frame.len() || be16(ip, 6) & 0x3fff != 0 {
+                return None;
+            }
+            let src = Addr::from_v4([ip[12], ip[13], ip[14], ip[15]]);
+            let dst = Addr::from_v4([ip[16], ip[17], ip[18], ip[19]]);
+            (false, L3 + 20, L3 + total, ip[9], src, dst, ip[8])
+        }
+        [0x86, 0xdd] => {
+            let ip: &[u8; 40] = frame.get(L3..L3 + 40)?.try_into().ok()?;
+            let payload = be16(ip, 4);
+            // Version 6; a zero payload length (a jumbogram) is left to etherparse.
+            if ip[0] >> 4 != 6 || payload == 0 || L3 + 40 + payload > frame.len() {
+                return None;
+            }
+            let src = Addr::from_v6(ip[8..24].try_into().ok()?);
+            let dst = Addr::from_v6(ip[24..40].try_into().ok()?);
+            (true, L3 + 40, L3 + 40 + payload, ip[6], src, dst, ip[7])
+        }
+        _ => return None,
+    };
+    let seg = frame.get(l4..end)?;
+    let (proto, l4_kind, tcp_flags) = match next {
+        6 => {
+            let data_offset = usize::from(*seg.get(12)? >> 4) * 4;
+            if data_offset < 20 || data_offset > seg.len() {
+                return None;
+            }
+            (Proto::TCP, L4::Tcp, seg[13])
+        }
+        17 => {
+            let len = be16(seg.get(..8)?, 4);
+            if len < 8 || len > seg.len() {
+                return None;
+            }
+            (Proto::UDP, L4::Udp, 0)
+        }
+        _ => return None,
+    };
+    Some(Parsed {
+        l3: L3,
+        l4,
+        end,
+        v6,
+        proto,
+        src,
+        dst,
+        sport: be16(seg, 0) as u16,
+        dport: be16(seg, 2) as u16,
+        ttl,
+        tcp_flags,
+        l4_kind,
+    })
+}
+
+/// The general parser (etherparse): every shape [`parse`] supports. Public
+/// so that tests can hold [`parse`]'s direct reading of the common shape to
+/// it.
+///
+/// # Errors
+/// As [`parse`].
+pub fn parse_general(frame: &[u8]) -> Result<Parsed, Unparsed> {
     let sliced = SlicedPacket::from_ethernet(frame).map_err(|_| Unparsed::Malformed)?;
     let (l3, v6, src, dst, ttl, end, fragmented) = match &sliced.net {
         Some(NetSlice::Ipv4(ip)) => {
@@ -146,16 +240,16 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, Unparsed> {
             let s = i.slice();
             p.l4 = offset(frame, s);
             p.proto = Proto::ICMP;
-            if matches!(s[0], 3 | 11 | 12) {
-                p.l4_kind = inner(frame, i.payload()).map_or(L4::Other, L4::IcmpError);
+            if matches!(s[0], 3 | 11 | 12) && inner(frame, i.payload()).is_some() {
+                p.l4_kind = L4::IcmpError;
             }
         }
         Some(TransportSlice::Icmpv6(i)) => {
             let s = i.slice();
             p.l4 = offset(frame, s);
             p.proto = Proto::ICMPV6;
-            if matches!(s[0], 1..=4) {
-                p.l4_kind = inner(frame, i.payload()).map_or(L4::Other, L4::IcmpError);
+            if matches!(s[0], 1..=4) && inner(frame, i.payload()).is_some() {
+                p.l4_kind = L4::IcmpError;
             }
         }
         _ => {
@@ -167,6 +261,17 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, Unparsed> {
         }
     }
     Ok(p)
+}
+
+/// The packet quoted by a frame that [`parse`] classified as
+/// [`L4::IcmpError`] (read again on demand, so that the common [`Parsed`]
+/// stays small). `None` for any other frame.
+pub fn icmp_inner(frame: &[u8], p: &Parsed) -> Option<Inner> {
+    if p.l4_kind != L4::IcmpError {
+        return None;
+    }
+    // Both ICMP error headers are 8 bytes, then the quote.
+    inner(frame, frame.get(p.l4 + 8..p.end)?)
 }
 
 /// The embedded packet of an ICMP error, if its addresses and ports are

@@ -1,6 +1,8 @@
 //! Bad input never panics: arbitrary bytes, and valid frames of every shape
 //! with random bytes overwritten and random truncation, go through the whole
 //! pipeline (parse, conntrack, service lookup, NAT, rejects, ICMP errors).
+//! The direct reading of the common shape (`wire::parse`) gives the same
+//! result as the general parser on all of them.
 
 use proptest::prelude::*;
 use std::sync::Arc;
@@ -86,6 +88,47 @@ fn templates() -> Vec<Vec<u8>> {
     out
 }
 
+/// More shapes for the parser comparison: IPv6 TCP, a VLAN tag, IPv4
+/// options, a fragment, and a UDP length of zero.
+fn parser_templates() -> Vec<Vec<u8>> {
+    use etherparse::PacketBuilder as B;
+    let (m1, m2) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+    let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let mut out = templates();
+    let mut v = Vec::new();
+    B::ethernet2(m1, m2)
+        .ipv6(v6("2001:db8::10"), v6("2001:db8::1"), 64)
+        .tcp(4000, 80, 7, 100)
+        .ack(9)
+        .write(&mut v, b"payload")
+        .unwrap();
+    out.push(v);
+    let mut v = Vec::new();
+    B::ethernet2(m1, m2)
+        .single_vlan(etherparse::VlanId::try_new(7).unwrap())
+        .ipv4([198, 18, 0, 10], [198, 18, 100, 1], 64)
+        .udp(4000, 80)
+        .write(&mut v, b"tagged")
+        .unwrap();
+    out.push(v);
+    let plain = out[0].clone();
+    // IPv4 with one word of options (NOPs): header length 6 words.
+    let mut opts = plain[..34].to_vec();
+    opts.extend_from_slice(&[1, 1, 1, 0]);
+    opts.extend_from_slice(&plain[34..]);
+    opts[14] = 0x46;
+    let total = u16::from_be_bytes([opts[16], opts[17]]) + 4;
+    opts[16..18].copy_from_slice(&total.to_be_bytes());
+    out.push(opts);
+    let mut frag = plain.clone();
+    frag[20] = 0x20; // more fragments
+    out.push(frag);
+    let mut zero_len = plain;
+    zero_len[38..40].copy_from_slice(&[0, 0]);
+    out.push(zero_len);
+    out
+}
+
 fn run_frames(frames_in: &[Vec<u8>]) {
     let services = services();
     let conntrack = FlowTable::new(Config { capacity: 256, ..Config::default() }).unwrap();
@@ -138,5 +181,26 @@ proptest! {
             f
         }).collect();
         run_frames(&frames);
+    }
+
+    #[test]
+    fn common_shape_parser_agrees_with_general_parser(
+        which in any::<prop::sample::Index>(),
+        edits in prop::collection::vec((0usize..80, any::<u8>()), 0..4),
+        cut in 0usize..40,
+    ) {
+        let t = parser_templates();
+        let mut f = t[which.index(t.len())].clone();
+        for (at, byte) in edits {
+            if at < f.len() {
+                f[at] = byte;
+            }
+        }
+        f.truncate(f.len().saturating_sub(cut));
+        prop_assert_eq!(
+            xskgate_fastpath::wire::parse(&f),
+            xskgate_fastpath::wire::parse_general(&f),
+            "frame {:02x?}", f
+        );
     }
 }
