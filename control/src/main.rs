@@ -7,6 +7,14 @@ use tracing::warn;
 use xskgate_control::{manifest, node, state::ClusterState, table_cmd};
 use xskgate_fastpath::Cidr;
 
+/// mimalloc rather than glibc's malloc: after a manifest poll or a watch
+/// event frees thousands of small objects, glibc's next allocation of an
+/// uncached size sorts them all out of its unsorted bin (milliseconds at
+/// 10,000 Services, measured inside the translation of one changed
+/// Service). mimalloc frees into per-page lists and has no such step.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "xskgate", version, about = "Kubernetes Service fast path for gateway nodes")]
 struct Cli {

@@ -44,8 +44,12 @@ fn frame(v6: bool, tcp: bool, options: bool, t: &Tuple, ttl: u8, payload: &[u8])
 }
 
 fn tuple() -> impl Strategy<Value = Tuple> {
-    (any::<[u8; 16]>(), any::<[u8; 16]>(), any::<u16>(), any::<u16>())
-        .prop_map(|(src, dst, sport, dport)| Tuple { src, dst, sport, dport })
+    (any::<[u8; 16]>(), any::<[u8; 16]>(), any::<u16>(), any::<u16>()).prop_map(|(src, dst, sport, dport)| Tuple {
+        src,
+        dst,
+        sport,
+        dport,
+    })
 }
 
 proptest! {
