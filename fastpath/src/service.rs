@@ -300,11 +300,19 @@ pub struct ServiceTable {
     node: NodeConfig,
     ports: Vec<Arc<ServicePort>>,
     /// Service port id → index in `ports`.
-    by_id: FastMap<u32, u32>,
-    frontends: FastMap<(Addr, Proto, u16), (u32, FrontendKind)>,
+    // The maps are shared between a table and the tables made from it by
+    // `with_changes` until a change touches them (copy on write): an
+    // endpoint change, the common one, copies none of them.
+    by_id: Arc<FastMap<u32, u32>>,
+    frontends: Arc<FastMap<(Addr, Proto, u16), (u32, FrontendKind)>>,
     /// Keyed by (IPv6?, protocol, port): a dual-stack Service has one entry per family.
-    node_ports: FastMap<(bool, Proto, u16), u32>,
+    node_ports: Arc<FastMap<(bool, Proto, u16), u32>>,
     generation: u64,
+    /// For a table made by [`ServiceTable::with_changes`]: the generation
+    /// it was made from and the ids of the ports it changed (upserted or
+    /// removed), so that followers can update in time proportional to the
+    /// change.
+    parent: Option<(u64, Arc<[u32]>)>,
 }
 
 impl ServiceTable {
@@ -347,6 +355,22 @@ impl ServiceTable {
         self.generation
     }
 
+    /// The service port with this id.
+    pub fn port(&self, id: u32) -> Option<&Arc<ServicePort>> {
+        self.by_id.get(&id).and_then(|&i| self.ports.get(i as usize))
+    }
+
+    /// The ids of the only service ports that can differ from the table of
+    /// generation `generation` (upserted or removed), when this table was
+    /// made from that one by [`ServiceTable::with_changes`]; `None` when it
+    /// was not (then everything must be compared).
+    pub fn changed_since(&self, generation: u64) -> Option<&[u32]> {
+        match &self.parent {
+            Some((g, ids)) if *g == generation => Some(ids),
+            _ => None,
+        }
+    }
+
     /// A new table equal to this one with `changes` applied, built in time
     /// proportional to the table's size for one copy plus the changes (no
     /// re-insertion of unchanged ports): what the control plane publishes
@@ -355,6 +379,11 @@ impl ServiceTable {
     pub fn with_changes(&self, generation: u64, changes: Vec<PortChange>) -> (ServiceTable, Vec<BuildError>) {
         let mut t = self.clone();
         t.generation = generation;
+        let ids = changes.iter().map(|c| match c {
+            PortChange::Remove(id) => *id,
+            PortChange::Upsert(p) => p.id,
+        });
+        t.parent = Some((self.generation, ids.collect()));
         let mut errors = Vec::new();
         for c in changes {
             match c {
@@ -401,14 +430,14 @@ impl ServiceTable {
         for f in &port.frontends {
             match f.kind {
                 FrontendKind::NodePort => {
-                    self.node_ports.insert((!f.addr.is_v4(), port.proto, f.port), i);
+                    Arc::make_mut(&mut self.node_ports).insert((!f.addr.is_v4(), port.proto, f.port), i);
                 }
                 kind => {
-                    self.frontends.insert((f.addr, port.proto, f.port), (i, kind));
+                    Arc::make_mut(&mut self.frontends).insert((f.addr, port.proto, f.port), (i, kind));
                 }
             }
         }
-        self.by_id.insert(port.id, i);
+        Arc::make_mut(&mut self.by_id).insert(port.id, i);
     }
 
     fn insert(&mut self, port: Arc<ServicePort>) -> Result<(), BuildError> {
@@ -429,11 +458,13 @@ impl ServiceTable {
         let port = self.ports.swap_remove(i);
         for f in &port.frontends {
             match f.kind {
-                FrontendKind::NodePort => self.node_ports.remove(&(!f.addr.is_v4(), port.proto, f.port)),
-                _ => self.frontends.remove(&(f.addr, port.proto, f.port)).map(|(i, _)| i),
+                FrontendKind::NodePort => {
+                    Arc::make_mut(&mut self.node_ports).remove(&(!f.addr.is_v4(), port.proto, f.port))
+                }
+                _ => Arc::make_mut(&mut self.frontends).remove(&(f.addr, port.proto, f.port)).map(|(i, _)| i),
             };
         }
-        self.by_id.remove(&port.id);
+        Arc::make_mut(&mut self.by_id).remove(&port.id);
         if i < self.ports.len() {
             self.index_frontends(i as u32);
         }

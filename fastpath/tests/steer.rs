@@ -76,6 +76,22 @@ fn follow_keeps_the_kernel_maps_equal_to_the_table() {
     assert!(written <= 6, "only changed keys are written ({written})");
     assert_eq!(s.follow(&t2, &local).unwrap(), 0, "the same table again writes nothing");
 
+    // A table made from the one followed: only the ports it names are
+    // looked at. Then one made from a table never followed: the follower
+    // falls back to comparing every port.
+    let (t4, _) = t2.with_changes(
+        4,
+        vec![PortChange::Remove(3), PortChange::Upsert(port(1, [198, 18, 100, 1], Some(30001), &[[198, 19, 1, 5]]))],
+    );
+    assert_eq!(t4.changed_since(2), Some(&[3, 1][..]));
+    s.follow(&t4, &local).unwrap();
+    check(&s, &t4, &local, "after a table made from the followed one");
+    let (t5, _) = t4.with_changes(5, vec![PortChange::Upsert(port(2, [198, 18, 100, 2], None, &[[198, 19, 1, 6]]))]);
+    let (t6, _) = t5.with_changes(6, vec![PortChange::Upsert(port(1, [198, 18, 100, 1], None, &[[198, 19, 1, 7]]))]);
+    assert_eq!(t6.changed_since(4), None, "t6 was made from t5, which was never followed");
+    s.follow(&t6, &local).unwrap();
+    check(&s, &t6, &local, "after skipping a table");
+
     // A node change rebuilds everything.
     let node3 = NodeConfig { addresses: vec![Addr::from_v4([198, 18, 0, 9])], ..t2.node().clone() };
     let mut b = ServiceTableBuilder::new(node3, 3);

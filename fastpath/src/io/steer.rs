@@ -118,6 +118,8 @@ fn contributions(p: &ServicePort, node: &NodeConfig) -> (Vec<SteerKey>, Vec<Stee
 /// and how many ports use each key.
 #[derive(Default)]
 struct Followed {
+    /// The generation of the table followed last.
+    generation: Option<u64>,
     node: Option<NodeConfig>,
     local: Vec<Addr>,
     ports: HashMap<u32, Arc<ServicePort>>,
@@ -274,15 +276,22 @@ impl Steering {
     }
 
     /// Brings the maps to the set of `table` in time proportional to what
-    /// changed since the last call: service ports are compared by pointer
-    /// (the publisher shares unchanged ones between tables), and only the
-    /// keys of changed ports are written. A changed node configuration or
+    /// changed since the last call: when `table` was made from the table
+    /// followed last, only the ports it names as changed are looked at;
+    /// otherwise service ports are compared by pointer (the publisher shares
+    /// unchanged ones between tables). Only the keys of changed ports are
+    /// written. A changed node configuration or
     /// address list falls back to [`program`](Self::program).
     pub fn follow(&mut self, table: &ServiceTable, local: &[Addr]) -> Result<usize, SteerError> {
         let node = table.node();
         if self.followed.node.as_ref() != Some(node) || self.followed.local != local {
             let set = SteerSet::of(table, local);
-            let mut f = Followed { node: Some(node.clone()), local: local.to_vec(), ..Followed::default() };
+            let mut f = Followed {
+                generation: Some(table.generation()),
+                node: Some(node.clone()),
+                local: local.to_vec(),
+                ..Followed::default()
+            };
             for p in table.ports() {
                 let (fe, ep) = contributions(p, node);
                 for k in fe {
@@ -317,13 +326,26 @@ impl Steering {
                 }
             }
         };
-        let changed: Vec<Arc<ServicePort>> = table
-            .ports()
-            .iter()
-            .filter(|p| !followed.ports.get(&p.id).is_some_and(|old| Arc::ptr_eq(old, p)))
-            .cloned()
-            .collect();
+        let since_last = followed.generation.and_then(|g| table.changed_since(g));
+        let changed: Vec<Arc<ServicePort>> = match since_last {
+            // The table says which ports it changed: look at those only.
+            Some(ids) => {
+                for id in ids {
+                    if table.port(*id).is_none()
+                        && let Some(old) = followed.ports.remove(id)
+                    {
+                        let (fe, ep) = contributions(&old, node);
+                        count(fe, ep, -1);
+                    }
+                }
+                ids.iter().filter_map(|id| table.port(*id)).cloned().collect()
+            }
+            None => table.ports().iter().cloned().collect(),
+        };
         for p in changed {
+            if followed.ports.get(&p.id).is_some_and(|old| Arc::ptr_eq(old, &p)) {
+                continue;
+            }
             if let Some(old) = followed.ports.insert(p.id, p.clone()) {
                 let (fe, ep) = contributions(&old, node);
                 count(fe, ep, -1);
@@ -331,6 +353,7 @@ impl Steering {
             let (fe, ep) = contributions(&p, node);
             count(fe, ep, 1);
         }
+        followed.generation = Some(table.generation());
         // Ports that left the table (ids are unique per table).
         if followed.ports.len() > table.ports().len() {
             let ids: std::collections::HashSet<u32> = table.ports().iter().map(|p| p.id).collect();
