@@ -16,6 +16,8 @@ use std::sync::Arc;
 use xskgate_conntrack::{Addr, Proto};
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
+/// (address, protocol, port) of a frontend → (index in `ports`, kind).
+type FrontendMap = FastMap<(Addr, Proto, u16), (u32, FrontendKind)>;
 
 /// How a frontend is reached; decides the traffic class.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -304,7 +306,7 @@ pub struct ServiceTable {
     // `with_changes` until a change touches them (copy on write): an
     // endpoint change, the common one, copies none of them.
     by_id: Arc<FastMap<u32, u32>>,
-    frontends: Arc<FastMap<(Addr, Proto, u16), (u32, FrontendKind)>>,
+    frontends: Arc<FrontendMap>,
     /// Keyed by (IPv6?, protocol, port): a dual-stack Service has one entry per family.
     node_ports: Arc<FastMap<(bool, Proto, u16), u32>>,
     generation: u64,

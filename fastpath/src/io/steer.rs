@@ -340,7 +340,7 @@ impl Steering {
                 }
                 ids.iter().filter_map(|id| table.port(*id)).cloned().collect()
             }
-            None => table.ports().iter().cloned().collect(),
+            None => table.ports().to_vec(),
         };
         for p in changed {
             if followed.ports.get(&p.id).is_some_and(|old| Arc::ptr_eq(old, &p)) {
