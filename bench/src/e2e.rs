@@ -119,12 +119,17 @@ fn mac_of(t: &Topology, ns: &str, ifname: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
-/// Packets received by an interface (its kernel counter).
-fn rx_packets(t: &Topology, ns: &str, ifname: &str) -> u64 {
-    sh(t, ns, &format!("cat /sys/class/net/{ifname}/statistics/rx_packets"))
+/// One of an interface's kernel counters (`rx_packets`, `tx_packets`, ...).
+fn if_counter(t: &Topology, ns: &str, ifname: &str, counter: &str) -> u64 {
+    sh(t, ns, &format!("cat /sys/class/net/{ifname}/statistics/{counter}"))
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// Packets received by an interface.
+fn rx_packets(t: &Topology, ns: &str, ifname: &str) -> u64 {
+    if_counter(t, ns, ifname, "rx_packets")
 }
 
 /// Busy CPU time of the machine, in seconds (/proc/stat, read only).
@@ -941,14 +946,6 @@ fn programming(lab: &Lab, n: usize) -> Result<BTreeMap<&'static str, f64>, Strin
     Ok(out)
 }
 
-/// Packets sent by an interface (its kernel counter).
-fn tx_packets(t: &Topology, ns: &str, ifname: &str) -> u64 {
-    sh(t, ns, &format!("cat /sys/class/net/{ifname}/statistics/tx_packets"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// One generator's figures in the cross-check.
 #[derive(Clone, Copy, Debug, Default)]
 struct GeneratorRun {
@@ -966,7 +963,7 @@ fn generator_crosscheck(lab: &Lab, plan: &Plan) -> Result<BTreeMap<&'static str,
     progress("generator cross-check: our AF_XDP generator, then trafgen, through plain routing");
     let g = Gateway::start(lab, "routing", &services(1, 3))?;
     let (gen_if, sink_if) = (lab.t.if_name("e0"), lab.t.if_name("s0"));
-    let counters = || (tx_packets(&lab.t, "gen", &gen_if), rx_packets(&lab.t, "sink", &sink_if));
+    let counters = || (if_counter(&lab.t, "gen", &gen_if, "tx_packets"), rx_packets(&lab.t, "sink", &sink_if));
     let mut out = BTreeMap::new();
     let load = Load {
         dst: PODS[0],
