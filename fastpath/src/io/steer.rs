@@ -280,8 +280,8 @@ impl Steering {
     /// followed last, only the ports it names as changed are looked at;
     /// otherwise service ports are compared by pointer (the publisher shares
     /// unchanged ones between tables). Only the keys of changed ports are
-    /// written. A changed node configuration or
-    /// address list falls back to [`program`](Self::program).
+    /// written. A changed node configuration or address list falls back to
+    /// [`program`](Self::program).
     pub fn follow(&mut self, table: &ServiceTable, local: &[Addr]) -> Result<usize, SteerError> {
         let node = table.node();
         if self.followed.node.as_ref() != Some(node) || self.followed.local != local {
