@@ -110,6 +110,9 @@ pub struct Counters {
     pub drops: [u64; DropReason::COUNT],
     /// Indexed by service port id (ids ≥ [`MAX_SERVICE_IDS`] share the last).
     pub per_service: Box<[ServiceCounters]>,
+    /// Every entry of `per_service` from this index on is zero (the
+    /// pipeline raises it as it counts), so copies and sums stop there.
+    pub services_used: usize,
 }
 
 impl Default for Counters {
@@ -122,6 +125,7 @@ impl Default for Counters {
             icmp_errors_translated: 0,
             drops: [0; DropReason::COUNT],
             per_service: vec![ServiceCounters::default(); MAX_SERVICE_IDS].into_boxed_slice(),
+            services_used: 0,
         }
     }
 }
@@ -145,10 +149,31 @@ impl Counters {
         for (a, b) in self.drops.iter_mut().zip(o.drops.iter()) {
             *a += b;
         }
-        for (a, b) in self.per_service.iter_mut().zip(o.per_service.iter()) {
+        let used = o.services_used.min(o.per_service.len());
+        for (a, b) in self.per_service.iter_mut().zip(&o.per_service[..used]) {
             a.packets += b.packets;
             a.bytes += b.bytes;
         }
+        self.services_used = self.services_used.max(used);
+    }
+
+    /// Makes these counters equal to `o` without copying the per-service
+    /// entries past the ones in use (a worker publishes its counters every
+    /// 100 ms; the whole array is 1 MiB).
+    pub fn copy_from(&mut self, o: &Counters) {
+        self.forwarded = o.forwarded;
+        self.passed = o.passed;
+        self.rejected = o.rejected;
+        self.flows_created = o.flows_created;
+        self.icmp_errors_translated = o.icmp_errors_translated;
+        self.drops = o.drops;
+        let used = o.services_used.min(o.per_service.len()).min(self.per_service.len());
+        self.per_service[..used].copy_from_slice(&o.per_service[..used]);
+        let stale = self.services_used.min(self.per_service.len());
+        if stale > used {
+            self.per_service[used..stale].fill(ServiceCounters::default());
+        }
+        self.services_used = used;
     }
 }
 
@@ -165,9 +190,13 @@ impl WorkerState {
 
     #[inline]
     fn count_service(&mut self, id: u32, bytes: usize) {
-        let c = &mut self.counters.per_service[(id as usize).min(MAX_SERVICE_IDS - 1)];
+        let i = (id as usize).min(MAX_SERVICE_IDS - 1);
+        let c = &mut self.counters.per_service[i];
         c.packets += 1;
         c.bytes += bytes as u64;
+        if i >= self.counters.services_used {
+            self.counters.services_used = i + 1;
+        }
     }
 
     #[inline]
@@ -451,4 +480,43 @@ fn icmp_error(f: &mut Frame<'_>, p: &Parsed, inner: &Inner, t: &Tables<'_>, w: &
 /// many flows were removed. Scans the table: control-plane use only.
 pub fn flush_udp_flows_to(conntrack: &FlowTable, endpoint: &crate::service::Endpoint) -> usize {
     conntrack.flush(|f| f.orig.proto == Proto::UDP && f.reply.src == endpoint.addr && f.reply.sport == endpoint.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_and_sums_stop_at_the_services_in_use_and_lose_nothing() {
+        let mut w = WorkerState::new();
+        w.count_service(3, 100);
+        w.count_service(7, 50);
+        w.count_service(7, 50);
+        w.counters.forwarded = 3;
+        assert_eq!(w.counters.services_used, 8);
+
+        let mut snapshot = Counters::default();
+        snapshot.copy_from(&w.counters);
+        assert_eq!(snapshot.service(3), ServiceCounters { packets: 1, bytes: 100 });
+        assert_eq!(snapshot.service(7), ServiceCounters { packets: 2, bytes: 100 });
+        assert_eq!(snapshot.forwarded, 3);
+        assert_eq!(snapshot.services_used, 8);
+
+        // A snapshot that held more services than the new source (a worker
+        // restarted) keeps nothing stale.
+        let fresh = WorkerState::new();
+        snapshot.copy_from(&fresh.counters);
+        assert_eq!(snapshot.service(7), ServiceCounters::default());
+        assert_eq!(snapshot.services_used, 0);
+
+        let mut sum = Counters::default();
+        sum.add(&w.counters);
+        sum.add(&w.counters);
+        assert_eq!(sum.service(7), ServiceCounters { packets: 4, bytes: 200 });
+        assert_eq!(sum.services_used, 8);
+        // Ids past the shared last entry count there.
+        w.count_service(u32::MAX, 1);
+        assert_eq!(w.counters.services_used, MAX_SERVICE_IDS);
+        assert_eq!(w.counters.service(u32::MAX).packets, 1);
+    }
 }

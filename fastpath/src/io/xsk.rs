@@ -618,7 +618,7 @@ impl Worker {
         self.io.xsk_fill_ring_empty = empty;
         self.io.xsk_invalid_descs = invalid;
         if let Ok(mut s) = self.snapshot.try_lock() {
-            s.pipeline.clone_from(&self.state.counters);
+            s.pipeline.copy_from(&self.state.counters);
             s.io = self.io;
         }
     }
