@@ -51,15 +51,25 @@ fn l4_checksum_at(proto: Proto, l4: usize, end: usize) -> Option<usize> {
 /// the IPv4 header checksum update for the caller to finish.
 #[inline]
 fn translate(buf: &mut [u8], l3: usize, l4: usize, end: usize, v6: bool, proto: Proto, to: &FlowKey) -> Incremental {
+    let ports = ports_of(to);
     if v6 {
-        translate_n::<16>(buf, l3, l4, end, proto, &to.src.0, &to.dst.0, to.sport, to.dport)
+        translate_n::<16>(buf, l3, l4, end, proto, &to.src.0, &to.dst.0, &ports)
     } else {
-        let v4 = |a: &Addr| {
-            let [.., a, b, c, d] = a.0;
-            [a, b, c, d]
-        };
-        translate_n::<4>(buf, l3, l4, end, proto, &v4(&to.src), &v4(&to.dst), to.sport, to.dport)
+        translate_n::<4>(buf, l3, l4, end, proto, &octets_v4(&to.src), &octets_v4(&to.dst), &ports)
     }
+}
+
+/// The 4 bytes of an IPv4 address.
+#[inline(always)]
+fn octets_v4(a: &Addr) -> [u8; 4] {
+    let [.., a, b, c, d] = a.0;
+    [a, b, c, d]
+}
+
+/// Source and destination port as the L4 header carries them.
+#[inline(always)]
+fn ports_of(to: &FlowKey) -> [u8; 4] {
+    ((u32::from(to.sport) << 16) | u32::from(to.dport)).to_be_bytes()
 }
 
 /// The one's-complement sum of the 16-bit words of a field of `N` bytes
@@ -74,14 +84,11 @@ fn word_sum<const N: usize>(b: &[u8; N]) -> u64 {
     acc
 }
 
-/// Writes `new` over the `N`-byte field at `at` and returns the checksum
-/// delta of the change (RFC 1624's `~m + m'` over its words; 0 when the
-/// field does not change, so an unchanged field leaves checksums as they are).
+/// Writes `new` over the field `old` and returns the checksum delta of the
+/// change (RFC 1624's `~m + m'` over its words; 0 when the field does not
+/// change, so an unchanged field leaves checksums as they are).
 #[inline(always)]
-fn replace_field<const N: usize>(buf: &mut [u8], at: usize, new: &[u8; N]) -> u64 {
-    let Some(old) = buf.get_mut(at..at + N).and_then(|b| <&mut [u8; N]>::try_from(b).ok()) else {
-        return 0; // unreachable for a parsed frame: parse checked the header
-    };
+fn replace<const N: usize>(old: &mut [u8; N], new: &[u8; N]) -> u64 {
     if old == new {
         return 0;
     }
@@ -91,15 +98,29 @@ fn replace_field<const N: usize>(buf: &mut [u8], at: usize, new: &[u8; N]) -> u6
     delta
 }
 
-/// As [`replace_field`] for a 16-bit field.
+/// [`replace`] for the `N` bytes of `buf` at `at` (0 if they are not there,
+/// which parse() rules out for every field this module rewrites).
 #[inline(always)]
-fn replace16(buf: &mut [u8], at: usize, new: u16) -> u64 {
-    let old = get16(buf, at);
-    if old == new {
-        return 0;
+fn replace_at<const N: usize>(buf: &mut [u8], at: usize, new: &[u8; N]) -> u64 {
+    buf.get_mut(at..at + N).and_then(|b| <&mut [u8; N]>::try_from(b).ok()).map_or(0, |old| replace(old, new))
+}
+
+/// Applies `delta` to the TCP or UDP checksum `c` (2 bytes). An IPv4 UDP
+/// checksum of zero means "none" and stays zero; a computed zero is sent
+/// as all ones (RFC 768).
+#[inline(always)]
+fn update_l4_checksum(c: &mut [u8], proto: Proto, v6: bool, delta: u64) {
+    let old = u16::from_be_bytes([c[0], c[1]]);
+    if proto == Proto::UDP && !v6 && old == 0 {
+        return;
     }
-    put16(buf, at, new);
-    u64::from(!old) + u64::from(new)
+    let mut sum = Incremental::new(old);
+    sum.add(delta);
+    let mut v = sum.finish();
+    if proto == Proto::UDP && v == 0 {
+        v = 0xffff;
+    }
+    c.copy_from_slice(&v.to_be_bytes());
 }
 
 /// [`translate`] for addresses of `N` bytes: 4 (IPv4, whose header has a
@@ -115,27 +136,16 @@ fn translate_n<const N: usize>(
     proto: Proto,
     src: &[u8; N],
     dst: &[u8; N],
-    sport: u16,
-    dport: u16,
+    ports: &[u8; 4],
 ) -> Incremental {
     let v6 = N == 16;
     let (sa, da, _) = addr_offsets(l3, v6);
     let mut ip = Incremental::new(if v6 { 0 } else { get16(buf, l3 + 10) });
-    let addr_delta = replace_field(buf, sa, src) + replace_field(buf, da, dst);
+    let addr_delta = replace_at(buf, sa, src) + replace_at(buf, da, dst);
     ip.add(addr_delta);
-    let port_delta = replace16(buf, l4, sport) + replace16(buf, l4 + 2, dport);
+    let port_delta = replace_at(buf, l4, ports);
     if let Some(at) = l4_checksum_at(proto, l4, end) {
-        let c = get16(buf, at);
-        // An IPv4 UDP checksum of zero means "none" and stays zero.
-        if proto != Proto::UDP || v6 || c != 0 {
-            let mut l4c = Incremental::new(c);
-            l4c.add(addr_delta + port_delta);
-            let mut v = l4c.finish();
-            if proto == Proto::UDP && v == 0 {
-                v = 0xffff; // RFC 768: a computed zero is sent as all ones
-            }
-            put16(buf, at, v);
-        }
+        update_l4_checksum(&mut buf[at..at + 2], proto, v6, addr_delta + port_delta);
     }
     ip
 }
@@ -159,14 +169,11 @@ fn decrement_ttl(buf: &mut [u8], p: &Parsed, ip: &mut Incremental) {
 /// check each, then constant offsets.
 #[inline]
 pub fn rewrite(buf: &mut [u8], p: &Parsed, to: &FlowKey) {
+    let ports = ports_of(to);
     if p.v6 {
-        rewrite_fixed::<16, 40>(buf, p, &to.src.0, &to.dst.0, to.sport, to.dport);
+        rewrite_fixed::<16, 40>(buf, p, &to.src.0, &to.dst.0, &ports);
     } else {
-        let v4 = |a: &Addr| {
-            let [.., a, b, c, d] = a.0;
-            [a, b, c, d]
-        };
-        rewrite_fixed::<4, 20>(buf, p, &v4(&to.src), &v4(&to.dst), to.sport, to.dport);
+        rewrite_fixed::<4, 20>(buf, p, &octets_v4(&to.src), &octets_v4(&to.dst), &ports);
     }
 }
 
@@ -178,8 +185,7 @@ fn rewrite_fixed<const N: usize, const H: usize>(
     p: &Parsed,
     src: &[u8; N],
     dst: &[u8; N],
-    sport: u16,
-    dport: u16,
+    new_ports: &[u8; 4],
 ) {
     let v6 = N == 16;
     // parse() guaranteed l3 + H <= l4 and the ports (and checksum) within
@@ -188,39 +194,11 @@ fn rewrite_fixed<const N: usize, const H: usize>(
     let Some(ip) = head.get_mut(p.l3..p.l3 + H).and_then(|b| <&mut [u8; H]>::try_from(b).ok()) else { return };
     let Some(ports) = seg.get_mut(..4).and_then(|b| <&mut [u8; 4]>::try_from(b).ok()) else { return };
     let (sa, ttl_at) = if v6 { (8, 7) } else { (12, 8) };
-    let mut addr_delta = 0;
-    for (at, new) in [(sa, src), (sa + N, dst)] {
-        // Always Ok: an N-byte range of an H-byte array.
-        if let Ok(old) = <&mut [u8; N]>::try_from(&mut ip[at..at + N])
-            && old != new
-        {
-            addr_delta += (N as u64 / 2) * 0xffff - word_sum(old) + word_sum(new);
-            *old = *new;
-        }
-    }
-    let new_ports = (u32::from(sport) << 16) | u32::from(dport);
-    let old_ports = u32::from_be_bytes(*ports);
-    let mut port_delta = 0;
-    if old_ports != new_ports {
-        port_delta = 2 * 0xffff - word_sum(ports) + word_sum(&new_ports.to_be_bytes());
-        *ports = new_ports.to_be_bytes();
-    }
-    let l4_sum_at = match p.proto {
-        Proto::TCP => 16,
-        _ => 6,
-    };
+    let addr_delta = replace_at(ip, sa, src) + replace_at(ip, sa + N, dst);
+    let port_delta = replace(ports, new_ports);
+    let l4_sum_at = if p.proto == Proto::TCP { 16 } else { 6 };
     if let Some(c) = seg.get_mut(l4_sum_at..l4_sum_at + 2) {
-        let old = u16::from_be_bytes([c[0], c[1]]);
-        // An IPv4 UDP checksum of zero means "none" and stays zero.
-        if p.proto != Proto::UDP || v6 || old != 0 {
-            let mut l4c = Incremental::new(old);
-            l4c.add(addr_delta + port_delta);
-            let mut v = l4c.finish();
-            if p.proto == Proto::UDP && v == 0 {
-                v = 0xffff; // RFC 768: a computed zero is sent as all ones
-            }
-            c.copy_from_slice(&v.to_be_bytes());
-        }
+        update_l4_checksum(c, p.proto, v6, addr_delta + port_delta);
     }
     // TTL / hop limit minus one; in IPv4 the word (TTL, protocol) drops by
     // 0x0100, whose RFC 1624 delta is the constant ~0x0100 = 0xfeff.
