@@ -25,24 +25,19 @@ pub fn bars(path: &Path, rows: &[(String, f64, f64)]) -> Result<(), String> {
         .y_desc("Mpps")
         .draw()
         .map_err(|e| e.to_string())?;
-    let est = rows
-        .iter()
-        .enumerate()
-        .map(|(i, r)| Rectangle::new([(i as f64 + 0.1, 0.0), (i as f64 + 0.5, r.1)], BLUE.mix(0.7).filled()));
-    chart
-        .draw_series(est)
-        .map_err(|e| e.to_string())?
-        .label("established")
-        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], BLUE.mix(0.7).filled()));
-    let new = rows
-        .iter()
-        .enumerate()
-        .map(|(i, r)| Rectangle::new([(i as f64 + 0.5, 0.0), (i as f64 + 0.9, r.2)], RED.mix(0.6).filled()));
-    chart
-        .draw_series(new)
-        .map_err(|e| e.to_string())?
-        .label("every packet a new flow")
-        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], RED.mix(0.6).filled()));
+    // Two bars per mode: established (left half) and new flows (right half).
+    let series = [(0.1, BLUE.mix(0.7), "established"), (0.5, RED.mix(0.6), "every packet a new flow")];
+    for (k, (left, color, label)) in series.into_iter().enumerate() {
+        let bars = rows.iter().enumerate().map(|(i, r)| {
+            let value = if k == 0 { r.1 } else { r.2 };
+            Rectangle::new([(i as f64 + left, 0.0), (i as f64 + left + 0.4, value)], color.filled())
+        });
+        chart
+            .draw_series(bars)
+            .map_err(|e| e.to_string())?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
     chart.configure_series_labels().border_style(BLACK).draw().map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
 }

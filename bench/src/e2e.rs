@@ -884,20 +884,26 @@ fn scaling(lab: &Lab, plan: &Plan, mode: &str, n: usize) -> Result<f64, String> 
 fn programming(lab: &Lab, n: usize) -> Result<BTreeMap<&'static str, f64>, String> {
     let svcs = services(n, 10);
     let mut out = BTreeMap::new();
-    progress(&format!("programming: iptables-restore of {n} Services × 10 endpoints"));
-    let path = lab.dir.join("big.iptables");
-    std::fs::write(&path, iptables_rules(&svcs, false)).map_err(|e| e.to_string())?;
-    let t = Instant::now();
-    sh(&lab.t, "gw", &format!("iptables-restore < {}", path.display()))?;
-    out.insert("iptables_restore_ms", r3(t.elapsed().as_secs_f64() * 1e3));
-    let _ = sh(&lab.t, "gw", "iptables -t nat -F; iptables -t nat -X");
-    progress(&format!("programming: nft -f of {n} Services × 10 endpoints"));
-    let path = lab.dir.join("big.nft");
-    std::fs::write(&path, nft_rules(&svcs, false)).map_err(|e| e.to_string())?;
-    let t = Instant::now();
-    sh(&lab.t, "gw", &format!("nft -f {}", path.display()))?;
-    out.insert("nft_f_ms", r3(t.elapsed().as_secs_f64() * 1e3));
-    let _ = sh(&lab.t, "gw", "nft delete table ip kube-proxy");
+    // (metric, file, rules, load command before the file's path, undo)
+    let kernel = [
+        (
+            "iptables_restore_ms",
+            "big.iptables",
+            iptables_rules(&svcs, false),
+            "iptables-restore <",
+            "iptables -t nat -F; iptables -t nat -X",
+        ),
+        ("nft_f_ms", "big.nft", nft_rules(&svcs, false), "nft -f", "nft delete table ip kube-proxy"),
+    ];
+    for (metric, file, rules, load, undo) in kernel {
+        progress(&format!("programming: {} of {n} Services × 10 endpoints", load.trim_end_matches(" <")));
+        let path = lab.dir.join(file);
+        std::fs::write(&path, rules).map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        sh(&lab.t, "gw", &format!("{load} {}", path.display()))?;
+        out.insert(metric, r3(t.elapsed().as_secs_f64() * 1e3));
+        let _ = sh(&lab.t, "gw", undo);
+    }
     progress(&format!("programming: xskgate with {n} Services, five endpoint changes"));
     let g = Gateway::start(lab, "xskgate_cluster", &svcs)?;
     let metric = |name: &str| -> f64 {

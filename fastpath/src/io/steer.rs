@@ -127,6 +127,11 @@ struct Followed {
     endpoints: HashMap<SteerKey, u32>,
 }
 
+/// Whether `p` itself (not just a port with its id) is the one followed.
+fn already_followed(ports: &HashMap<u32, Arc<ServicePort>>, p: &Arc<ServicePort>) -> bool {
+    ports.get(&p.id).is_some_and(|old| Arc::ptr_eq(old, p))
+}
+
 /// `e` and its sources, `: `-separated (aya keeps the errno in the source).
 fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -338,14 +343,15 @@ impl Steering {
                         count(fe, ep, -1);
                     }
                 }
-                ids.iter().filter_map(|id| table.port(*id)).cloned().collect()
+                ids.iter()
+                    .filter_map(|id| table.port(*id))
+                    .filter(|p| !already_followed(&followed.ports, p))
+                    .cloned()
+                    .collect()
             }
-            None => table.ports().to_vec(),
+            None => table.ports().iter().filter(|p| !already_followed(&followed.ports, p)).cloned().collect(),
         };
         for p in changed {
-            if followed.ports.get(&p.id).is_some_and(|old| Arc::ptr_eq(old, &p)) {
-                continue;
-            }
             if let Some(old) = followed.ports.insert(p.id, p.clone()) {
                 let (fe, ep) = contributions(&old, node);
                 count(fe, ep, -1);
