@@ -39,8 +39,8 @@ pub enum L4 {
     Tcp,
     Udp,
     /// ICMP / ICMPv6 error (destination unreachable, fragmentation needed /
-    /// packet too big, time exceeded, parameter problem) that quotes the
-    /// addresses and ports of a TCP or UDP packet; [`icmp_inner`] reads them.
+    /// packet too big, time exceeded, parameter problem); [`icmp_inner`]
+    /// reads the TCP or UDP packet it quotes, if it quotes one.
     IcmpError,
     /// Anything else (echo, other protocols): never a service frontend.
     Other,
@@ -240,7 +240,7 @@ pub fn parse_general(frame: &[u8]) -> Result<Parsed, Unparsed> {
             let s = i.slice();
             p.l4 = offset(frame, s);
             p.proto = Proto::ICMP;
-            if matches!(s[0], 3 | 11 | 12) && inner(frame, i.payload()).is_some() {
+            if matches!(s[0], 3 | 11 | 12) {
                 p.l4_kind = L4::IcmpError;
             }
         }
@@ -248,7 +248,7 @@ pub fn parse_general(frame: &[u8]) -> Result<Parsed, Unparsed> {
             let s = i.slice();
             p.l4 = offset(frame, s);
             p.proto = Proto::ICMPV6;
-            if matches!(s[0], 1..=4) && inner(frame, i.payload()).is_some() {
+            if matches!(s[0], 1..=4) {
                 p.l4_kind = L4::IcmpError;
             }
         }
@@ -264,7 +264,7 @@ pub fn parse_general(frame: &[u8]) -> Result<Parsed, Unparsed> {
 }
 
 /// The packet quoted by a frame that [`parse`] classified as
-/// [`L4::IcmpError`] (read again on demand, so that the common [`Parsed`]
+/// [`L4::IcmpError`] (read on demand, so that the common [`Parsed`]
 /// stays small). `None` for any other frame.
 pub fn icmp_inner(frame: &[u8], p: &Parsed) -> Option<Inner> {
     if p.l4_kind != L4::IcmpError {
