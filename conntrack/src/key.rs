@@ -40,9 +40,12 @@ pub struct Addr(pub [u8; 16]);
 impl Addr {
     pub const UNSPECIFIED: Addr = Addr([0; 16]);
 
+    /// The IPv4-mapped form of an IPv4 address. (Built as one 128-bit
+    /// word: the fast path makes two of these per packet, and byte-wise
+    /// construction compiles to 16 byte moves each.)
+    #[inline]
     pub const fn from_v4(octets: [u8; 4]) -> Addr {
-        let [a, b, c, d] = octets;
-        Addr([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d])
+        Addr((0xffff_0000_0000 | u32::from_be_bytes(octets) as u128).to_be_bytes())
     }
 
     pub const fn from_v6(octets: [u8; 16]) -> Addr {

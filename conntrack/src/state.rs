@@ -147,6 +147,7 @@ impl StateWord {
 
 /// The state after a packet going `dir` with TCP `flags` (ignored for
 /// non-TCP flows). Pure; returns `word` unchanged when nothing changes.
+#[inline]
 pub fn advance(word: StateWord, dir: Dir, flags: u8) -> StateWord {
     use tcp_flags::*;
     let mut w = word;

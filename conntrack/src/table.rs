@@ -128,6 +128,8 @@ unsafe impl AllZeroValid for Hint {}
 pub(crate) struct Slot {
     meta: AtomicU64,
     ctl: AtomicU32,
+    /// The checksum deltas of this direction's rewrite (see [`nat_deltas`]).
+    nat_delta: AtomicU32,
     key: [AtomicU64; 5],
     /// The other direction's key; word 4 carries `service << 32` instead of
     /// the protocol (which both directions share).
@@ -148,6 +150,7 @@ impl Default for Slot {
         Slot {
             meta: AtomicU64::new(0),
             ctl: AtomicU32::new(0),
+            nat_delta: AtomicU32::new(0),
             key: std::array::from_fn(|_| AtomicU64::new(0)),
             peer: std::array::from_fn(|_| AtomicU64::new(0)),
             peer_slot: AtomicU32::new(0),
@@ -169,6 +172,7 @@ struct Record {
     peer: [u64; 5],
     peer_slot: u32,
     backend: u32,
+    nat_delta: u32,
 }
 
 const PORTS_MASK: u64 = 0xffff_ffff;
@@ -219,24 +223,122 @@ pub struct NewFlow {
 }
 
 /// What a lookup finds: one direction of a flow.
+///
+/// A packet of this direction is rewritten to [`FlowView::rewrite`], the
+/// other direction's tuple reversed. The fast path reads the rewrite in the
+/// form it writes ([`FlowView::rewrite_src`], [`FlowView::rewrite_dst`],
+/// [`FlowView::rewrite_ports`]) with its checksum deltas
+/// ([`FlowView::checksum_deltas`]), all computed when the flow was stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowView {
     pub dir: Dir,
-    /// The other direction's tuple. A packet of this direction is rewritten
-    /// to `peer.reversed()` (see [`FlowView::rewrite`]).
-    pub peer: FlowKey,
     pub backend: u32,
     pub service: u32,
+    /// The other direction's tuple, as words ([`FlowKey::to_words`]).
+    peer: [u64; 5],
+    nat_delta: u32,
     slot: u32,
     generation: u32,
     peer_slot: u32,
 }
 
 impl FlowView {
+    /// The other direction's tuple.
+    pub fn peer(&self) -> FlowKey {
+        FlowKey::from_words(&self.peer)
+    }
+
     /// The tuple a packet of this direction must carry after NAT.
     pub fn rewrite(&self) -> FlowKey {
-        self.peer.reversed()
+        self.peer().reversed()
     }
+
+    /// The source address after NAT (16 bytes; IPv4-mapped for IPv4, whose
+    /// 4 bytes are the last 4).
+    #[inline]
+    pub fn rewrite_src(&self) -> [u8; 16] {
+        words_to_addr(self.peer[2], self.peer[3])
+    }
+
+    /// The destination address after NAT, as [`FlowView::rewrite_src`].
+    #[inline]
+    pub fn rewrite_dst(&self) -> [u8; 16] {
+        words_to_addr(self.peer[0], self.peer[1])
+    }
+
+    /// Source and destination port after NAT, big-endian, as the TCP and
+    /// UDP headers carry them.
+    #[inline]
+    pub fn rewrite_ports(&self) -> [u8; 4] {
+        let (peer_sport, peer_dport) = (self.peer[4] as u16, (self.peer[4] >> 16) as u16);
+        let [a, b] = peer_dport.to_be_bytes();
+        let [c, d] = peer_sport.to_be_bytes();
+        [a, b, c, d]
+    }
+
+    /// The RFC 1624 deltas of the rewrite, for a packet that carries this
+    /// direction's tuple: `(addresses, addresses and ports)`, for the IPv4
+    /// header checksum and for the TCP/UDP checksum (whose pseudo-header
+    /// covers the addresses). Each is `~m + m'` summed over the fields that
+    /// change, folded to 16 bits; 0 when none changes.
+    #[inline]
+    pub fn checksum_deltas(&self) -> (u16, u16) {
+        (self.nat_delta as u16, (self.nat_delta >> 16) as u16)
+    }
+}
+
+/// Whether two keys' words are equal (a branch-free compare: `==` on arrays
+/// becomes a call to `memcmp`).
+#[inline(always)]
+fn same_key(a: &[u64; 5], b: &[u64; 5]) -> bool {
+    a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[inline(always)]
+fn words_to_addr(a: u64, b: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&a.to_ne_bytes());
+    out[8..].copy_from_slice(&b.to_ne_bytes());
+    out
+}
+
+/// One's-complement sum of the big-endian 16-bit words of `bytes` (even length).
+fn be_word_sum(bytes: &[u8]) -> u64 {
+    bytes.chunks_exact(2).map(|c| u64::from(u16::from_be_bytes([c[0], c[1]]))).sum()
+}
+
+/// RFC 1624's `~m + m'` over the words of a field changing from `old` to
+/// `new`; 0 when it does not change, so that an unchanged field leaves a
+/// checksum exactly as it was.
+fn field_delta(old: &[u8], new: &[u8]) -> u64 {
+    if old == new { 0 } else { (old.len() as u64 / 2) * 0xffff - be_word_sum(old) + be_word_sum(new) }
+}
+
+fn fold16(mut sum: u64) -> u32 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u32
+}
+
+/// The checksum deltas of rewriting a packet that carries `key` to the
+/// reverse of `peer` (see [`FlowView::checksum_deltas`]), packed as
+/// `addresses | (addresses and ports) << 16`. For IPv4-mapped addresses the
+/// 12 prefix bytes are equal on both sides, so the 16-byte delta is the
+/// 4-byte one (both are congruent modulo 0xffff and zero together).
+fn nat_deltas(key: &[u64; 5], peer: &[u64; 5]) -> u32 {
+    let (src, dst) = (words_to_addr(key[0], key[1]), words_to_addr(key[2], key[3]));
+    let (new_src, new_dst) = (words_to_addr(peer[2], peer[3]), words_to_addr(peer[0], peer[1]));
+    let ports = |sport: u64, dport: u64| {
+        let [a, b] = (sport as u16).to_be_bytes();
+        let [c, d] = (dport as u16).to_be_bytes();
+        [a, b, c, d]
+    };
+    let old_ports = ports(key[4], key[4] >> 16);
+    let new_ports = ports(peer[4] >> 16, peer[4]);
+    let addresses = field_delta(&src, &new_src) + field_delta(&dst, &new_dst);
+    let with_ports = addresses + field_delta(&old_ports, &new_ports);
+    fold16(addresses) | fold16(with_ports) << 16
 }
 
 /// Result of a successful insert.
@@ -326,7 +428,9 @@ struct SharedStats {
 }
 
 /// A pre-computed key hash, so a batch can prefetch before it looks up.
-#[derive(Clone, Copy, Debug)]
+/// The default is the hash of no key in particular (a placeholder for
+/// arrays that a batch fills).
+#[derive(Clone, Copy, Debug, Default)]
 pub struct KeyHash {
     words: [u64; 5],
     hash: u64,
@@ -552,16 +656,19 @@ impl FlowTable {
         let peer = std::array::from_fn(|k| s.peer[k].load(Relaxed));
         let peer_slot = s.peer_slot.load(Relaxed);
         let backend = s.backend.load(Relaxed);
+        let nat_delta = s.nat_delta.load(Relaxed);
         // Seqlock read side: the data loads above must not be reordered after
         // the validating load below.
         fence(Acquire);
-        (s.meta.load(Relaxed) == m.0).then_some(Record { key, peer, peer_slot, backend })
+        (s.meta.load(Relaxed) == m.0).then_some(Record { key, peer, peer_slot, backend, nat_delta })
     }
 
+    #[inline]
     fn view(i: usize, m: Meta, r: &Record) -> FlowView {
         FlowView {
             dir: m.dir(),
-            peer: FlowKey::from_words(&r.peer_words()),
+            peer: r.peer_words(),
+            nat_delta: r.nat_delta,
             backend: r.backend,
             service: r.service(),
             slot: i as u32,
@@ -577,9 +684,64 @@ impl FlowTable {
     }
 
     /// [`FlowTable::lookup`] with a hash from [`FlowTable::hash`].
+    ///
+    /// The probe of [`FlowTable::find`], written for the fast path: the
+    /// slot's key is compared as it is read, and only what a [`FlowView`]
+    /// holds is copied, so that the whole lookup stays in registers.
     #[inline]
     pub fn lookup_hashed(&self, h: &KeyHash) -> Option<FlowView> {
-        self.find(&h.words, h.hash).map(|(i, m, r)| Self::view(i, m, &r))
+        let tag = tag_of(h.hash);
+        let hinted = HINT_OCCUPIED | u32::from(tag) << 16;
+        let mut i = self.home(h.hash);
+        for _ in 0..MAX_PROBE {
+            let hint = self.hints[i].0.load(Acquire);
+            if hint & !HINT_OVERFLOW == hinted
+                && let Some(v) = self.view_if_key(i, tag, &h.words)
+            {
+                return Some(v);
+            }
+            if hint & HINT_OVERFLOW == 0 {
+                return None;
+            }
+            i = self.next(i);
+        }
+        None
+    }
+
+    /// Slot `i`'s view if it holds the key `w` (a seqlock read, retried
+    /// while a writer changes the slot under us).
+    #[inline(always)]
+    fn view_if_key(&self, i: usize, tag: u16, w: &[u64; 5]) -> Option<FlowView> {
+        let s = &self.slots[i];
+        loop {
+            let m = Meta(s.meta.load(Acquire));
+            if m.kind() != KIND_FULL || m.tag() != tag {
+                return None;
+            }
+            let key: [u64; 5] = std::array::from_fn(|k| s.key[k].load(Relaxed));
+            let peer: [u64; 5] = std::array::from_fn(|k| s.peer[k].load(Relaxed));
+            let nat_delta = s.nat_delta.load(Relaxed);
+            let backend = s.backend.load(Relaxed);
+            let peer_slot = s.peer_slot.load(Relaxed);
+            // Seqlock read side, as in read_record.
+            fence(Acquire);
+            if s.meta.load(Relaxed) != m.0 {
+                continue;
+            }
+            if !same_key(&key, w) {
+                return None;
+            }
+            return Some(FlowView {
+                dir: m.dir(),
+                backend,
+                service: (peer[4] >> 32) as u32,
+                peer: [peer[0], peer[1], peer[2], peer[3], (peer[4] & PORTS_MASK) | (key[4] & PROTO_MASK)],
+                nat_delta,
+                slot: i as u32,
+                generation: m.generation(),
+                peer_slot,
+            });
+        }
     }
 
     #[inline]
@@ -597,7 +759,7 @@ impl FlowTable {
                         break;
                     }
                     match self.read_record(i, m) {
-                        Some(r) if r.key == *w => return Some((i, m, r)),
+                        Some(r) if same_key(&r.key, w) => return Some((i, m, r)),
                         Some(_) => break,
                         None => continue, // a writer changed the slot under us: read again
                     }
@@ -653,7 +815,7 @@ impl FlowTable {
                     let m = Meta(self.slots[i].meta.load(Acquire));
                     match m.kind() {
                         KIND_FULL => match self.read_record(i, m) {
-                            Some(r) if r.key == *w => return Ok(ClaimResult::Found(Self::view(i, m, &r))),
+                            Some(r) if same_key(&r.key, w) => return Ok(ClaimResult::Found(Self::view(i, m, &r))),
                             Some(_) => {}
                             None => continue 'restart,
                         },
@@ -731,6 +893,7 @@ impl FlowTable {
             slot_word.store(*word, Relaxed);
         }
         s.peer[4].store((peer[4] & PORTS_MASK) | u64::from(service) << 32, Relaxed);
+        s.nat_delta.store(nat_deltas(key, peer), Relaxed);
         s.peer_slot.store(peer_slot as u32, Relaxed);
         s.backend.store(backend, Relaxed);
         s.last_seen.store(now, Relaxed);
@@ -789,7 +952,8 @@ impl FlowTable {
         self.slots[oc.slot].meta.store(full.0, Release);
         Ok(Inserted::New(FlowView {
             dir: Dir::Original,
-            peer: flow.reply,
+            peer: r.words,
+            nat_delta: nat_deltas(&o.words, &r.words),
             backend: flow.backend,
             service: flow.service,
             slot: oc.slot as u32,
@@ -943,7 +1107,7 @@ impl FlowTable {
         // The peer must still be this flow's other half.
         let pm = Meta(peer.meta.load(Acquire));
         let pr = self.read_record(p, pm)?;
-        if pm.kind() != KIND_FULL || pr.key != v.peer.to_words() {
+        if pm.kind() != KIND_FULL || pr.key != v.peer {
             return None;
         }
         let (auth, mirror) = match v.dir {

@@ -33,7 +33,7 @@ fn full_table_refuses_new_flows_and_keeps_established_ones() {
     for i in 0..N {
         let f = flow(i, FlowState::Udp { replied: false });
         let v = t.lookup(&f.orig).expect("old flow lost");
-        assert_eq!((v.dir, v.backend, v.peer), (Dir::Original, i, f.reply));
+        assert_eq!((v.dir, v.backend, v.peer()), (Dir::Original, i, f.reply));
         assert_eq!(t.lookup(&f.reply).unwrap().dir, Dir::Reply);
     }
     let flows = t.flows();

@@ -73,10 +73,10 @@ fn lookup_during_insert_is_never_torn() {
         });
         let f = flow(1);
         if let Some(v) = t.lookup(&f.reply) {
-            assert_eq!((v.dir, v.peer, v.backend, v.service), (Dir::Reply, f.orig, 2, 9));
+            assert_eq!((v.dir, v.peer(), v.backend, v.service), (Dir::Reply, f.orig, 2, 9));
         }
         if let Some(v) = t.lookup(&f.orig) {
-            assert_eq!((v.dir, v.peer, v.backend, v.service), (Dir::Original, f.reply, 2, 9));
+            assert_eq!((v.dir, v.peer(), v.backend, v.service), (Dir::Original, f.reply, 2, 9));
         }
         writer.join().unwrap();
         assert!(t.lookup(&f.orig).is_some() && t.lookup(&f.reply).is_some());
@@ -100,13 +100,13 @@ fn reader_never_sees_a_mix_of_a_removed_and_a_reused_slot() {
         let remover = thread::spawn(move || assert!(t2.remove(&old.reply)));
         let inserter = thread::spawn(move || t3.insert(&new, 0));
         if let Some(v) = t.lookup(&old.orig) {
-            let seen = (v.peer, v.backend);
+            let seen = (v.peer(), v.backend);
             assert!(seen == (old.reply, 1) || seen == (new.reply, 3), "torn read: {seen:?}");
         }
         remover.join().unwrap();
         let inserted = inserter.join().unwrap();
         // Either the insert came first (Existing, then removed) or after.
-        let now = t.lookup(&old.orig).map(|v| (v.peer, v.backend));
+        let now = t.lookup(&old.orig).map(|v| (v.peer(), v.backend));
         match inserted {
             Ok(Inserted::New(_)) => assert_eq!(now, Some((new.reply, 3))),
             Ok(Inserted::Existing(_)) => assert_eq!(now, None),

@@ -134,13 +134,13 @@ fn run(ops: Vec<Op>, seed: u64) -> Result<(), TestCaseError> {
                 };
                 let got = got.map(|ins| {
                     let v = ins.view();
-                    (matches!(ins, Inserted::Existing(_)), v.dir, v.peer, v.backend)
+                    (matches!(ins, Inserted::Existing(_)), v.dir, v.peer(), v.backend)
                 });
                 prop_assert_eq!(got, want, "insert {:?} / {:?}", o, r);
             }
             Op::Lookup(k) => {
                 let key = tuple(k);
-                let got = table.lookup(&key).map(|v| (v.dir, v.peer, v.backend, v.service, v.rewrite()));
+                let got = table.lookup(&key).map(|v| (v.dir, v.peer(), v.backend, v.service, v.rewrite()));
                 let want = model.index.get(&key).map(|&(fo, dir)| {
                     let f = &model.flows[&fo];
                     let peer = if dir == Dir::Original { f.reply } else { f.orig };
@@ -247,7 +247,7 @@ fn reply_tuple_conflicts_and_capacity() {
     assert!(matches!(t.insert(&f(0, 1), 5), Ok(Inserted::New(_))));
     // Same original tuple: the existing flow, unchanged.
     let Ok(Inserted::Existing(v)) = t.insert(&f(0, 2), 6) else { panic!("expected Existing") };
-    assert_eq!((v.peer, v.backend), (tuple(1), 0));
+    assert_eq!((v.peer(), v.backend), (tuple(1), 0));
     // A new flow whose reply tuple is taken: the SNAT allocator must retry.
     assert_eq!(t.insert(&f(3, 1), 6), Err(InsertError::ReplyTaken));
     assert_eq!(t.insert(&f(4, 4), 6), Err(InsertError::InvalidTuple));

@@ -75,11 +75,11 @@ fn concurrent_ops_keep_every_invariant() {
                     0..=2 => match table.insert(&f, (ops / 1000) as u32) {
                         Ok(Inserted::New(v)) => {
                             ledger[i as usize].fetch_add(1, Ordering::SeqCst);
-                            assert_eq!((v.backend, v.peer), (i, f.reply));
+                            assert_eq!((v.backend, v.peer()), (i, f.reply));
                             outcomes[0].fetch_add(1, Ordering::Relaxed);
                         }
                         Ok(Inserted::Existing(v)) => {
-                            assert_eq!((v.dir, v.backend, v.peer), (Dir::Original, i, f.reply), "torn Existing");
+                            assert_eq!((v.dir, v.backend, v.peer()), (Dir::Original, i, f.reply), "torn Existing");
                             outcomes[1].fetch_add(1, Ordering::Relaxed);
                         }
                         Err(InsertError::Full) => {
@@ -96,7 +96,7 @@ fn concurrent_ops_keep_every_invariant() {
                             let want_peer = if v.dir == Dir::Original { f.reply } else { f.orig };
                             assert_eq!(index_of(&key), i);
                             assert_eq!(
-                                (v.backend, v.service, v.peer),
+                                (v.backend, v.service, v.peer()),
                                 (i, i % 11, want_peer),
                                 "torn lookup of {key:?}"
                             );

@@ -10,7 +10,7 @@
 
 use crate::checksum::{self, Incremental};
 use crate::wire::{Inner, Parsed};
-use xskgate_conntrack::{Addr, FlowKey, Proto, tcp_flags};
+use xskgate_conntrack::{Addr, FlowKey, FlowView, Proto, tcp_flags};
 
 #[inline]
 fn get16(b: &[u8], at: usize) -> u16 {
@@ -161,19 +161,24 @@ fn decrement_ttl(buf: &mut [u8], p: &Parsed, ip: &mut Incremental) {
     }
 }
 
-/// Rewrites a TCP/UDP packet to the tuple `to` and decrements its TTL
-/// (the caller checked `p.ttl > 1`).
+/// Rewrites a TCP/UDP packet of the tracked flow direction `view` to its
+/// translation and decrements its TTL (the caller checked `p.ttl > 1`).
 ///
-/// This is the per-packet work of every tracked flow, so it works on
-/// fixed-size views of the IP header and the first L4 bytes: one bounds
-/// check each, then constant offsets.
+/// This is the per-packet work of every tracked flow. The packet carries
+/// exactly the direction's tuple (that is how it was found), so the
+/// checksum deltas of the rewrite were computed once, when the flow was
+/// stored: each checksum takes one addition and a fold. The headers are
+/// reached through fixed-size views: one bounds check each, then constant
+/// offsets.
 #[inline]
-pub fn rewrite(buf: &mut [u8], p: &Parsed, to: &FlowKey) {
-    let ports = ports_of(to);
+pub fn rewrite(buf: &mut [u8], p: &Parsed, view: &FlowView) {
+    let (addr_delta, l4_delta) = view.checksum_deltas();
+    let (src, dst, ports) = (view.rewrite_src(), view.rewrite_dst(), view.rewrite_ports());
     if p.v6 {
-        rewrite_fixed::<16, 40>(buf, p, &to.src.0, &to.dst.0, &ports);
+        rewrite_fixed::<16, 40>(buf, p, &src, &dst, &ports, addr_delta, l4_delta);
     } else {
-        rewrite_fixed::<4, 20>(buf, p, &octets_v4(&to.src), &octets_v4(&to.dst), &ports);
+        let v4 = |a: &[u8; 16]| [a[12], a[13], a[14], a[15]];
+        rewrite_fixed::<4, 20>(buf, p, &v4(&src), &v4(&dst), &ports, addr_delta, l4_delta);
     }
 }
 
@@ -186,26 +191,35 @@ fn rewrite_fixed<const N: usize, const H: usize>(
     src: &[u8; N],
     dst: &[u8; N],
     new_ports: &[u8; 4],
+    addr_delta: u16,
+    l4_delta: u16,
 ) {
     let v6 = N == 16;
     // parse() guaranteed l3 + H <= l4 and the ports (and checksum) within
     // end <= buf.len(); these checks only keep a caller bug from panicking.
     let Some((head, seg)) = buf.split_at_mut_checked(p.l4) else { return };
     let Some(ip) = head.get_mut(p.l3..p.l3 + H).and_then(|b| <&mut [u8; H]>::try_from(b).ok()) else { return };
-    let Some(ports) = seg.get_mut(..4).and_then(|b| <&mut [u8; 4]>::try_from(b).ok()) else { return };
+    let Some(ports) = seg.get_mut(..4) else { return };
     let (sa, ttl_at) = if v6 { (8, 7) } else { (12, 8) };
-    let addr_delta = replace_at(ip, sa, src) + replace_at(ip, sa + N, dst);
-    let port_delta = replace(ports, new_ports);
+    ip[sa..sa + N].copy_from_slice(src);
+    ip[sa + N..sa + 2 * N].copy_from_slice(dst);
+    ports.copy_from_slice(new_ports);
     let l4_sum_at = if p.proto == Proto::TCP { 16 } else { 6 };
     if let Some(c) = seg.get_mut(l4_sum_at..l4_sum_at + 2) {
-        update_l4_checksum(c, p.proto, v6, addr_delta + port_delta);
+        update_l4_checksum(c, p.proto, v6, u64::from(l4_delta));
     }
-    // TTL / hop limit minus one; in IPv4 the word (TTL, protocol) drops by
-    // 0x0100, whose RFC 1624 delta is the constant ~0x0100 = 0xfeff.
-    ip[ttl_at] = p.ttl - 1;
-    if !v6 {
+    finish_ip::<N, H>(ip, ttl_at, p.ttl, addr_delta);
+}
+
+/// TTL / hop limit minus one and, in IPv4, the header checksum: the
+/// addresses' delta plus the TTL's (the word (TTL, protocol) drops by
+/// 0x0100, whose RFC 1624 delta is the constant ~0x0100 = 0xfeff).
+#[inline(always)]
+fn finish_ip<const N: usize, const H: usize>(ip: &mut [u8; H], ttl_at: usize, ttl: u8, addr_delta: u16) {
+    ip[ttl_at] = ttl - 1;
+    if N == 4 {
         let mut c = Incremental::new(u16::from_be_bytes([ip[10], ip[11]]));
-        c.add(addr_delta + 0xfeff);
+        c.add(u64::from(addr_delta) + 0xfeff);
         ip[10..12].copy_from_slice(&c.finish().to_be_bytes());
     }
 }

@@ -21,7 +21,7 @@ use crate::nat;
 use crate::service::{FrontendKind, ServiceTable, TrafficPolicy};
 use crate::wire::{self, Inner, L4, Parsed, Unparsed};
 use xskgate_conntrack::{
-    FlowKey, FlowState, FlowTable, FlowView, InsertError, Inserted, KeyHash, NewFlow, Proto, TcpState, tcp_flags,
+    Addr, FlowKey, FlowState, FlowTable, FlowView, InsertError, Inserted, KeyHash, NewFlow, Proto, TcpState, tcp_flags,
 };
 
 /// Frames per batch (the AF_XDP ring batch).
@@ -177,31 +177,50 @@ impl Counters {
     }
 }
 
-/// Everything a worker owns: its counters. Allocated once.
+/// Everything a worker owns: its counters and the scratch space of a
+/// batch. Allocated once.
 #[derive(Clone, Debug, Default)]
 pub struct WorkerState {
     pub counters: Counters,
+    scratch: Box<BatchScratch>,
+}
+
+/// What a batch computes in one pass for the next: each frame's parse and
+/// its conntrack key's hash. Kept between batches so that a batch does not
+/// initialise 7 KB of stack.
+#[derive(Clone, Debug)]
+struct BatchScratch {
+    parsed: [Result<Parsed, Unparsed>; BATCH],
+    hashes: [KeyHash; BATCH],
+}
+
+impl Default for BatchScratch {
+    fn default() -> BatchScratch {
+        BatchScratch { parsed: [Err(Unparsed::NotIp); BATCH], hashes: [KeyHash::default(); BATCH] }
+    }
 }
 
 impl WorkerState {
     pub fn new() -> WorkerState {
         WorkerState::default()
     }
+}
 
+impl Counters {
     #[inline]
     fn count_service(&mut self, id: u32, bytes: usize) {
         let i = (id as usize).min(MAX_SERVICE_IDS - 1);
-        let c = &mut self.counters.per_service[i];
+        let c = &mut self.per_service[i];
         c.packets += 1;
         c.bytes += bytes as u64;
-        if i >= self.counters.services_used {
-            self.counters.services_used = i + 1;
+        if i >= self.services_used {
+            self.services_used = i + 1;
         }
     }
 
     #[inline]
     fn drop(&mut self, r: DropReason) -> Verdict {
-        self.counters.drops[r as usize] += 1;
+        self.drops[r as usize] += 1;
         Verdict::Drop(r)
     }
 }
@@ -240,23 +259,28 @@ pub fn process_batch(
 ) {
     assert!(verdicts.len() >= frames.len(), "one verdict per frame");
     for (frames, verdicts) in frames.chunks_mut(BATCH).zip(verdicts.chunks_mut(BATCH)) {
-        let mut parsed = [Err(Unparsed::NotIp); BATCH];
-        let mut hashes: [Option<KeyHash>; BATCH] = [None; BATCH];
+        let WorkerState { counters, scratch } = &mut *w;
+        let BatchScratch { parsed, hashes } = &mut **scratch;
+        // Bit i: frame i is TCP or UDP, and hashes[i] is its key's hash.
+        let mut hashed = 0u64;
         for (i, f) in frames.iter().enumerate() {
             parsed[i] = wire::parse(&f.buf[..f.len.min(f.buf.len())]);
             if let Ok(p) = &parsed[i]
                 && matches!(p.l4_kind, L4::Tcp | L4::Udp)
             {
-                let h = t.conntrack.hash(&key_of(p));
-                t.conntrack.prefetch(&h);
-                hashes[i] = Some(h);
+                hashes[i] = t.conntrack.hash(&key_of(p));
+                t.conntrack.prefetch(&hashes[i]);
+                hashed |= 1 << i;
             }
         }
-        for h in hashes.iter().take(frames.len()).flatten() {
-            t.conntrack.prefetch_slot(h);
+        for (i, h) in hashes.iter().enumerate().take(frames.len()) {
+            if hashed & 1 << i != 0 {
+                t.conntrack.prefetch_slot(h);
+            }
         }
         for (i, f) in frames.iter_mut().enumerate() {
-            verdicts[i] = process_parsed(f, parsed[i], hashes[i].as_ref(), t, w, now);
+            let h = (hashed & 1 << i != 0).then_some(&hashes[i]);
+            verdicts[i] = process_parsed(f, &parsed[i], h, t, counters, now);
         }
     }
 }
@@ -265,7 +289,7 @@ pub fn process_batch(
 /// batch's prefetching).
 pub fn process(f: &mut Frame<'_>, t: &Tables<'_>, w: &mut WorkerState, now: u32) -> Verdict {
     let p = wire::parse(&f.buf[..f.len.min(f.buf.len())]);
-    process_parsed(f, p, None, t, w, now)
+    process_parsed(f, &p, None, t, &mut w.counters, now)
 }
 
 #[inline]
@@ -273,31 +297,32 @@ fn key_of(p: &Parsed) -> FlowKey {
     FlowKey { src: p.src, dst: p.dst, sport: p.sport, dport: p.dport, proto: p.proto }
 }
 
+#[inline(always)]
 fn process_parsed(
     f: &mut Frame<'_>,
-    p: Result<Parsed, Unparsed>,
+    p: &Result<Parsed, Unparsed>,
     h: Option<&KeyHash>,
     t: &Tables<'_>,
-    w: &mut WorkerState,
+    c: &mut Counters,
     now: u32,
 ) -> Verdict {
     let verdict = match p {
         Ok(p) => match p.l4_kind {
-            L4::Tcp | L4::Udp => flow_packet(f, &p, h, t, w, now),
-            L4::IcmpError => match wire::icmp_inner(f.buf, &p) {
-                Some(inner) => icmp_error(f, &p, &inner, t, w),
+            L4::Tcp | L4::Udp => flow_packet(f, p, h, t, c, now),
+            L4::IcmpError => match wire::icmp_inner(f.buf, p) {
+                Some(inner) => icmp_error(f, p, &inner, t, c),
                 None => Verdict::Pass,
             },
             L4::Other => Verdict::Pass,
         },
         Err(Unparsed::NotIp) => Verdict::Pass,
-        Err(Unparsed::Malformed) => w.drop(DropReason::Malformed),
-        Err(Unparsed::Fragment) => w.drop(DropReason::Fragment),
+        Err(Unparsed::Malformed) => c.drop(DropReason::Malformed),
+        Err(Unparsed::Fragment) => c.drop(DropReason::Fragment),
     };
     match verdict {
-        Verdict::Forward { .. } => w.counters.forwarded += 1,
-        Verdict::Pass => w.counters.passed += 1,
-        Verdict::Reply => w.counters.rejected += 1,
+        Verdict::Forward { .. } => c.forwarded += 1,
+        Verdict::Pass => c.passed += 1,
+        Verdict::Reply => c.rejected += 1,
         Verdict::Drop(_) => {}
     }
     verdict
@@ -310,7 +335,7 @@ fn flow_packet(
     p: &Parsed,
     h: Option<&KeyHash>,
     t: &Tables<'_>,
-    w: &mut WorkerState,
+    c: &mut Counters,
     now: u32,
 ) -> Verdict {
     let key = key_of(p);
@@ -319,26 +344,25 @@ fn flow_packet(
         None => t.conntrack.lookup(&key),
     };
     let Some(view) = found else {
-        return new_flow(f, p, &key, t, w, now);
+        return new_flow(f, p, &key, t, c, now);
     };
     if p.ttl <= 1 {
-        return w.drop(DropReason::TtlExpired);
+        return c.drop(DropReason::TtlExpired);
     }
-    forward(f, p, &view, t, w, now)
+    forward(f, p, &view, t, c, now)
 }
 
 /// Applies a flow's translation to a packet of it and accounts for it.
-#[inline]
-fn forward(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, t: &Tables<'_>, w: &mut WorkerState, now: u32) -> Verdict {
-    let to = view.rewrite();
-    nat::rewrite(f.buf, p, &to);
+#[inline(always)]
+fn forward(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, t: &Tables<'_>, c: &mut Counters, now: u32) -> Verdict {
+    nat::rewrite(f.buf, p, view);
     let len = p.end - p.l3;
     t.conntrack.touch(view, now, len as u64, p.tcp_flags);
-    w.count_service(view.service, len);
-    Verdict::Forward { next_hop: to.dst }
+    c.count_service(view.service, len);
+    Verdict::Forward { next_hop: Addr(view.rewrite_dst()) }
 }
 
-fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, w: &mut WorkerState, now: u32) -> Verdict {
+fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, c: &mut Counters, now: u32) -> Verdict {
     let services = t.services;
     let Some((svc, kind)) = services.lookup(&p.dst, p.proto, p.dport) else {
         return Verdict::Pass;
@@ -352,7 +376,7 @@ fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, w: &mu
         && !svc.source_ranges.is_empty()
         && !svc.source_ranges.iter().any(|c| c.contains(&p.src))
     {
-        return w.drop(DropReason::SourceRange);
+        return c.drop(DropReason::SourceRange);
     }
     let policy = if external { svc.external_policy } else { svc.internal_policy };
     let set = match policy {
@@ -361,12 +385,12 @@ fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, w: &mu
     };
     if set.is_empty() {
         if !svc.cluster.is_empty() || !svc.local.is_empty() {
-            return w.drop(DropReason::NoLocalEndpoints);
+            return c.drop(DropReason::NoLocalEndpoints);
         }
-        return reject(f, p, w);
+        return reject(f, p, c);
     }
     if p.ttl <= 1 {
-        return w.drop(DropReason::TtlExpired);
+        return c.drop(DropReason::TtlExpired);
     }
     let fh = flow_hash(key);
     let picked = match svc.affinity_timeout {
@@ -381,10 +405,10 @@ fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, w: &mu
         None => set.pick(fh),
     };
     let Some(ep) = picked.copied() else {
-        return reject(f, p, w);
+        return reject(f, p, c);
     };
     if ep.addr.is_v4() == p.v6 {
-        return w.drop(DropReason::InvalidTuple);
+        return c.drop(DropReason::InvalidTuple);
     }
     // Masquerade: Cluster policy for external traffic, hairpin (a pod
     // reaching itself), and a ClusterIP reached from outside the pod CIDRs
@@ -397,7 +421,7 @@ fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, w: &mu
     let (reply_dst, keep_port) = if masquerade {
         match node.snat_for(&ep.addr) {
             Some(a) => (a, false),
-            None => return w.drop(DropReason::NoSnatAddress),
+            None => return c.drop(DropReason::NoSnatAddress),
         }
     } else {
         (p.src, true)
@@ -422,23 +446,23 @@ fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, w: &mu
         let flow = NewFlow { orig: *key, reply, backend: ep.id, service: svc.id, state };
         let view = match t.conntrack.insert(&flow, now) {
             Ok(Inserted::New(v)) => {
-                w.counters.flows_created += 1;
+                c.flows_created += 1;
                 v
             }
             Ok(Inserted::Existing(v)) => v,
             Err(InsertError::ReplyTaken) => continue,
-            Err(InsertError::Full | InsertError::ProbeLimit) => return w.drop(DropReason::ConntrackFull),
-            Err(InsertError::Contended) => return w.drop(DropReason::ConntrackContended),
-            Err(InsertError::InvalidTuple) => return w.drop(DropReason::InvalidTuple),
+            Err(InsertError::Full | InsertError::ProbeLimit) => return c.drop(DropReason::ConntrackFull),
+            Err(InsertError::Contended) => return c.drop(DropReason::ConntrackContended),
+            Err(InsertError::InvalidTuple) => return c.drop(DropReason::InvalidTuple),
         };
-        return forward(f, p, &view, t, w, now);
+        return forward(f, p, &view, t, c, now);
     }
-    w.drop(DropReason::SnatExhausted)
+    c.drop(DropReason::SnatExhausted)
 }
 
 /// kube-proxy's REJECT for a Service without endpoints: TCP RST or ICMP
 /// port unreachable, generated in place.
-fn reject(f: &mut Frame<'_>, p: &Parsed, w: &mut WorkerState) -> Verdict {
+fn reject(f: &mut Frame<'_>, p: &Parsed, c: &mut Counters) -> Verdict {
     let len = match p.proto {
         Proto::TCP => nat::tcp_reset(f.buf, p),
         _ => nat::port_unreachable(f.buf, p),
@@ -448,13 +472,13 @@ fn reject(f: &mut Frame<'_>, p: &Parsed, w: &mut WorkerState) -> Verdict {
             f.len = len;
             Verdict::Reply
         }
-        None => w.drop(DropReason::NoEndpoints),
+        None => c.drop(DropReason::NoEndpoints),
     }
 }
 
 /// An ICMP error about a packet of a tracked flow: translate it for the
 /// other side (outer destination and the embedded packet).
-fn icmp_error(f: &mut Frame<'_>, p: &Parsed, inner: &Inner, t: &Tables<'_>, w: &mut WorkerState) -> Verdict {
+fn icmp_error(f: &mut Frame<'_>, p: &Parsed, inner: &Inner, t: &Tables<'_>, c: &mut Counters) -> Verdict {
     // The embedded packet went out after our NAT; the tuple of packets going
     // the other way is its reverse, and that is what conntrack knows.
     let about = FlowKey { proto: inner.proto, src: inner.dst, dst: inner.src, sport: inner.dport, dport: inner.sport };
@@ -462,14 +486,14 @@ fn icmp_error(f: &mut Frame<'_>, p: &Parsed, inner: &Inner, t: &Tables<'_>, w: &
         return Verdict::Pass;
     };
     if p.ttl <= 1 {
-        return w.drop(DropReason::TtlExpired);
+        return c.drop(DropReason::TtlExpired);
     }
     let embedded = view.rewrite().reversed();
     if embedded.src.is_v4() == p.v6 {
-        return w.drop(DropReason::InvalidTuple);
+        return c.drop(DropReason::InvalidTuple);
     }
     nat::rewrite_icmp_error(f.buf, p, inner, &embedded);
-    w.counters.icmp_errors_translated += 1;
+    c.icmp_errors_translated += 1;
     Verdict::Forward { next_hop: embedded.src }
 }
 
@@ -489,9 +513,9 @@ mod tests {
     #[test]
     fn copies_and_sums_stop_at_the_services_in_use_and_lose_nothing() {
         let mut w = WorkerState::new();
-        w.count_service(3, 100);
-        w.count_service(7, 50);
-        w.count_service(7, 50);
+        w.counters.count_service(3, 100);
+        w.counters.count_service(7, 50);
+        w.counters.count_service(7, 50);
         w.counters.forwarded = 3;
         assert_eq!(w.counters.services_used, 8);
 
@@ -515,7 +539,7 @@ mod tests {
         assert_eq!(sum.service(7), ServiceCounters { packets: 4, bytes: 200 });
         assert_eq!(sum.services_used, 8);
         // Ids past the shared last entry count there.
-        w.count_service(u32::MAX, 1);
+        w.counters.count_service(u32::MAX, 1);
         assert_eq!(w.counters.services_used, MAX_SERVICE_IDS);
         assert_eq!(w.counters.service(u32::MAX).packets, 1);
     }

@@ -1,12 +1,17 @@
 //! `nat::rewrite`, the per-packet rewrite of every tracked flow, against
 //! full recomputation: for random tuples, TTLs and payloads (IPv4 with and
-//! without options, IPv6; TCP and UDP; an IPv4 UDP checksum of zero), the
-//! rewritten frame equals the frame etherparse builds from scratch with the
-//! new tuple and the TTL one lower, checksums included.
+//! without options, IPv6; TCP and UDP; an IPv4 UDP checksum of zero; some
+//! fields left unchanged by the NAT), the rewritten frame equals the frame
+//! etherparse builds from scratch with the new tuple and the TTL one lower,
+//! checksums included.
+//!
+//! The translation comes from a real conntrack table, in both directions of
+//! the flow, so the checksum deltas the table computes when it stores a
+//! flow are checked too.
 
 use etherparse::{IpHeaders, Ipv4Header, Ipv4Options, PacketBuilder, TcpHeader};
 use proptest::prelude::*;
-use xskgate_conntrack::{Addr, FlowKey, Proto};
+use xskgate_conntrack::{Addr, Config, FlowKey, FlowState, FlowTable, NewFlow, Proto};
 use xskgate_fastpath::{nat, wire};
 
 const MACS: ([u8; 6], [u8; 6]) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
@@ -56,19 +61,41 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 3_000, ..ProptestConfig::default() })]
 
     #[test]
+    #[allow(clippy::too_many_arguments)]
     fn rewrite_equals_full_recomputation(
         v6 in any::<bool>(),
         tcp in any::<bool>(),
         options in any::<bool>(),
         zero_udp_checksum in any::<bool>(),
+        reply_direction in any::<bool>(),
         from in tuple(),
         to in tuple(),
+        keep in any::<[bool; 3]>(),
         ttl in 2u8..=255,
         payload in prop::collection::vec(any::<u8>(), 0..40),
     ) {
         let options = options && !v6;
-        let mut input = frame(v6, tcp, options, &from, ttl, &payload);
-        let mut want = frame(v6, tcp, options, &to, ttl - 1, &payload);
+        // Some NATs leave fields as they are (DNAT only, a kept port).
+        let mut to = to;
+        if keep[0] { to.src = from.src; }
+        if keep[1] { to.dst = from.dst; }
+        if keep[2] { (to.sport, to.dport) = (from.sport, from.dport); }
+        let addr = |a: [u8; 16]| if v6 { Addr::from_v6(a) } else { Addr::from_v4([a[12], a[13], a[14], a[15]]) };
+        let proto = if tcp { Proto::TCP } else { Proto::UDP };
+        let key = |t: &Tuple| FlowKey { proto, src: addr(t.src), dst: addr(t.dst), sport: t.sport, dport: t.dport };
+        // The flow: packets carrying `from` become `to`; so its replies
+        // carry `to` reversed and become `from` reversed.
+        let flow = NewFlow { orig: key(&from), reply: key(&to).reversed(), backend: 1, service: 2, state: FlowState::Udp { replied: false } };
+        let table = FlowTable::new(Config { capacity: 4, ..Config::default() }).unwrap();
+        prop_assume!(table.insert(&flow, 0).is_ok());
+        let (carried, becomes) = if reply_direction {
+            let rev = |t: &Tuple| Tuple { src: t.dst, dst: t.src, sport: t.dport, dport: t.sport };
+            (rev(&to), rev(&from))
+        } else {
+            (from, to)
+        };
+        let mut input = frame(v6, tcp, options, &carried, ttl, &payload);
+        let mut want = frame(v6, tcp, options, &becomes, ttl - 1, &payload);
         let p = wire::parse(&input).unwrap();
         if zero_udp_checksum && !tcp && !v6 {
             // "No checksum" stays none after NAT.
@@ -76,10 +103,9 @@ proptest! {
             input[at..at + 2].copy_from_slice(&[0, 0]);
             want[at..at + 2].copy_from_slice(&[0, 0]);
         }
-        let addr = |a: [u8; 16]| if v6 { Addr::from_v6(a) } else { Addr::from_v4([a[12], a[13], a[14], a[15]]) };
-        let proto = if tcp { Proto::TCP } else { Proto::UDP };
-        let key = FlowKey { proto, src: addr(to.src), dst: addr(to.dst), sport: to.sport, dport: to.dport };
-        nat::rewrite(&mut input, &p, &key);
+        let view = table.lookup(&key(&carried)).unwrap();
+        prop_assert_eq!(view.rewrite(), key(&becomes));
+        nat::rewrite(&mut input, &p, &view);
         prop_assert_eq!(input, want);
     }
 }
