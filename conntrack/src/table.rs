@@ -302,23 +302,30 @@ fn words_to_addr(a: u64, b: u64) -> [u8; 16] {
     out
 }
 
-/// One's-complement sum of the big-endian 16-bit words of `bytes` (even length).
-fn be_word_sum(bytes: &[u8]) -> u64 {
-    bytes.chunks_exact(2).map(|c| u64::from(u16::from_be_bytes([c[0], c[1]]))).sum()
+/// The sum of the four 16-bit lanes of a key word. A key word holds 8
+/// address bytes in memory order, so on a little-endian machine its lanes
+/// are the packet's big-endian words byte-swapped; one's-complement sums
+/// commute with byte swapping (RFC 1071 §2(B)), so [`nat_deltas`] sums
+/// lanes and swaps the folded result once.
+#[inline(always)]
+fn lane_sum(w: u64) -> u64 {
+    (w & 0xffff) + ((w >> 16) & 0xffff) + ((w >> 32) & 0xffff) + (w >> 48)
 }
 
-/// RFC 1624's `~m + m'` over the words of a field changing from `old` to
-/// `new`; 0 when it does not change, so that an unchanged field leaves a
-/// checksum exactly as it was.
-fn field_delta(old: &[u8], new: &[u8]) -> u64 {
-    if old == new { 0 } else { (old.len() as u64 / 2) * 0xffff - be_word_sum(old) + be_word_sum(new) }
+/// RFC 1624's `~m + m'` over the lanes of a 16-byte address changing from
+/// `old` to `new`; 0 when it does not change, so that an unchanged field
+/// leaves a checksum exactly as it was.
+#[inline(always)]
+fn address_delta(old: [u64; 2], new: [u64; 2]) -> u64 {
+    if old == new { 0 } else { 8 * 0xffff - lane_sum(old[0]) - lane_sum(old[1]) + lane_sum(new[0]) + lane_sum(new[1]) }
 }
 
-fn fold16(mut sum: u64) -> u32 {
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u32
+#[inline(always)]
+fn fold16(sum: u64) -> u64 {
+    let s = (sum & 0xffff_ffff) + (sum >> 32);
+    let s = (s & 0xffff) + (s >> 16);
+    let s = (s & 0xffff) + (s >> 16);
+    (s & 0xffff) + (s >> 16)
 }
 
 /// The checksum deltas of rewriting a packet that carries `key` to the
@@ -326,19 +333,21 @@ fn fold16(mut sum: u64) -> u32 {
 /// `addresses | (addresses and ports) << 16`. For IPv4-mapped addresses the
 /// 12 prefix bytes are equal on both sides, so the 16-byte delta is the
 /// 4-byte one (both are congruent modulo 0xffff and zero together).
+#[inline]
 fn nat_deltas(key: &[u64; 5], peer: &[u64; 5]) -> u32 {
-    let (src, dst) = (words_to_addr(key[0], key[1]), words_to_addr(key[2], key[3]));
-    let (new_src, new_dst) = (words_to_addr(peer[2], peer[3]), words_to_addr(peer[0], peer[1]));
-    let ports = |sport: u64, dport: u64| {
-        let [a, b] = (sport as u16).to_be_bytes();
-        let [c, d] = (dport as u16).to_be_bytes();
-        [a, b, c, d]
-    };
-    let old_ports = ports(key[4], key[4] >> 16);
-    let new_ports = ports(peer[4] >> 16, peer[4]);
-    let addresses = field_delta(&src, &new_src) + field_delta(&dst, &new_dst);
-    let with_ports = addresses + field_delta(&old_ports, &new_ports);
-    fold16(addresses) | fold16(with_ports) << 16
+    // The rewrite: source becomes the peer's destination, destination the
+    // peer's source, and the ports swap likewise.
+    let lanes =
+        address_delta([key[0], key[1]], [peer[2], peer[3]]) + address_delta([key[2], key[3]], [peer[0], peer[1]]);
+    let folded = fold16(lanes) as u16;
+    let addresses = if cfg!(target_endian = "little") { folded.swap_bytes() } else { folded };
+    // Ports are numbers in the key: already the packet's big-endian words.
+    let (sport, dport) = (key[4] & 0xffff, (key[4] >> 16) & 0xffff);
+    let (new_sport, new_dport) = ((peer[4] >> 16) & 0xffff, peer[4] & 0xffff);
+    let ports =
+        if (sport, dport) == (new_sport, new_dport) { 0 } else { 2 * 0xffff - sport - dport + new_sport + new_dport };
+    let with_ports = fold16(u64::from(addresses) + ports);
+    u32::from(addresses) | (with_ports as u32) << 16
 }
 
 /// Result of a successful insert.
@@ -627,12 +636,16 @@ impl FlowTable {
 
     /// Stage two of a batched lookup: reads the key's hints (which
     /// [`FlowTable::prefetch`] started loading) and starts loading the first
-    /// slot whose tag matches, the one a lookup will read. A key whose
-    /// probe sequence is long or has no match prefetches nothing.
+    /// slot whose tag matches, the one a lookup will read. When no tag
+    /// matches, the key is most likely a new flow's: its home slot, whose
+    /// commit counter the insert updates and near which it claims a free
+    /// slot, is loaded instead. A key whose probe is longer than a few slots
+    /// prefetches nothing.
     #[inline]
     pub fn prefetch_slot(&self, h: &KeyHash) {
         let hinted = HINT_OCCUPIED | u32::from(tag_of(h.hash)) << 16;
-        let mut i = self.home(h.hash);
+        let home = self.home(h.hash);
+        let mut i = home;
         for _ in 0..PREFETCH_PROBE {
             let hint = self.hints[i].0.load(Relaxed);
             if hint & !HINT_OVERFLOW == hinted {
@@ -642,10 +655,22 @@ impl FlowTable {
                 return;
             }
             if hint & HINT_OVERFLOW == 0 {
+                prefetch_line(std::ptr::from_ref(&self.slots[home]).cast());
                 return;
             }
             i = self.next(i);
         }
+    }
+
+    /// Starts loading what inserting the key `h` will touch first: its home
+    /// hint and its home slot. For a key known only late, such as a new
+    /// flow's reply tuple once the endpoint and SNAT port are chosen, so
+    /// that a batch's inserts find their memory arriving.
+    #[inline]
+    pub fn prefetch_insert(&self, h: &KeyHash) {
+        let home = self.home(h.hash);
+        prefetch_line(std::ptr::from_ref(&self.hints[home]).cast());
+        prefetch_line(std::ptr::from_ref(&self.slots[home]).cast());
     }
 
     /// Copies slot `i`'s immutable part if `meta` still equals `m` afterwards.
@@ -874,6 +899,7 @@ impl FlowTable {
         c: &Claim,
         key: &[u64; 5],
         peer: &[u64; 5],
+        nat_delta: u32,
         peer_slot: usize,
         service: u32,
         backend: u32,
@@ -893,7 +919,7 @@ impl FlowTable {
             slot_word.store(*word, Relaxed);
         }
         s.peer[4].store((peer[4] & PORTS_MASK) | u64::from(service) << 32, Relaxed);
-        s.nat_delta.store(nat_deltas(key, peer), Relaxed);
+        s.nat_delta.store(nat_delta, Relaxed);
         s.peer_slot.store(peer_slot as u32, Relaxed);
         s.backend.store(backend, Relaxed);
         s.last_seen.store(now, Relaxed);
@@ -945,15 +971,17 @@ impl FlowTable {
             }
         };
         let state = StateWord::new(flow.state);
-        self.fill(&oc, &o.words, &r.words, rc.slot, flow.service, flow.backend, now, state);
-        self.fill(&rc, &r.words, &o.words, oc.slot, flow.service, flow.backend, now, state);
+        let orig_delta = nat_deltas(&o.words, &r.words);
+        self.fill(&oc, &o.words, &r.words, orig_delta, rc.slot, flow.service, flow.backend, now, state);
+        let reply_delta = nat_deltas(&r.words, &o.words);
+        self.fill(&rc, &r.words, &o.words, reply_delta, oc.slot, flow.service, flow.backend, now, state);
         self.slots[rc.slot].meta.store(rc.meta.next(KIND_FULL).0, Release);
         let full = oc.meta.next(KIND_FULL);
         self.slots[oc.slot].meta.store(full.0, Release);
         Ok(Inserted::New(FlowView {
             dir: Dir::Original,
             peer: r.words,
-            nat_delta: nat_deltas(&o.words, &r.words),
+            nat_delta: orig_delta,
             backend: flow.backend,
             service: flow.service,
             slot: oc.slot as u32,

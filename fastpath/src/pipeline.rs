@@ -192,11 +192,16 @@ pub struct WorkerState {
 struct BatchScratch {
     parsed: [Result<Parsed, Unparsed>; BATCH],
     hashes: [KeyHash; BATCH],
+    planned: [Option<Planned>; BATCH],
 }
 
 impl Default for BatchScratch {
     fn default() -> BatchScratch {
-        BatchScratch { parsed: [Err(Unparsed::NotIp); BATCH], hashes: [KeyHash::default(); BATCH] }
+        BatchScratch {
+            parsed: [Err(Unparsed::NotIp); BATCH],
+            hashes: [KeyHash::default(); BATCH],
+            planned: [None; BATCH],
+        }
     }
 }
 
@@ -222,6 +227,18 @@ impl Counters {
     fn drop(&mut self, r: DropReason) -> Verdict {
         self.drops[r as usize] += 1;
         Verdict::Drop(r)
+    }
+
+    /// Counts a final verdict (drops were counted with their reason).
+    #[inline]
+    fn account(&mut self, v: Verdict) -> Verdict {
+        match v {
+            Verdict::Forward { .. } => self.forwarded += 1,
+            Verdict::Pass => self.passed += 1,
+            Verdict::Reply => self.rejected += 1,
+            Verdict::Drop(_) => {}
+        }
+        v
     }
 }
 
@@ -260,7 +277,7 @@ pub fn process_batch(
     assert!(verdicts.len() >= frames.len(), "one verdict per frame");
     for (frames, verdicts) in frames.chunks_mut(BATCH).zip(verdicts.chunks_mut(BATCH)) {
         let WorkerState { counters, scratch } = &mut *w;
-        let BatchScratch { parsed, hashes } = &mut **scratch;
+        let BatchScratch { parsed, hashes, planned } = &mut **scratch;
         // Bit i: frame i is TCP or UDP, and hashes[i] is its key's hash.
         let mut hashed = 0u64;
         for (i, f) in frames.iter().enumerate() {
@@ -278,9 +295,26 @@ pub fn process_batch(
                 t.conntrack.prefetch_slot(h);
             }
         }
+        // Bit i: frame i starts a flow, planned in planned[i].
+        let mut to_insert = 0u64;
         for (i, f) in frames.iter_mut().enumerate() {
             let h = (hashed & 1 << i != 0).then_some(&hashes[i]);
-            verdicts[i] = process_parsed(f, &parsed[i], h, t, counters, now);
+            match first_look(f, &parsed[i], h, t, counters, now) {
+                Step::Done(v) => verdicts[i] = counters.account(v),
+                Step::Insert(plan) => {
+                    t.conntrack.prefetch_insert(&t.conntrack.hash(&plan.flow.reply));
+                    planned[i] = Some(plan);
+                    to_insert |= 1 << i;
+                }
+            }
+        }
+        for (i, f) in frames.iter_mut().enumerate() {
+            if to_insert & 1 << i != 0
+                && let (Ok(p), Some(plan)) = (&parsed[i], planned[i].take())
+            {
+                let v = insert_planned(f, p, &plan, t, counters, now);
+                verdicts[i] = counters.account(v);
+            }
         }
     }
 }
@@ -289,7 +323,14 @@ pub fn process_batch(
 /// batch's prefetching).
 pub fn process(f: &mut Frame<'_>, t: &Tables<'_>, w: &mut WorkerState, now: u32) -> Verdict {
     let p = wire::parse(&f.buf[..f.len.min(f.buf.len())]);
-    process_parsed(f, &p, None, t, &mut w.counters, now)
+    let c = &mut w.counters;
+    let v = match (first_look(f, &p, None, t, c, now), &p) {
+        (Step::Done(v), _) => v,
+        (Step::Insert(plan), Ok(p)) => insert_planned(f, p, &plan, t, c, now),
+        // A plan comes only from a parsed frame.
+        (Step::Insert(_), Err(_)) => Verdict::Pass,
+    };
+    c.account(v)
 }
 
 #[inline]
@@ -297,18 +338,26 @@ fn key_of(p: &Parsed) -> FlowKey {
     FlowKey { src: p.src, dst: p.dst, sport: p.sport, dport: p.dport, proto: p.proto }
 }
 
+/// What the first look at a frame decides: its verdict, or a new flow to
+/// store (a batch stores its new flows after it has looked at every frame,
+/// so that their reply tuples' memory is on its way).
+enum Step {
+    Done(Verdict),
+    Insert(Planned),
+}
+
 #[inline(always)]
-fn process_parsed(
+fn first_look(
     f: &mut Frame<'_>,
     p: &Result<Parsed, Unparsed>,
     h: Option<&KeyHash>,
     t: &Tables<'_>,
     c: &mut Counters,
     now: u32,
-) -> Verdict {
-    let verdict = match p {
+) -> Step {
+    let v = match p {
         Ok(p) => match p.l4_kind {
-            L4::Tcp | L4::Udp => flow_packet(f, p, h, t, c, now),
+            L4::Tcp | L4::Udp => return flow_packet(f, p, h, t, c, now),
             L4::IcmpError => match wire::icmp_inner(f.buf, p) {
                 Some(inner) => icmp_error(f, p, &inner, t, c),
                 None => Verdict::Pass,
@@ -319,37 +368,27 @@ fn process_parsed(
         Err(Unparsed::Malformed) => c.drop(DropReason::Malformed),
         Err(Unparsed::Fragment) => c.drop(DropReason::Fragment),
     };
-    match verdict {
-        Verdict::Forward { .. } => c.forwarded += 1,
-        Verdict::Pass => c.passed += 1,
-        Verdict::Reply => c.rejected += 1,
-        Verdict::Drop(_) => {}
-    }
-    verdict
+    Step::Done(v)
 }
 
-/// A TCP or UDP packet: its flow's translation, or a new flow.
-#[inline]
-fn flow_packet(
-    f: &mut Frame<'_>,
-    p: &Parsed,
-    h: Option<&KeyHash>,
-    t: &Tables<'_>,
-    c: &mut Counters,
-    now: u32,
-) -> Verdict {
+/// A TCP or UDP packet: its flow's translation, or a new flow's plan.
+#[inline(always)]
+fn flow_packet(f: &mut Frame<'_>, p: &Parsed, h: Option<&KeyHash>, t: &Tables<'_>, c: &mut Counters, now: u32) -> Step {
     let key = key_of(p);
     let found = match h {
         Some(h) => t.conntrack.lookup_hashed(h),
         None => t.conntrack.lookup(&key),
     };
     let Some(view) = found else {
-        return new_flow(f, p, &key, t, c, now);
+        return match plan_new_flow(f, p, &key, t, c, now) {
+            Ok(plan) => Step::Insert(plan),
+            Err(v) => Step::Done(v),
+        };
     };
     if p.ttl <= 1 {
-        return c.drop(DropReason::TtlExpired);
+        return Step::Done(c.drop(DropReason::TtlExpired));
     }
-    forward(f, p, &view, t, c, now)
+    Step::Done(forward(f, p, &view, t, c, now))
 }
 
 /// Applies a flow's translation to a packet of it and accounts for it.
@@ -362,10 +401,17 @@ fn forward(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, t: &Tables<'_>, c: &m
     Verdict::Forward { next_hop: Addr(view.rewrite_dst()) }
 }
 
-fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, c: &mut Counters, now: u32) -> Verdict {
+fn plan_new_flow(
+    f: &mut Frame<'_>,
+    p: &Parsed,
+    key: &FlowKey,
+    t: &Tables<'_>,
+    c: &mut Counters,
+    now: u32,
+) -> Result<Planned, Verdict> {
     let services = t.services;
     let Some((svc, kind)) = services.lookup(&p.dst, p.proto, p.dport) else {
-        return Verdict::Pass;
+        return Err(Verdict::Pass);
     };
     // Traffic class: a ClusterIP is internal; an external address reached
     // from a pod is internal too (kube-proxy: "Redirect pods trying to reach
@@ -376,7 +422,7 @@ fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, c: &mu
         && !svc.source_ranges.is_empty()
         && !svc.source_ranges.iter().any(|c| c.contains(&p.src))
     {
-        return c.drop(DropReason::SourceRange);
+        return Err(c.drop(DropReason::SourceRange));
     }
     let policy = if external { svc.external_policy } else { svc.internal_policy };
     let set = match policy {
@@ -385,12 +431,12 @@ fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, c: &mu
     };
     if set.is_empty() {
         if !svc.cluster.is_empty() || !svc.local.is_empty() {
-            return c.drop(DropReason::NoLocalEndpoints);
+            return Err(c.drop(DropReason::NoLocalEndpoints));
         }
-        return reject(f, p, c);
+        return Err(reject(f, p, c));
     }
     if p.ttl <= 1 {
-        return c.drop(DropReason::TtlExpired);
+        return Err(c.drop(DropReason::TtlExpired));
     }
     let fh = flow_hash(key);
     let picked = match svc.affinity_timeout {
@@ -405,10 +451,10 @@ fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, c: &mu
         None => set.pick(fh),
     };
     let Some(ep) = picked.copied() else {
-        return reject(f, p, c);
+        return Err(reject(f, p, c));
     };
     if ep.addr.is_v4() == p.v6 {
-        return c.drop(DropReason::InvalidTuple);
+        return Err(c.drop(DropReason::InvalidTuple));
     }
     // Masquerade: Cluster policy for external traffic, hairpin (a pod
     // reaching itself), and a ClusterIP reached from outside the pod CIDRs
@@ -421,7 +467,7 @@ fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, c: &mu
     let (reply_dst, keep_port) = if masquerade {
         match node.snat_for(&ep.addr) {
             Some(a) => (a, false),
-            None => return c.drop(DropReason::NoSnatAddress),
+            None => return Err(c.drop(DropReason::NoSnatAddress)),
         }
     } else {
         (p.src, true)
@@ -437,13 +483,26 @@ fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, c: &mu
     };
     let (lo, hi) = node.snat_ports;
     let span = u32::from(hi.saturating_sub(lo)) + 1;
-    let start = (fh % u64::from(span)) as u32;
+    let search = PortSearch { keep_port, lo, span, start: (fh % u64::from(span)) as u32 };
+    let reply =
+        FlowKey { proto: p.proto, src: ep.addr, sport: ep.port, dst: reply_dst, dport: search.port(p.sport, 0) };
+    Ok(Planned { flow: NewFlow { orig: *key, reply, backend: ep.id, service: svc.id, state }, search })
+}
+
+/// Stores a planned flow and forwards its first packet. The SNAT port
+/// allocator: the reply tuple must be unique, so a taken one moves to the
+/// next port of the range, at most [`SNAT_TRIES`] times.
+fn insert_planned(
+    f: &mut Frame<'_>,
+    p: &Parsed,
+    plan: &Planned,
+    t: &Tables<'_>,
+    c: &mut Counters,
+    now: u32,
+) -> Verdict {
+    let mut flow = plan.flow;
     for attempt in 0..SNAT_TRIES {
-        // Without masquerade the client's port is kept unless its reply
-        // tuple clashes (then it is remapped, as Linux's NAT does).
-        let port = if keep_port && attempt == 0 { p.sport } else { lo + ((start + u32::from(attempt)) % span) as u16 };
-        let reply = FlowKey { proto: p.proto, src: ep.addr, sport: ep.port, dst: reply_dst, dport: port };
-        let flow = NewFlow { orig: *key, reply, backend: ep.id, service: svc.id, state };
+        flow.reply.dport = plan.search.port(p.sport, attempt);
         let view = match t.conntrack.insert(&flow, now) {
             Ok(Inserted::New(v)) => {
                 c.flows_created += 1;
@@ -458,6 +517,39 @@ fn new_flow(f: &mut Frame<'_>, p: &Parsed, key: &FlowKey, t: &Tables<'_>, c: &mu
         return forward(f, p, &view, t, c, now);
     }
     c.drop(DropReason::SnatExhausted)
+}
+
+/// A new flow decided (service, traffic class, endpoint, NAT) but not yet
+/// stored. Its reply tuple is the first SNAT candidate.
+#[derive(Clone, Copy, Debug)]
+struct Planned {
+    flow: NewFlow,
+    search: PortSearch,
+}
+
+/// Where the SNAT port allocator looks: the client's own port first when
+/// there is no masquerade, then the range `lo..lo + span` from `start`
+/// (the flow's hash), wrapping.
+#[derive(Clone, Copy, Debug)]
+struct PortSearch {
+    keep_port: bool,
+    lo: u16,
+    span: u32,
+    start: u32,
+}
+
+impl PortSearch {
+    /// The port of attempt `attempt` for a client port `sport`.
+    #[inline]
+    fn port(&self, sport: u16, attempt: u16) -> u16 {
+        // Without masquerade the client's port is kept unless its reply
+        // tuple clashes (then it is remapped, as Linux's NAT does).
+        if self.keep_port && attempt == 0 {
+            sport
+        } else {
+            self.lo.wrapping_add(((self.start + u32::from(attempt)) % self.span) as u16)
+        }
+    }
 }
 
 /// kube-proxy's REJECT for a Service without endpoints: TCP RST or ICMP

@@ -136,6 +136,24 @@ impl Gw {
         (verdicts[0], buf[..len].to_vec())
     }
 
+    /// Runs frames through the pipeline as one batch.
+    fn run_batch(&mut self, inputs: &[Vec<u8>]) -> Vec<(Verdict, Vec<u8>)> {
+        let mut bufs: Vec<Vec<u8>> = inputs.iter().map(|_| vec![0u8; 2048]).collect();
+        let t = Tables { services: &self.services, conntrack: &self.conntrack, affinity: &self.affinity };
+        let mut frames: Vec<Frame<'_>> = bufs
+            .iter_mut()
+            .zip(inputs)
+            .map(|(buf, input)| {
+                buf[..input.len()].copy_from_slice(input);
+                Frame { buf, len: input.len() }
+            })
+            .collect();
+        let mut verdicts = vec![Verdict::Pass; inputs.len()];
+        process_batch(&mut frames, &t, &mut self.worker, 100, &mut verdicts);
+        let lens: Vec<usize> = frames.iter().map(|f| f.len).collect();
+        verdicts.into_iter().zip(bufs.iter().zip(lens)).map(|(v, (b, len))| (v, b[..len].to_vec())).collect()
+    }
+
     fn drops(&self, r: DropReason) -> u64 {
         self.worker.counters.drop_count(r)
     }
@@ -556,6 +574,37 @@ fn every_truncation_of_every_input_is_a_counted_drop_or_a_pass_never_a_panic() {
             assert_eq!(out, &input[..len], "a truncated frame is never modified");
         }
     }
+}
+
+/// A batch decides its new flows before it stores any: a flow whose first
+/// two packets share a batch is created once and both packets leave alike,
+/// beside an established flow, a second new flow and a frame for the kernel.
+#[test]
+fn a_new_flow_twice_in_one_batch_is_created_once() {
+    let mut gw = Gw::new(&[Svc::default()]);
+    let (_, earlier) = gw.run(&udp4(CLIENT2, 41000, LB, 80, 64));
+    let created = gw.worker.counters.flows_created;
+    let arp = {
+        let mut f = udp4(CLIENT, 1, LB, 2, 64);
+        f[12..14].copy_from_slice(&[0x08, 0x06]);
+        f
+    };
+    let a = udp4(CLIENT, 40000, LB, 80, 64);
+    let out = gw.run_batch(&[a.clone(), udp4(CLIENT2, 41000, LB, 80, 64), a, arp, udp4(CLIENT, 40001, LB, 80, 64)]);
+    assert_eq!(gw.worker.counters.flows_created, created + 2, "two new flows, one of them seen twice");
+    assert!(matches!(out[0].0, Verdict::Forward { .. }));
+    assert_eq!(out[0], out[2], "both packets of the new flow translated alike");
+    assert_eq!(out[1].1, earlier, "the established flow keeps its translation");
+    assert_eq!(out[3].0, Verdict::Pass);
+    assert!(matches!(out[4].0, Verdict::Forward { .. }));
+    assert_ne!(tuple(&out[0].1).1, tuple(&out[4].1).1, "distinct SNAT ports");
+    // The replies of the new flows find them.
+    let (src, sport, dst, _) = tuple(&out[0].1);
+    let (v, back) = gw.run(&udp4(v4(dst), 8080, v4(src), sport, 64));
+    assert_eq!(v, Verdict::Forward { next_hop: Addr::from_v4(CLIENT) });
+    assert_eq!(back, udp4(LB, 80, CLIENT, 40000, 63));
+    gw.conntrack.check_invariants().unwrap();
+    assert_eq!(gw.conntrack.len(), 3);
 }
 
 #[test]
