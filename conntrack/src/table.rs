@@ -302,22 +302,34 @@ fn words_to_addr(a: u64, b: u64) -> [u8; 16] {
     out
 }
 
-/// The sum of the four 16-bit lanes of a key word. A key word holds 8
-/// address bytes in memory order, so on a little-endian machine its lanes
-/// are the packet's big-endian words byte-swapped; one's-complement sums
-/// commute with byte swapping (RFC 1071 §2(B)), so [`nat_deltas`] sums
-/// lanes and swaps the folded result once.
+/// The sum of the 16-bit lanes of two key words (16 address bytes). A key
+/// word holds 8 address bytes in memory order, so on a little-endian
+/// machine its lanes are the packet's big-endian words byte-swapped;
+/// one's-complement sums commute with byte swapping (RFC 1071 §2(B)), so
+/// [`nat_deltas`] sums lanes and swaps the folded result once. The lanes
+/// are added two at a time in 32-bit halves (each half stays below 2^18).
 #[inline(always)]
-fn lane_sum(w: u64) -> u64 {
-    (w & 0xffff) + ((w >> 16) & 0xffff) + ((w >> 32) & 0xffff) + (w >> 48)
+fn lane_sum(a: u64, b: u64) -> u64 {
+    const M: u64 = 0x0000_ffff_0000_ffff;
+    let x = (a & M) + ((a >> 16) & M) + (b & M) + ((b >> 16) & M);
+    (x & 0xffff_ffff) + (x >> 32)
 }
 
+/// `~m` summed over the 8 lanes of an address: 8 × 0xffff minus their sum.
+const ADDRESS_ONES: u64 = 8 * 0xffff;
+/// The same over the 2 port words.
+const PORTS_ONES: u64 = 2 * 0xffff;
+
 /// RFC 1624's `~m + m'` over the lanes of a 16-byte address changing from
-/// `old` to `new`; 0 when it does not change, so that an unchanged field
-/// leaves a checksum exactly as it was.
+/// `old` to `new`, with whether it changed; 0 when it does not change, so
+/// that an unchanged field leaves a checksum exactly as it was.
 #[inline(always)]
-fn address_delta(old: [u64; 2], new: [u64; 2]) -> u64 {
-    if old == new { 0 } else { 8 * 0xffff - lane_sum(old[0]) - lane_sum(old[1]) + lane_sum(new[0]) + lane_sum(new[1]) }
+fn address_delta(old: [u64; 2], new: [u64; 2]) -> (u64, u64) {
+    if old[0] == new[0] && old[1] == new[1] {
+        (0, 0)
+    } else {
+        (ADDRESS_ONES - lane_sum(old[0], old[1]) + lane_sum(new[0], new[1]), 1)
+    }
 }
 
 #[inline(always)]
@@ -328,26 +340,46 @@ fn fold16(sum: u64) -> u64 {
     (s & 0xffff) + (s >> 16)
 }
 
-/// The checksum deltas of rewriting a packet that carries `key` to the
-/// reverse of `peer` (see [`FlowView::checksum_deltas`]), packed as
-/// `addresses | (addresses and ports) << 16`. For IPv4-mapped addresses the
-/// 12 prefix bytes are equal on both sides, so the 16-byte delta is the
-/// 4-byte one (both are congruent modulo 0xffff and zero together).
-#[inline]
-fn nat_deltas(key: &[u64; 5], peer: &[u64; 5]) -> u32 {
-    // The rewrite: source becomes the peer's destination, destination the
-    // peer's source, and the ports swap likewise.
-    let lanes =
-        address_delta([key[0], key[1]], [peer[2], peer[3]]) + address_delta([key[2], key[3]], [peer[0], peer[1]]);
-    let folded = fold16(lanes) as u16;
+/// The folded deltas of one direction, packed as [`FlowView::checksum_deltas`]
+/// reads them, from the raw address delta (lanes, little-endian domain) and
+/// the raw port delta (big-endian domain).
+#[inline(always)]
+fn pack_deltas(address_lanes: u64, ports: u64) -> u32 {
+    let folded = fold16(address_lanes) as u16;
     let addresses = if cfg!(target_endian = "little") { folded.swap_bytes() } else { folded };
-    // Ports are numbers in the key: already the packet's big-endian words.
-    let (sport, dport) = (key[4] & 0xffff, (key[4] >> 16) & 0xffff);
-    let (new_sport, new_dport) = ((peer[4] >> 16) & 0xffff, peer[4] & 0xffff);
-    let ports =
-        if (sport, dport) == (new_sport, new_dport) { 0 } else { 2 * 0xffff - sport - dport + new_sport + new_dport };
     let with_ports = fold16(u64::from(addresses) + ports);
     u32::from(addresses) | (with_ports as u32) << 16
+}
+
+/// The checksum deltas (see [`FlowView::checksum_deltas`]) of both
+/// directions of a flow whose tuples are `orig` and `reply`: a packet
+/// carrying `orig` is rewritten to the reverse of `reply`, and the other
+/// way round. For IPv4-mapped addresses the 12 prefix bytes are equal on
+/// both sides, so the 16-byte delta is the 4-byte one (both are congruent
+/// modulo 0xffff and zero together).
+///
+/// The reply direction undoes the original one field by field (its source
+/// change is the inverse of the original destination change, and so on),
+/// and a changed field's delta plus its inverse's is exactly twice the
+/// field's `~m` sum, so the reply's raw deltas follow from the original's.
+#[inline]
+fn nat_deltas(orig: &[u64; 5], reply: &[u64; 5]) -> (u32, u32) {
+    // The original direction's rewrite: source becomes the reply's
+    // destination, destination the reply's source, and the ports swap.
+    let (src, src_changed) = address_delta([orig[0], orig[1]], [reply[2], reply[3]]);
+    let (dst, dst_changed) = address_delta([orig[2], orig[3]], [reply[0], reply[1]]);
+    let lanes = src + dst;
+    let reply_lanes = 2 * ADDRESS_ONES * (src_changed + dst_changed) - lanes;
+    // Ports are numbers in the key: already the packet's big-endian words.
+    let (sport, dport) = (orig[4] & 0xffff, (orig[4] >> 16) & 0xffff);
+    let (new_sport, new_dport) = ((reply[4] >> 16) & 0xffff, reply[4] & 0xffff);
+    let (ports, reply_ports) = if (sport, dport) == (new_sport, new_dport) {
+        (0, 0)
+    } else {
+        let d = PORTS_ONES - sport - dport + new_sport + new_dport;
+        (d, 2 * PORTS_ONES - d)
+    };
+    (pack_deltas(lanes, ports), pack_deltas(reply_lanes, reply_ports))
 }
 
 /// Result of a successful insert.
@@ -637,35 +669,50 @@ impl FlowTable {
     /// Stage two of a batched lookup: reads the key's hints (which
     /// [`FlowTable::prefetch`] started loading) and starts loading the first
     /// slot whose tag matches, the one a lookup will read. When no tag
-    /// matches, the key is most likely a new flow's: its home slot, whose
-    /// commit counter the insert updates and near which it claims a free
-    /// slot, is loaded instead. A key whose probe is longer than a few slots
-    /// prefetches nothing.
+    /// matches, the key is most likely about to be inserted: its home slot
+    /// (whose commit counter the insert updates) and the first free slot
+    /// (which the insert claims) are loaded instead. A key whose probe is
+    /// longer than a few slots prefetches nothing.
     #[inline]
     pub fn prefetch_slot(&self, h: &KeyHash) {
         let hinted = HINT_OCCUPIED | u32::from(tag_of(h.hash)) << 16;
         let home = self.home(h.hash);
         let mut i = home;
+        let mut in_chain = true;
+        let mut free = None;
         for _ in 0..PREFETCH_PROBE {
             let hint = self.hints[i].0.load(Relaxed);
-            if hint & !HINT_OVERFLOW == hinted {
+            if in_chain && hint & !HINT_OVERFLOW == hinted {
                 let slot = std::ptr::from_ref(&self.slots[i]).cast::<u8>();
                 prefetch_line(slot);
                 prefetch_line(slot.wrapping_add(64));
                 return;
             }
+            if free.is_none() && hint & HINT_OCCUPIED == 0 {
+                free = Some(i);
+            }
             if hint & HINT_OVERFLOW == 0 {
-                prefetch_line(std::ptr::from_ref(&self.slots[home]).cast());
-                return;
+                in_chain = false;
+            }
+            if !in_chain && free.is_some() {
+                break;
             }
             i = self.next(i);
+        }
+        if !in_chain {
+            prefetch_line(std::ptr::from_ref(&self.slots[home]).cast());
+            if let Some(f) = free.filter(|&f| f != home) {
+                prefetch_line(std::ptr::from_ref(&self.slots[f]).cast());
+            }
         }
     }
 
     /// Starts loading what inserting the key `h` will touch first: its home
     /// hint and its home slot. For a key known only late, such as a new
     /// flow's reply tuple once the endpoint and SNAT port are chosen, so
-    /// that a batch's inserts find their memory arriving.
+    /// that a batch's inserts find their memory arriving; a later
+    /// [`FlowTable::prefetch_slot`] of the same key then reads the hints and
+    /// loads the free slot the insert will claim.
     #[inline]
     pub fn prefetch_insert(&self, h: &KeyHash) {
         let home = self.home(h.hash);
@@ -945,8 +992,29 @@ impl FlowTable {
         if let Some((i, m, r)) = self.find(&o.words, o.hash) {
             return Ok(Inserted::Existing(Self::view(i, m, &r)));
         }
+        self.insert_absent(flow, &o, now)
+    }
+
+    /// [`FlowTable::insert`] for a caller whose lookup of `flow.orig` has
+    /// just missed, such as the fast path's first packet of a flow: the
+    /// table does not look the tuple up again first. It is still an
+    /// insert-if-absent: a flow that another worker stored meanwhile is
+    /// found when the original slot is claimed, and comes back as
+    /// `Existing` (but as `Full` when the table is at capacity: room is
+    /// reserved first).
+    ///
+    /// # Errors
+    /// As [`FlowTable::insert`].
+    pub fn insert_missed(&self, flow: &NewFlow, now: u32) -> Result<Inserted, InsertError> {
+        if flow.orig == flow.reply || flow.orig.proto != flow.reply.proto {
+            return Err(InsertError::InvalidTuple);
+        }
+        self.insert_absent(flow, &self.hash(&flow.orig), now)
+    }
+
+    fn insert_absent(&self, flow: &NewFlow, o: &KeyHash, now: u32) -> Result<Inserted, InsertError> {
         self.reserve(self.home(o.hash))?;
-        let result = self.insert_reserved(flow, &o, now);
+        let result = self.insert_reserved(flow, o, now);
         if !matches!(result, Ok(Inserted::New(_))) {
             self.len.0.fetch_sub(1, Relaxed);
         }
@@ -971,9 +1039,8 @@ impl FlowTable {
             }
         };
         let state = StateWord::new(flow.state);
-        let orig_delta = nat_deltas(&o.words, &r.words);
+        let (orig_delta, reply_delta) = nat_deltas(&o.words, &r.words);
         self.fill(&oc, &o.words, &r.words, orig_delta, rc.slot, flow.service, flow.backend, now, state);
-        let reply_delta = nat_deltas(&r.words, &o.words);
         self.fill(&rc, &r.words, &o.words, reply_delta, oc.slot, flow.service, flow.backend, now, state);
         self.slots[rc.slot].meta.store(rc.meta.next(KIND_FULL).0, Release);
         let full = oc.meta.next(KIND_FULL);

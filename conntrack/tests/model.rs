@@ -262,3 +262,32 @@ fn reply_tuple_conflicts_and_capacity() {
     assert!(matches!(t.insert(&f(7, 8), 8), Ok(Inserted::New(_))));
     t.check_invariants().unwrap();
 }
+
+/// `insert_missed` (the fast path's insert after its own lookup missed) is
+/// still insert-if-absent: a stored flow comes back as `Existing`, and
+/// nothing is reserved for it.
+#[test]
+fn insert_after_a_miss_is_still_insert_if_absent() {
+    let t = FlowTable::new(Config { capacity: 2, early_drop: false, seed: Some(2), ..Config::default() }).unwrap();
+    let f = |o: u8, r: u8| NewFlow {
+        orig: tuple(o),
+        reply: tuple(r),
+        backend: u32::from(o),
+        service: 0,
+        state: FlowState::Udp { replied: false },
+    };
+    assert!(matches!(t.insert_missed(&f(0, 1), 5), Ok(Inserted::New(_))));
+    let Ok(Inserted::Existing(v)) = t.insert_missed(&f(0, 2), 6) else { panic!("expected Existing") };
+    assert_eq!((v.peer(), v.backend), (tuple(1), 0));
+    assert_eq!(t.len(), 1);
+    assert_eq!(t.insert_missed(&f(3, 1), 6), Err(InsertError::ReplyTaken));
+    assert_eq!(t.insert_missed(&f(4, 4), 6), Err(InsertError::InvalidTuple));
+    assert!(matches!(t.insert_missed(&f(5, 6), 7), Ok(Inserted::New(_))));
+    assert_eq!(t.insert_missed(&f(7, 8), 7), Err(InsertError::Full));
+    // At capacity even a stored flow is refused: the reservation comes
+    // first (insert, which looks first, returns it).
+    assert_eq!(t.insert_missed(&f(0, 9), 7), Err(InsertError::Full));
+    assert!(matches!(t.insert(&f(0, 9), 7), Ok(Inserted::Existing(_))));
+    assert_eq!(t.len(), 2);
+    t.check_invariants().unwrap();
+}

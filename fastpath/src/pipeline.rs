@@ -10,9 +10,13 @@
 //! source ranges, the class's endpoint set and policy, ClientIP affinity,
 //! Maglev, masquerade); anything else is passed to the kernel.
 //!
-//! The batch is processed in three passes: parse, hash and prefetch every
-//! frame's conntrack hint; prefetch the slot each hint points to; then
-//! decide. The memory misses of a batch overlap.
+//! The batch is processed in passes, so that the memory misses of a batch
+//! overlap: parse, hash and prefetch every frame's conntrack hint; prefetch
+//! the slot each hint points to (or, for a key not there, the slots an
+//! insert will touch); decide every frame, forwarding tracked flows and
+//! planning new ones (endpoint, SNAT candidate), whose reply tuples'
+//! hints and home slots are prefetched; prefetch the free slots those
+//! hints point to; then store the new flows and forward their packets.
 //! No allocation, no lock, no system call: counters live in the caller's
 //! [`WorkerState`], tables are read-only or lock-free.
 
@@ -193,6 +197,8 @@ struct BatchScratch {
     parsed: [Result<Parsed, Unparsed>; BATCH],
     hashes: [KeyHash; BATCH],
     planned: [Option<Planned>; BATCH],
+    /// The hash of each planned flow's first reply tuple.
+    reply_hashes: [KeyHash; BATCH],
 }
 
 impl Default for BatchScratch {
@@ -201,6 +207,7 @@ impl Default for BatchScratch {
             parsed: [Err(Unparsed::NotIp); BATCH],
             hashes: [KeyHash::default(); BATCH],
             planned: [None; BATCH],
+            reply_hashes: [KeyHash::default(); BATCH],
         }
     }
 }
@@ -277,7 +284,7 @@ pub fn process_batch(
     assert!(verdicts.len() >= frames.len(), "one verdict per frame");
     for (frames, verdicts) in frames.chunks_mut(BATCH).zip(verdicts.chunks_mut(BATCH)) {
         let WorkerState { counters, scratch } = &mut *w;
-        let BatchScratch { parsed, hashes, planned } = &mut **scratch;
+        let BatchScratch { parsed, hashes, planned, reply_hashes } = &mut **scratch;
         // Bit i: frame i is TCP or UDP, and hashes[i] is its key's hash.
         let mut hashed = 0u64;
         for (i, f) in frames.iter().enumerate() {
@@ -302,17 +309,23 @@ pub fn process_batch(
             match first_look(f, &parsed[i], h, t, counters, now) {
                 Step::Done(v) => verdicts[i] = counters.account(v),
                 Step::Insert(plan) => {
-                    t.conntrack.prefetch_insert(&t.conntrack.hash(&plan.flow.reply));
+                    reply_hashes[i] = t.conntrack.hash(&plan.flow.reply);
+                    t.conntrack.prefetch_insert(&reply_hashes[i]);
                     planned[i] = Some(plan);
                     to_insert |= 1 << i;
                 }
             }
         }
+        for (i, h) in reply_hashes.iter().enumerate().take(frames.len()) {
+            if to_insert & 1 << i != 0 {
+                t.conntrack.prefetch_slot(h);
+            }
+        }
         for (i, f) in frames.iter_mut().enumerate() {
             if to_insert & 1 << i != 0
-                && let (Ok(p), Some(plan)) = (&parsed[i], planned[i].take())
+                && let (Ok(p), Some(plan)) = (&parsed[i], &planned[i])
             {
-                let v = insert_planned(f, p, &plan, t, counters, now);
+                let v = insert_planned(f, p, plan, t, counters, now);
                 verdicts[i] = counters.account(v);
             }
         }
@@ -503,7 +516,7 @@ fn insert_planned(
     let mut flow = plan.flow;
     for attempt in 0..SNAT_TRIES {
         flow.reply.dport = plan.search.port(p.sport, attempt);
-        let view = match t.conntrack.insert(&flow, now) {
+        let view = match t.conntrack.insert_missed(&flow, now) {
             Ok(Inserted::New(v)) => {
                 c.flows_created += 1;
                 v
