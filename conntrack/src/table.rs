@@ -678,32 +678,36 @@ impl FlowTable {
         let hinted = HINT_OCCUPIED | u32::from(tag_of(h.hash)) << 16;
         let home = self.home(h.hash);
         let mut i = home;
-        let mut in_chain = true;
-        let mut free = None;
         for _ in 0..PREFETCH_PROBE {
             let hint = self.hints[i].0.load(Relaxed);
-            if in_chain && hint & !HINT_OVERFLOW == hinted {
+            if hint & !HINT_OVERFLOW == hinted {
                 let slot = std::ptr::from_ref(&self.slots[i]).cast::<u8>();
                 prefetch_line(slot);
                 prefetch_line(slot.wrapping_add(64));
                 return;
             }
-            if free.is_none() && hint & HINT_OCCUPIED == 0 {
-                free = Some(i);
-            }
             if hint & HINT_OVERFLOW == 0 {
-                in_chain = false;
-            }
-            if !in_chain && free.is_some() {
-                break;
+                self.prefetch_free(home);
+                return;
             }
             i = self.next(i);
         }
-        if !in_chain {
-            prefetch_line(std::ptr::from_ref(&self.slots[home]).cast());
-            if let Some(f) = free.filter(|&f| f != home) {
-                prefetch_line(std::ptr::from_ref(&self.slots[f]).cast());
+    }
+
+    /// For a key not in the table: starts loading its home slot and the
+    /// first free slot from there (whose hints are in the cache by now).
+    #[inline(never)]
+    fn prefetch_free(&self, home: usize) {
+        prefetch_line(std::ptr::from_ref(&self.slots[home]).cast());
+        let mut i = home;
+        for _ in 0..PREFETCH_PROBE {
+            if self.hints[i].0.load(Relaxed) & HINT_OCCUPIED == 0 {
+                if i != home {
+                    prefetch_line(std::ptr::from_ref(&self.slots[i]).cast());
+                }
+                return;
             }
+            i = self.next(i);
         }
     }
 

@@ -306,13 +306,14 @@ pub fn process_batch(
         let mut to_insert = 0u64;
         for (i, f) in frames.iter_mut().enumerate() {
             let h = (hashed & 1 << i != 0).then_some(&hashes[i]);
-            match first_look(f, &parsed[i], h, t, counters, now) {
-                Step::Done(v) => verdicts[i] = counters.account(v),
-                Step::Insert(plan) => {
-                    reply_hashes[i] = t.conntrack.hash(&plan.flow.reply);
-                    t.conntrack.prefetch_insert(&reply_hashes[i]);
-                    planned[i] = Some(plan);
-                    to_insert |= 1 << i;
+            match first_look(f, &parsed[i], h, t, counters, now, &mut planned[i]) {
+                Some(v) => verdicts[i] = counters.account(v),
+                None => {
+                    if let Some(plan) = &planned[i] {
+                        reply_hashes[i] = t.conntrack.hash(&plan.flow.reply);
+                        t.conntrack.prefetch_insert(&reply_hashes[i]);
+                        to_insert |= 1 << i;
+                    }
                 }
             }
         }
@@ -337,11 +338,12 @@ pub fn process_batch(
 pub fn process(f: &mut Frame<'_>, t: &Tables<'_>, w: &mut WorkerState, now: u32) -> Verdict {
     let p = wire::parse(&f.buf[..f.len.min(f.buf.len())]);
     let c = &mut w.counters;
-    let v = match (first_look(f, &p, None, t, c, now), &p) {
-        (Step::Done(v), _) => v,
-        (Step::Insert(plan), Ok(p)) => insert_planned(f, p, &plan, t, c, now),
-        // A plan comes only from a parsed frame.
-        (Step::Insert(_), Err(_)) => Verdict::Pass,
+    let mut plan = None;
+    let v = match (first_look(f, &p, None, t, c, now, &mut plan), &p, &plan) {
+        (Some(v), _, _) => v,
+        (None, Ok(p), Some(plan)) => insert_planned(f, p, plan, t, c, now),
+        // No verdict means a plan, and a plan comes only from a parsed frame.
+        (None, _, _) => Verdict::Pass,
     };
     c.account(v)
 }
@@ -351,14 +353,11 @@ fn key_of(p: &Parsed) -> FlowKey {
     FlowKey { src: p.src, dst: p.dst, sport: p.sport, dport: p.dport, proto: p.proto }
 }
 
-/// What the first look at a frame decides: its verdict, or a new flow to
-/// store (a batch stores its new flows after it has looked at every frame,
-/// so that their reply tuples' memory is on its way).
-enum Step {
-    Done(Verdict),
-    Insert(Planned),
-}
-
+/// The first look at a frame: its verdict, or (`None`) a new flow planned
+/// into `plan` for the caller to store. A batch stores its new flows after
+/// it has looked at every frame, so that their reply tuples' memory is on
+/// its way. (The plan is written in place: returning it would make every
+/// tracked packet's result as large as a plan.)
 #[inline(always)]
 fn first_look(
     f: &mut Frame<'_>,
@@ -367,10 +366,11 @@ fn first_look(
     t: &Tables<'_>,
     c: &mut Counters,
     now: u32,
-) -> Step {
+    plan: &mut Option<Planned>,
+) -> Option<Verdict> {
     let v = match p {
         Ok(p) => match p.l4_kind {
-            L4::Tcp | L4::Udp => return flow_packet(f, p, h, t, c, now),
+            L4::Tcp | L4::Udp => return flow_packet(f, p, h, t, c, now, plan),
             L4::IcmpError => match wire::icmp_inner(f.buf, p) {
                 Some(inner) => icmp_error(f, p, &inner, t, c),
                 None => Verdict::Pass,
@@ -381,12 +381,20 @@ fn first_look(
         Err(Unparsed::Malformed) => c.drop(DropReason::Malformed),
         Err(Unparsed::Fragment) => c.drop(DropReason::Fragment),
     };
-    Step::Done(v)
+    Some(v)
 }
 
 /// A TCP or UDP packet: its flow's translation, or a new flow's plan.
 #[inline(always)]
-fn flow_packet(f: &mut Frame<'_>, p: &Parsed, h: Option<&KeyHash>, t: &Tables<'_>, c: &mut Counters, now: u32) -> Step {
+fn flow_packet(
+    f: &mut Frame<'_>,
+    p: &Parsed,
+    h: Option<&KeyHash>,
+    t: &Tables<'_>,
+    c: &mut Counters,
+    now: u32,
+    plan: &mut Option<Planned>,
+) -> Option<Verdict> {
     let key = key_of(p);
     let found = match h {
         Some(h) => t.conntrack.lookup_hashed(h),
@@ -394,14 +402,17 @@ fn flow_packet(f: &mut Frame<'_>, p: &Parsed, h: Option<&KeyHash>, t: &Tables<'_
     };
     let Some(view) = found else {
         return match plan_new_flow(f, p, &key, t, c, now) {
-            Ok(plan) => Step::Insert(plan),
-            Err(v) => Step::Done(v),
+            Ok(planned) => {
+                *plan = Some(planned);
+                None
+            }
+            Err(v) => Some(v),
         };
     };
     if p.ttl <= 1 {
-        return Step::Done(c.drop(DropReason::TtlExpired));
+        return Some(c.drop(DropReason::TtlExpired));
     }
-    Step::Done(forward(f, p, &view, t, c, now))
+    Some(forward(f, p, &view, t, c, now))
 }
 
 /// Applies a flow's translation to a packet of it and accounts for it.
