@@ -4,8 +4,9 @@
 //! One array of 128-byte [`Slot`]s (two cache lines, which the adjacent-line
 //! prefetcher fetches together), in one huge-page mapping made at creation.
 //! A flow occupies two slots, one per direction; each slot holds its own key
-//! and its peer's key, so the packet's NAT rewrite (the peer key reversed),
-//! counters and last-seen time are all on the lines of one lookup. Keys are
+//! and its peer's key, so the packet's NAT rewrite (the peer key reversed)
+//! with its checksum deltas (computed once, at insert), counters and
+//! last-seen time are all on the lines of one lookup. Keys are
 //! placed by linear probing from their *home* slot (`hash × n >> 64`).
 //! The array has `2.5 ×` capacity slots, so the load never exceeds 0.8.
 //!
