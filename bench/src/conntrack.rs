@@ -146,7 +146,7 @@ impl Table for Xskgate {
     #[inline]
     fn lookup(&self, k: &FlowKey) -> Option<u64> {
         self.0.lookup(k).map(|v| {
-            v.rewrite_dst()[15] as u64 ^ u64::from(v.rewrite_ports()[3]) ^ u64::from(v.backend) ^ u64::from(v.service)
+            v.rewrite_dst().0[15] as u64 ^ u64::from(v.rewrite_ports()[3]) ^ u64::from(v.backend) ^ u64::from(v.service)
         })
     }
     fn lookup_batch(&self, keys: &[FlowKey]) -> (usize, u64) {
@@ -165,7 +165,7 @@ impl Table for Xskgate {
             for h in &hashes[..chunk.len()] {
                 if let Some(v) = self.0.lookup_hashed(h) {
                     hits += 1;
-                    acc ^= v.rewrite_dst()[15] as u64 ^ u64::from(v.rewrite_ports()[3]) ^ u64::from(v.backend);
+                    acc ^= v.rewrite_dst().0[15] as u64 ^ u64::from(v.rewrite_ports()[3]) ^ u64::from(v.backend);
                 }
             }
         }

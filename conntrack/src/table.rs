@@ -46,7 +46,7 @@
 //! Nothing here allocates after [`FlowTable::new`] except the diagnostic
 //! [`FlowTable::flows`]; nothing takes a lock or makes a system call.
 
-use crate::key::FlowKey;
+use crate::key::{Addr, FlowKey};
 use crate::mem::{AllZeroValid, ZeroedArray};
 use crate::state::{Dir, FlowState, StateWord, Timeouts, advance};
 use crate::sync::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence, spin_loop};
@@ -254,17 +254,16 @@ impl FlowView {
         self.peer().reversed()
     }
 
-    /// The source address after NAT (16 bytes; IPv4-mapped for IPv4, whose
-    /// 4 bytes are the last 4).
+    /// The source address after NAT.
     #[inline]
-    pub fn rewrite_src(&self) -> [u8; 16] {
-        words_to_addr(self.peer[2], self.peer[3])
+    pub fn rewrite_src(&self) -> Addr {
+        Addr(words_to_addr(self.peer[2], self.peer[3]))
     }
 
-    /// The destination address after NAT, as [`FlowView::rewrite_src`].
+    /// The destination address after NAT.
     #[inline]
-    pub fn rewrite_dst(&self) -> [u8; 16] {
-        words_to_addr(self.peer[0], self.peer[1])
+    pub fn rewrite_dst(&self) -> Addr {
+        Addr(words_to_addr(self.peer[0], self.peer[1]))
     }
 
     /// Source and destination port after NAT, big-endian, as the TCP and
@@ -761,68 +760,24 @@ impl FlowTable {
     }
 
     /// [`FlowTable::lookup`] with a hash from [`FlowTable::hash`].
-    ///
-    /// The probe of [`FlowTable::find`], written for the fast path: the
-    /// slot's key is compared as it is read, and only what a [`FlowView`]
-    /// holds is copied, so that the whole lookup stays in registers.
     #[inline]
     pub fn lookup_hashed(&self, h: &KeyHash) -> Option<FlowView> {
-        let tag = tag_of(h.hash);
-        let hinted = HINT_OCCUPIED | u32::from(tag) << 16;
-        let mut i = self.home(h.hash);
-        for _ in 0..MAX_PROBE {
-            let hint = self.hints[i].0.load(Acquire);
-            if hint & !HINT_OVERFLOW == hinted
-                && let Some(v) = self.view_if_key(i, tag, &h.words)
-            {
-                return Some(v);
-            }
-            if hint & HINT_OVERFLOW == 0 {
-                return None;
-            }
-            i = self.next(i);
-        }
-        None
-    }
-
-    /// Slot `i`'s view if it holds the key `w` (a seqlock read, retried
-    /// while a writer changes the slot under us).
-    #[inline(always)]
-    fn view_if_key(&self, i: usize, tag: u16, w: &[u64; 5]) -> Option<FlowView> {
-        let s = &self.slots[i];
-        loop {
-            let m = Meta(s.meta.load(Acquire));
-            if m.kind() != KIND_FULL || m.tag() != tag {
-                return None;
-            }
-            let key: [u64; 5] = std::array::from_fn(|k| s.key[k].load(Relaxed));
-            let peer: [u64; 5] = std::array::from_fn(|k| s.peer[k].load(Relaxed));
-            let nat_delta = s.nat_delta.load(Relaxed);
-            let backend = s.backend.load(Relaxed);
-            let peer_slot = s.peer_slot.load(Relaxed);
-            // Seqlock read side, as in read_record.
-            fence(Acquire);
-            if s.meta.load(Relaxed) != m.0 {
-                continue;
-            }
-            if !same_key(&key, w) {
-                return None;
-            }
-            return Some(FlowView {
-                dir: m.dir(),
-                backend,
-                service: (peer[4] >> 32) as u32,
-                peer: [peer[0], peer[1], peer[2], peer[3], (peer[4] & PORTS_MASK) | (key[4] & PROTO_MASK)],
-                nat_delta,
-                slot: i as u32,
-                generation: m.generation(),
-                peer_slot,
-            });
-        }
+        self.probe(&h.words, h.hash, |i, m, r| Self::view(i, m, &r))
     }
 
     #[inline]
     fn find(&self, w: &[u64; 5], hash: u64) -> Option<(usize, Meta, Record)> {
+        self.probe(w, hash, |i, m, r| (i, m, r))
+    }
+
+    /// The probe of every lookup: walks the hints from the key's home and
+    /// reads (seqlock) each slot whose tag matches, until the key or the end
+    /// of its chain. A hit is handed to `hit` where it is read, so that each
+    /// caller's copy of the probe keeps what it needs in registers (the fast
+    /// path's lookup builds its view directly; a probe returning the whole
+    /// record through memory cost it about 40 instructions).
+    #[inline(always)]
+    fn probe<T>(&self, w: &[u64; 5], hash: u64, hit: impl Fn(usize, Meta, Record) -> T) -> Option<T> {
         let tag = tag_of(hash);
         let hinted = HINT_OCCUPIED | u32::from(tag) << 16;
         let mut i = self.home(hash);
@@ -836,7 +791,7 @@ impl FlowTable {
                         break;
                     }
                     match self.read_record(i, m) {
-                        Some(r) if same_key(&r.key, w) => return Some((i, m, r)),
+                        Some(r) if same_key(&r.key, w) => return Some(hit(i, m, r)),
                         Some(_) => break,
                         None => continue, // a writer changed the slot under us: read again
                     }

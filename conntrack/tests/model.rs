@@ -233,33 +233,37 @@ proptest! {
     }
 }
 
-/// A pinned case that exercises every error and the reply-side lookup.
-#[test]
-fn reply_tuple_conflicts_and_capacity() {
-    let t = FlowTable::new(Config { capacity: 2, early_drop: false, seed: Some(1), ..Config::default() }).unwrap();
-    let f = |o: u8, r: u8| NewFlow {
+/// The flow from `tuple(o)` whose replies carry `tuple(r)`.
+fn flow_of(o: u8, r: u8) -> NewFlow {
+    NewFlow {
         orig: tuple(o),
         reply: tuple(r),
         backend: u32::from(o),
         service: 0,
         state: FlowState::Udp { replied: false },
-    };
-    assert!(matches!(t.insert(&f(0, 1), 5), Ok(Inserted::New(_))));
+    }
+}
+
+/// A pinned case that exercises every error and the reply-side lookup.
+#[test]
+fn reply_tuple_conflicts_and_capacity() {
+    let t = FlowTable::new(Config { capacity: 2, early_drop: false, seed: Some(1), ..Config::default() }).unwrap();
+    assert!(matches!(t.insert(&flow_of(0, 1), 5), Ok(Inserted::New(_))));
     // Same original tuple: the existing flow, unchanged.
-    let Ok(Inserted::Existing(v)) = t.insert(&f(0, 2), 6) else { panic!("expected Existing") };
+    let Ok(Inserted::Existing(v)) = t.insert(&flow_of(0, 2), 6) else { panic!("expected Existing") };
     assert_eq!((v.peer(), v.backend), (tuple(1), 0));
     // A new flow whose reply tuple is taken: the SNAT allocator must retry.
-    assert_eq!(t.insert(&f(3, 1), 6), Err(InsertError::ReplyTaken));
-    assert_eq!(t.insert(&f(4, 4), 6), Err(InsertError::InvalidTuple));
-    assert!(matches!(t.insert(&f(5, 6), 7), Ok(Inserted::New(_))));
-    assert_eq!(t.insert(&f(7, 8), 7), Err(InsertError::Full));
+    assert_eq!(t.insert(&flow_of(3, 1), 6), Err(InsertError::ReplyTaken));
+    assert_eq!(t.insert(&flow_of(4, 4), 6), Err(InsertError::InvalidTuple));
+    assert!(matches!(t.insert(&flow_of(5, 6), 7), Ok(Inserted::New(_))));
+    assert_eq!(t.insert(&flow_of(7, 8), 7), Err(InsertError::Full));
     assert_eq!(t.stats().full, 1);
     // Lookup of the reply tuple returns the reverse translation.
     let back = t.lookup(&tuple(1)).unwrap();
     assert_eq!((back.dir, back.rewrite()), (Dir::Reply, tuple(0).reversed()));
     assert!(t.remove(&tuple(1)));
     assert!(t.lookup(&tuple(0)).is_none());
-    assert!(matches!(t.insert(&f(7, 8), 8), Ok(Inserted::New(_))));
+    assert!(matches!(t.insert(&flow_of(7, 8), 8), Ok(Inserted::New(_))));
     t.check_invariants().unwrap();
 }
 
@@ -269,25 +273,18 @@ fn reply_tuple_conflicts_and_capacity() {
 #[test]
 fn insert_after_a_miss_is_still_insert_if_absent() {
     let t = FlowTable::new(Config { capacity: 2, early_drop: false, seed: Some(2), ..Config::default() }).unwrap();
-    let f = |o: u8, r: u8| NewFlow {
-        orig: tuple(o),
-        reply: tuple(r),
-        backend: u32::from(o),
-        service: 0,
-        state: FlowState::Udp { replied: false },
-    };
-    assert!(matches!(t.insert_missed(&f(0, 1), 5), Ok(Inserted::New(_))));
-    let Ok(Inserted::Existing(v)) = t.insert_missed(&f(0, 2), 6) else { panic!("expected Existing") };
+    assert!(matches!(t.insert_missed(&flow_of(0, 1), 5), Ok(Inserted::New(_))));
+    let Ok(Inserted::Existing(v)) = t.insert_missed(&flow_of(0, 2), 6) else { panic!("expected Existing") };
     assert_eq!((v.peer(), v.backend), (tuple(1), 0));
     assert_eq!(t.len(), 1);
-    assert_eq!(t.insert_missed(&f(3, 1), 6), Err(InsertError::ReplyTaken));
-    assert_eq!(t.insert_missed(&f(4, 4), 6), Err(InsertError::InvalidTuple));
-    assert!(matches!(t.insert_missed(&f(5, 6), 7), Ok(Inserted::New(_))));
-    assert_eq!(t.insert_missed(&f(7, 8), 7), Err(InsertError::Full));
+    assert_eq!(t.insert_missed(&flow_of(3, 1), 6), Err(InsertError::ReplyTaken));
+    assert_eq!(t.insert_missed(&flow_of(4, 4), 6), Err(InsertError::InvalidTuple));
+    assert!(matches!(t.insert_missed(&flow_of(5, 6), 7), Ok(Inserted::New(_))));
+    assert_eq!(t.insert_missed(&flow_of(7, 8), 7), Err(InsertError::Full));
     // At capacity even a stored flow is refused: the reservation comes
     // first (insert, which looks first, returns it).
-    assert_eq!(t.insert_missed(&f(0, 9), 7), Err(InsertError::Full));
-    assert!(matches!(t.insert(&f(0, 9), 7), Ok(Inserted::Existing(_))));
+    assert_eq!(t.insert_missed(&flow_of(0, 9), 7), Err(InsertError::Full));
+    assert!(matches!(t.insert(&flow_of(0, 9), 7), Ok(Inserted::Existing(_))));
     assert_eq!(t.len(), 2);
     t.check_invariants().unwrap();
 }

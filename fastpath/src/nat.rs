@@ -175,10 +175,9 @@ pub fn rewrite(buf: &mut [u8], p: &Parsed, view: &FlowView) {
     let (addr_delta, l4_delta) = view.checksum_deltas();
     let (src, dst, ports) = (view.rewrite_src(), view.rewrite_dst(), view.rewrite_ports());
     if p.v6 {
-        rewrite_fixed::<16, 40>(buf, p, &src, &dst, &ports, addr_delta, l4_delta);
+        rewrite_fixed::<16, 40>(buf, p, &src.0, &dst.0, &ports, addr_delta, l4_delta);
     } else {
-        let v4 = |a: &[u8; 16]| [a[12], a[13], a[14], a[15]];
-        rewrite_fixed::<4, 20>(buf, p, &v4(&src), &v4(&dst), &ports, addr_delta, l4_delta);
+        rewrite_fixed::<4, 20>(buf, p, &octets_v4(&src), &octets_v4(&dst), &ports, addr_delta, l4_delta);
     }
 }
 

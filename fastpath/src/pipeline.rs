@@ -25,7 +25,7 @@ use crate::nat;
 use crate::service::{FrontendKind, ServiceTable, TrafficPolicy};
 use crate::wire::{self, Inner, L4, Parsed, Unparsed};
 use xskgate_conntrack::{
-    Addr, FlowKey, FlowState, FlowTable, FlowView, InsertError, Inserted, KeyHash, NewFlow, Proto, TcpState, tcp_flags,
+    FlowKey, FlowState, FlowTable, FlowView, InsertError, Inserted, KeyHash, NewFlow, Proto, TcpState, tcp_flags,
 };
 
 /// Frames per batch (the AF_XDP ring batch).
@@ -422,7 +422,7 @@ fn forward(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, t: &Tables<'_>, c: &m
     let len = p.end - p.l3;
     t.conntrack.touch(view, now, len as u64, p.tcp_flags);
     c.count_service(view.service, len);
-    Verdict::Forward { next_hop: Addr(view.rewrite_dst()) }
+    Verdict::Forward { next_hop: view.rewrite_dst() }
 }
 
 fn plan_new_flow(

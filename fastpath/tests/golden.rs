@@ -126,14 +126,7 @@ impl Gw {
     /// Runs one frame through the pipeline (via a batch of one), returning
     /// the verdict and the frame as it left.
     fn run(&mut self, input: &[u8]) -> (Verdict, Vec<u8>) {
-        let mut buf = vec![0u8; 2048];
-        buf[..input.len()].copy_from_slice(input);
-        let t = Tables { services: &self.services, conntrack: &self.conntrack, affinity: &self.affinity };
-        let mut frames = [Frame { buf: &mut buf, len: input.len() }];
-        let mut verdicts = [Verdict::Pass];
-        process_batch(&mut frames, &t, &mut self.worker, 100, &mut verdicts);
-        let len = frames[0].len;
-        (verdicts[0], buf[..len].to_vec())
+        self.run_batch(&[input.to_vec()]).remove(0)
     }
 
     /// Runs frames through the pipeline as one batch.
