@@ -654,6 +654,25 @@ impl FlowTable {
         if i + 1 == self.n { 0 } else { i + 1 }
     }
 
+    /// Hint `i` of a probe: `i` comes from [`FlowTable::home`] or
+    /// [`FlowTable::next`], which return only indices below `n`. (Unchecked
+    /// because the lookup's hot loop paid a reload and a compare of the
+    /// length for every slot it looked at.)
+    #[inline(always)]
+    fn probe_hint(&self, i: usize) -> &Hint {
+        debug_assert!(i < self.n && self.hints.len() == self.n);
+        // SAFETY: `i < n` (see above), and `hints` has `n` elements (`new`).
+        unsafe { self.hints.get_unchecked(i) }
+    }
+
+    /// Slot `i` of a probe, as [`FlowTable::probe_hint`].
+    #[inline(always)]
+    fn probe_slot(&self, i: usize) -> &Slot {
+        debug_assert!(i < self.n && self.slots.len() == self.n);
+        // SAFETY: `i < n` (see `probe_hint`), and `slots` has `n` elements (`new`).
+        unsafe { self.slots.get_unchecked(i) }
+    }
+
     /// Stage one of a batched lookup: starts loading the key's home hint
     /// into the cache (no-op elsewhere than x86-64).
     ///
@@ -663,7 +682,7 @@ impl FlowTable {
     /// batch overlap.
     #[inline]
     pub fn prefetch(&self, h: &KeyHash) {
-        prefetch_line(std::ptr::from_ref(&self.hints[self.home(h.hash)]).cast());
+        prefetch_line(std::ptr::from_ref(self.probe_hint(self.home(h.hash))).cast());
     }
 
     /// Stage two of a batched lookup: reads the key's hints (which
@@ -679,9 +698,9 @@ impl FlowTable {
         let home = self.home(h.hash);
         let mut i = home;
         for _ in 0..PREFETCH_PROBE {
-            let hint = self.hints[i].0.load(Relaxed);
+            let hint = self.probe_hint(i).0.load(Relaxed);
             if hint & !HINT_OVERFLOW == hinted {
-                let slot = std::ptr::from_ref(&self.slots[i]).cast::<u8>();
+                let slot = std::ptr::from_ref(self.probe_slot(i)).cast::<u8>();
                 prefetch_line(slot);
                 prefetch_line(slot.wrapping_add(64));
                 return;
@@ -698,12 +717,12 @@ impl FlowTable {
     /// first free slot from there (whose hints are in the cache by now).
     #[inline(never)]
     fn prefetch_free(&self, home: usize) {
-        prefetch_line(std::ptr::from_ref(&self.slots[home]).cast());
+        prefetch_line(std::ptr::from_ref(self.probe_slot(home)).cast());
         let mut i = home;
         for _ in 0..PREFETCH_PROBE {
-            if self.hints[i].0.load(Relaxed) & HINT_OCCUPIED == 0 {
+            if self.probe_hint(i).0.load(Relaxed) & HINT_OCCUPIED == 0 {
                 if i != home {
-                    prefetch_line(std::ptr::from_ref(&self.slots[i]).cast());
+                    prefetch_line(std::ptr::from_ref(self.probe_slot(i)).cast());
                 }
                 return;
             }
@@ -720,14 +739,19 @@ impl FlowTable {
     #[inline]
     pub fn prefetch_insert(&self, h: &KeyHash) {
         let home = self.home(h.hash);
-        prefetch_line(std::ptr::from_ref(&self.hints[home]).cast());
-        prefetch_line(std::ptr::from_ref(&self.slots[home]).cast());
+        prefetch_line(std::ptr::from_ref(self.probe_hint(home)).cast());
+        prefetch_line(std::ptr::from_ref(self.probe_slot(home)).cast());
     }
 
     /// Copies slot `i`'s immutable part if `meta` still equals `m` afterwards.
     #[inline]
     fn read_record(&self, i: usize, m: Meta) -> Option<Record> {
-        let s = &self.slots[i];
+        Self::read_slot(&self.slots[i], m)
+    }
+
+    /// [`FlowTable::read_record`] of the slot `s`.
+    #[inline(always)]
+    fn read_slot(s: &Slot, m: Meta) -> Option<Record> {
         let key = std::array::from_fn(|k| s.key[k].load(Relaxed));
         let peer = std::array::from_fn(|k| s.peer[k].load(Relaxed));
         let peer_slot = s.peer_slot.load(Relaxed);
@@ -782,15 +806,15 @@ impl FlowTable {
         let hinted = HINT_OCCUPIED | u32::from(tag) << 16;
         let mut i = self.home(hash);
         for _ in 0..MAX_PROBE {
-            let hint = self.hints[i].0.load(Acquire);
+            let hint = self.probe_hint(i).0.load(Acquire);
             if hint & !HINT_OVERFLOW == hinted {
-                let s = &self.slots[i];
+                let s = self.probe_slot(i);
                 loop {
                     let m = Meta(s.meta.load(Acquire));
                     if m.kind() != KIND_FULL || m.tag() != tag {
                         break;
                     }
-                    match self.read_record(i, m) {
+                    match Self::read_slot(s, m) {
                         Some(r) if same_key(&r.key, w) => return Some(hit(i, m, r)),
                         Some(_) => break,
                         None => continue, // a writer changed the slot under us: read again
@@ -1133,7 +1157,7 @@ impl FlowTable {
     /// state after the packet, or `None` if the flow is gone meanwhile.
     ///
     /// Counters use relaxed atomic adds: exact, never torn.
-    #[inline]
+    #[inline(always)]
     pub fn touch(&self, v: &FlowView, now: u32, bytes: u64, flags: u8) -> Option<FlowState> {
         let s = &self.slots[v.slot as usize];
         let m = Meta(s.meta.load(Relaxed));

@@ -170,7 +170,7 @@ fn decrement_ttl(buf: &mut [u8], p: &Parsed, ip: &mut Incremental) {
 /// stored: each checksum takes one addition and a fold. The headers are
 /// reached through fixed-size views: one bounds check each, then constant
 /// offsets.
-#[inline]
+#[inline(always)]
 pub fn rewrite(buf: &mut [u8], p: &Parsed, view: &FlowView) {
     let (addr_delta, l4_delta) = view.checksum_deltas();
     let (src, dst, ports) = (view.rewrite_src(), view.rewrite_dst(), view.rewrite_ports());

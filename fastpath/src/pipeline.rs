@@ -113,7 +113,7 @@ pub struct Counters {
     pub icmp_errors_translated: u64,
     pub drops: [u64; DropReason::COUNT],
     /// Indexed by service port id (ids ≥ [`MAX_SERVICE_IDS`] share the last).
-    pub per_service: Box<[ServiceCounters]>,
+    pub per_service: Box<[ServiceCounters; MAX_SERVICE_IDS]>,
     /// Every entry of `per_service` from this index on is zero (the
     /// pipeline raises it as it counts), so copies and sums stop there.
     pub services_used: usize,
@@ -128,7 +128,10 @@ impl Default for Counters {
             flows_created: 0,
             icmp_errors_translated: 0,
             drops: [0; DropReason::COUNT],
-            per_service: vec![ServiceCounters::default(); MAX_SERVICE_IDS].into_boxed_slice(),
+            per_service: vec![ServiceCounters::default(); MAX_SERVICE_IDS]
+                .into_boxed_slice()
+                .try_into()
+                .expect("MAX_SERVICE_IDS entries"),
             services_used: 0,
         }
     }
@@ -288,7 +291,7 @@ pub fn process_batch(
         // Bit i: frame i is TCP or UDP, and hashes[i] is its key's hash.
         let mut hashed = 0u64;
         for (i, f) in frames.iter().enumerate() {
-            parsed[i] = wire::parse(&f.buf[..f.len.min(f.buf.len())]);
+            wire::parse_into(&f.buf[..f.len.min(f.buf.len())], &mut parsed[i]);
             if let Ok(p) = &parsed[i]
                 && matches!(p.l4_kind, L4::Tcp | L4::Udp)
             {
@@ -305,8 +308,21 @@ pub fn process_batch(
         // Bit i: frame i starts a flow, planned in planned[i].
         let mut to_insert = 0u64;
         for (i, f) in frames.iter_mut().enumerate() {
-            let h = (hashed & 1 << i != 0).then_some(&hashes[i]);
-            match first_look(f, &parsed[i], h, t, counters, now, &mut planned[i]) {
+            // The established flow's packet, the bulk of all traffic, is
+            // handled here; everything else is out of line, so that this
+            // loop keeps its values in registers.
+            let look = match &parsed[i] {
+                Ok(p) if hashed & 1 << i != 0 => match t.conntrack.lookup_hashed(&hashes[i]) {
+                    Some(view) => {
+                        let v = tracked(f, p, &view, t, counters, now);
+                        verdicts[i] = counters.account(v);
+                        continue;
+                    }
+                    None => untracked(f, p, t, counters, now, &mut planned[i]),
+                },
+                p => first_look(f, p, None, t, counters, now, &mut planned[i]),
+            };
+            match look {
                 Some(v) => verdicts[i] = counters.account(v),
                 None => {
                     if let Some(plan) = &planned[i] {
@@ -358,7 +374,7 @@ fn key_of(p: &Parsed) -> FlowKey {
 /// it has looked at every frame, so that their reply tuples' memory is on
 /// its way. (The plan is written in place: returning it would make every
 /// tracked packet's result as large as a plan.)
-#[inline(always)]
+#[inline(never)]
 fn first_look(
     f: &mut Frame<'_>,
     p: &Result<Parsed, Unparsed>,
@@ -385,7 +401,7 @@ fn first_look(
 }
 
 /// A TCP or UDP packet: its flow's translation, or a new flow's plan.
-#[inline(always)]
+#[inline]
 fn flow_packet(
     f: &mut Frame<'_>,
     p: &Parsed,
@@ -395,24 +411,43 @@ fn flow_packet(
     now: u32,
     plan: &mut Option<Planned>,
 ) -> Option<Verdict> {
-    let key = key_of(p);
     let found = match h {
         Some(h) => t.conntrack.lookup_hashed(h),
-        None => t.conntrack.lookup(&key),
+        None => t.conntrack.lookup(&key_of(p)),
     };
-    let Some(view) = found else {
-        return match plan_new_flow(f, p, &key, t, c, now) {
-            Ok(planned) => {
-                *plan = Some(planned);
-                None
-            }
-            Err(v) => Some(v),
-        };
-    };
-    if p.ttl <= 1 {
-        return Some(c.drop(DropReason::TtlExpired));
+    match found {
+        Some(view) => Some(tracked(f, p, &view, t, c, now)),
+        None => untracked(f, p, t, c, now, plan),
     }
-    Some(forward(f, p, &view, t, c, now))
+}
+
+/// A packet of the tracked flow direction `view`.
+#[inline(always)]
+fn tracked(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, t: &Tables<'_>, c: &mut Counters, now: u32) -> Verdict {
+    if p.ttl <= 1 {
+        return c.drop(DropReason::TtlExpired);
+    }
+    forward(f, p, view, t, c, now)
+}
+
+/// A TCP or UDP packet of no tracked flow: a new flow's plan (`None`,
+/// written into `plan`), or its verdict.
+#[inline(never)]
+fn untracked(
+    f: &mut Frame<'_>,
+    p: &Parsed,
+    t: &Tables<'_>,
+    c: &mut Counters,
+    now: u32,
+    plan: &mut Option<Planned>,
+) -> Option<Verdict> {
+    match plan_new_flow(f, p, &key_of(p), t, c, now) {
+        Ok(planned) => {
+            *plan = Some(planned);
+            None
+        }
+        Err(v) => Some(v),
+    }
 }
 
 /// Applies a flow's translation to a packet of it and accounts for it.
