@@ -746,12 +746,7 @@ impl FlowTable {
     /// Copies slot `i`'s immutable part if `meta` still equals `m` afterwards.
     #[inline]
     fn read_record(&self, i: usize, m: Meta) -> Option<Record> {
-        Self::read_slot(&self.slots[i], m)
-    }
-
-    /// [`FlowTable::read_record`] of the slot `s`.
-    #[inline(always)]
-    fn read_slot(s: &Slot, m: Meta) -> Option<Record> {
+        let s = &self.slots[i];
         let key = std::array::from_fn(|k| s.key[k].load(Relaxed));
         let peer = std::array::from_fn(|k| s.peer[k].load(Relaxed));
         let peer_slot = s.peer_slot.load(Relaxed);
@@ -761,6 +756,26 @@ impl FlowTable {
         // the validating load below.
         fence(Acquire);
         (s.meta.load(Relaxed) == m.0).then_some(Record { key, peer, peer_slot, backend, nat_delta })
+    }
+
+    /// The probe's read of slot `s`, seen with meta `m`: its record if its
+    /// key is `w`, `Some(None)` if it holds another key, `None` if a writer
+    /// changed it meanwhile. The key is compared as it is read, and the
+    /// rest read only on a match, so that a probe keeps one word of the
+    /// key's comparison live instead of five.
+    #[inline(always)]
+    fn read_if_key(s: &Slot, m: Meta, w: &[u64; 5]) -> Option<Option<Record>> {
+        let diff = s.key.iter().zip(w).fold(0, |acc, (k, x)| acc | (k.load(Relaxed) ^ x));
+        let rest = (diff == 0).then(|| {
+            let peer: [u64; 5] = std::array::from_fn(|k| s.peer[k].load(Relaxed));
+            (peer, s.peer_slot.load(Relaxed), s.backend.load(Relaxed), s.nat_delta.load(Relaxed))
+        });
+        // Seqlock read side, as in `read_record`.
+        fence(Acquire);
+        if s.meta.load(Relaxed) != m.0 {
+            return None;
+        }
+        Some(rest.map(|(peer, peer_slot, backend, nat_delta)| Record { key: *w, peer, peer_slot, backend, nat_delta }))
     }
 
     #[inline]
@@ -814,9 +829,9 @@ impl FlowTable {
                     if m.kind() != KIND_FULL || m.tag() != tag {
                         break;
                     }
-                    match Self::read_slot(s, m) {
-                        Some(r) if same_key(&r.key, w) => return Some(hit(i, m, r)),
-                        Some(_) => break,
+                    match Self::read_if_key(s, m, w) {
+                        Some(Some(r)) => return Some(hit(i, m, r)),
+                        Some(None) => break,
                         None => continue, // a writer changed the slot under us: read again
                     }
                 }
