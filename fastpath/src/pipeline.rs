@@ -300,10 +300,8 @@ pub fn process_batch(
                 hashed |= 1 << i;
             }
         }
-        for (i, h) in hashes.iter().enumerate().take(frames.len()) {
-            if hashed & 1 << i != 0 {
-                t.conntrack.prefetch_slot(h);
-            }
+        for i in bits(hashed) {
+            t.conntrack.prefetch_slot(&hashes[i]);
         }
         // Bit i: frame i starts a flow, planned in planned[i].
         let mut to_insert = 0u64;
@@ -333,20 +331,27 @@ pub fn process_batch(
                 }
             }
         }
-        for (i, h) in reply_hashes.iter().enumerate().take(frames.len()) {
-            if to_insert & 1 << i != 0 {
-                t.conntrack.prefetch_slot(h);
-            }
+        for i in bits(to_insert) {
+            t.conntrack.prefetch_slot(&reply_hashes[i]);
         }
-        for (i, f) in frames.iter_mut().enumerate() {
-            if to_insert & 1 << i != 0
-                && let (Ok(p), Some(plan)) = (&parsed[i], &planned[i])
-            {
+        for i in bits(to_insert) {
+            if let (Some(f), Ok(p), Some(plan)) = (frames.get_mut(i), &parsed[i], &planned[i]) {
                 let v = insert_planned(f, p, plan, t, counters, now);
                 verdicts[i] = counters.account(v);
             }
         }
     }
+}
+
+/// The indices of the set bits of `mask`, lowest first (a batch's passes
+/// visit only the frames they concern).
+#[inline(always)]
+fn bits(mut mask: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let i = mask.trailing_zeros() as usize;
+        mask &= mask.wrapping_sub(1);
+        (i < 64).then_some(i)
+    })
 }
 
 /// Processes one frame (what [`process_batch`] does per frame, without the
@@ -660,6 +665,13 @@ pub fn flush_udp_flows_to(conntrack: &FlowTable, endpoint: &crate::service::Endp
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bits_visits_each_set_bit_once_lowest_first() {
+        assert_eq!(bits(0).count(), 0);
+        assert_eq!(bits(1 << 63 | 0b101).collect::<Vec<_>>(), [0, 2, 63]);
+        assert_eq!(bits(u64::MAX).collect::<Vec<_>>(), (0..64).collect::<Vec<_>>());
+    }
 
     #[test]
     fn copies_and_sums_stop_at_the_services_in_use_and_lose_nothing() {
