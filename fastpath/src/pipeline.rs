@@ -318,7 +318,7 @@ pub fn process_batch(
                     }
                     None => untracked(f, p, t, counters, now, &mut planned[i]),
                 },
-                p => first_look(f, p, None, t, counters, now, &mut planned[i]),
+                p => first_look(f, p, t, counters, now, &mut planned[i]),
             };
             match look {
                 Some(v) => verdicts[i] = counters.account(v),
@@ -360,7 +360,7 @@ pub fn process(f: &mut Frame<'_>, t: &Tables<'_>, w: &mut WorkerState, now: u32)
     let p = wire::parse(&f.buf[..f.len.min(f.buf.len())]);
     let c = &mut w.counters;
     let mut plan = None;
-    let v = match (first_look(f, &p, None, t, c, now, &mut plan), &p, &plan) {
+    let v = match (first_look(f, &p, t, c, now, &mut plan), &p, &plan) {
         (Some(v), _, _) => v,
         (None, Ok(p), Some(plan)) => insert_planned(f, p, plan, t, c, now),
         // No verdict means a plan, and a plan comes only from a parsed frame.
@@ -383,7 +383,6 @@ fn key_of(p: &Parsed) -> FlowKey {
 fn first_look(
     f: &mut Frame<'_>,
     p: &Result<Parsed, Unparsed>,
-    h: Option<&KeyHash>,
     t: &Tables<'_>,
     c: &mut Counters,
     now: u32,
@@ -391,7 +390,7 @@ fn first_look(
 ) -> Option<Verdict> {
     let v = match p {
         Ok(p) => match p.l4_kind {
-            L4::Tcp | L4::Udp => return flow_packet(f, p, h, t, c, now, plan),
+            L4::Tcp | L4::Udp => return flow_packet(f, p, t, c, now, plan),
             L4::IcmpError => match wire::icmp_inner(f.buf, p) {
                 Some(inner) => icmp_error(f, p, &inner, t, c),
                 None => Verdict::Pass,
@@ -405,22 +404,18 @@ fn first_look(
     Some(v)
 }
 
-/// A TCP or UDP packet: its flow's translation, or a new flow's plan.
+/// A TCP or UDP packet outside a batch's fast loop (which looks up its
+/// hashed frames itself): its flow's translation, or a new flow's plan.
 #[inline]
 fn flow_packet(
     f: &mut Frame<'_>,
     p: &Parsed,
-    h: Option<&KeyHash>,
     t: &Tables<'_>,
     c: &mut Counters,
     now: u32,
     plan: &mut Option<Planned>,
 ) -> Option<Verdict> {
-    let found = match h {
-        Some(h) => t.conntrack.lookup_hashed(h),
-        None => t.conntrack.lookup(&key_of(p)),
-    };
-    match found {
+    match t.conntrack.lookup(&key_of(p)) {
         Some(view) => Some(tracked(f, p, &view, t, c, now)),
         None => untracked(f, p, t, c, now, plan),
     }
