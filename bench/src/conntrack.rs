@@ -24,7 +24,7 @@ use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Instant;
-use xskgate_conntrack::{Config, Dir, FlowKey, FlowState, FlowTable, Inserted, NewFlow, Proto};
+use xskgate_conntrack::{Candidate, Config, Dir, FlowKey, FlowState, FlowTable, Inserted, NewFlow, Proto};
 
 type Words = [u64; 5];
 type Hasher = foldhash::fast::RandomState;
@@ -154,16 +154,17 @@ impl Table for Xskgate {
         let mut hits = 0;
         let mut acc = 0;
         let mut hashes = [self.0.hash(&keys[0]); BATCH];
+        let mut candidates = [Candidate::NONE; BATCH];
         for chunk in keys.chunks(BATCH) {
             for (h, k) in hashes.iter_mut().zip(chunk) {
                 *h = self.0.hash(k);
                 self.0.prefetch(h);
             }
-            for h in &hashes[..chunk.len()] {
-                self.0.prefetch_slot(h);
+            for (c, h) in candidates.iter_mut().zip(&hashes[..chunk.len()]) {
+                *c = self.0.prefetch_slot(h);
             }
-            for h in &hashes[..chunk.len()] {
-                if let Some(v) = self.0.lookup_hashed(h) {
+            for (h, c) in hashes[..chunk.len()].iter().zip(&candidates) {
+                if let Some(v) = self.0.lookup_candidate(h, *c) {
                     hits += 1;
                     acc ^= v.rewrite_dst().0[15] as u64 ^ u64::from(v.rewrite_ports()[3]) ^ u64::from(v.backend);
                 }

@@ -477,6 +477,16 @@ pub struct KeyHash {
     hash: u64,
 }
 
+/// The slot where [`FlowTable::prefetch_slot`] found a key's tag, for
+/// [`FlowTable::lookup_candidate`]. The default is no slot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Candidate(u32);
+
+impl Candidate {
+    /// No slot: the lookup walks the key's chain.
+    pub const NONE: Candidate = Candidate(0);
+}
+
 /// Why a table could not be created.
 #[derive(Debug)]
 pub enum TableError {
@@ -692,8 +702,13 @@ impl FlowTable {
     /// (whose commit counter the insert updates) and the first free slot
     /// (which the insert claims) are loaded instead. A key whose probe is
     /// longer than a few slots prefetches nothing.
+    ///
+    /// Returns the slot it prefetched for a matching tag, for
+    /// [`FlowTable::lookup_candidate`] to read first: the lookup then does
+    /// not walk the hints a second time (a walk's first step is a coin toss
+    /// for the branch predictor at the table's usual load).
     #[inline]
-    pub fn prefetch_slot(&self, h: &KeyHash) {
+    pub fn prefetch_slot(&self, h: &KeyHash) -> Candidate {
         let hinted = HINT_OCCUPIED | u32::from(tag_of(h.hash)) << 16;
         let home = self.home(h.hash);
         let mut i = home;
@@ -703,14 +718,16 @@ impl FlowTable {
                 let slot = std::ptr::from_ref(self.probe_slot(i)).cast::<u8>();
                 prefetch_line(slot);
                 prefetch_line(slot.wrapping_add(64));
-                return;
+                // `i < n <= u32::MAX` (`MAX_CAPACITY`), so `i + 1` fits.
+                return Candidate(i as u32 + 1);
             }
             if hint & HINT_OVERFLOW == 0 {
                 self.prefetch_free(home);
-                return;
+                return Candidate::NONE;
             }
             i = self.next(i);
         }
+        Candidate::NONE
     }
 
     /// For a key not in the table: starts loading its home slot and the
@@ -804,6 +821,21 @@ impl FlowTable {
         self.probe(&h.words, h.hash, |i, m, r| Self::view(i, m, &r))
     }
 
+    /// [`FlowTable::lookup_hashed`] that reads the slot `c` (from
+    /// [`FlowTable::prefetch_slot`] of the same key) first, and walks the
+    /// key's chain only if that slot does not hold the key. Any candidate
+    /// gives the same answer; a wrong one costs one slot's read.
+    #[inline]
+    pub fn lookup_candidate(&self, h: &KeyHash, c: Candidate) -> Option<FlowView> {
+        if let Some(i) = c.0.checked_sub(1)
+            && let Some(s) = self.slots.get(i as usize)
+            && let Some((m, r)) = Self::read_candidate(s, tag_of(h.hash), &h.words)
+        {
+            return Some(Self::view(i as usize, m, &r));
+        }
+        self.lookup_hashed(h)
+    }
+
     #[inline]
     fn find(&self, w: &[u64; 5], hash: u64) -> Option<(usize, Meta, Record)> {
         self.probe(w, hash, |i, m, r| (i, m, r))
@@ -822,19 +854,10 @@ impl FlowTable {
         let mut i = self.home(hash);
         for _ in 0..MAX_PROBE {
             let hint = self.probe_hint(i).0.load(Acquire);
-            if hint & !HINT_OVERFLOW == hinted {
-                let s = self.probe_slot(i);
-                loop {
-                    let m = Meta(s.meta.load(Acquire));
-                    if m.kind() != KIND_FULL || m.tag() != tag {
-                        break;
-                    }
-                    match Self::read_if_key(s, m, w) {
-                        Some(Some(r)) => return Some(hit(i, m, r)),
-                        Some(None) => break,
-                        None => continue, // a writer changed the slot under us: read again
-                    }
-                }
+            if hint & !HINT_OVERFLOW == hinted
+                && let Some((m, r)) = Self::read_candidate(self.probe_slot(i), tag, w)
+            {
+                return Some(hit(i, m, r));
             }
             if hint & HINT_OVERFLOW == 0 {
                 return None;
@@ -842,6 +865,23 @@ impl FlowTable {
             i = self.next(i);
         }
         None
+    }
+
+    /// The record of slot `s` if it holds the key `w` (whose tag is `tag`),
+    /// read again for as long as a writer changes it under us.
+    #[inline(always)]
+    fn read_candidate(s: &Slot, tag: u16, w: &[u64; 5]) -> Option<(Meta, Record)> {
+        loop {
+            let m = Meta(s.meta.load(Acquire));
+            if m.kind() != KIND_FULL || m.tag() != tag {
+                return None;
+            }
+            match Self::read_if_key(s, m, w) {
+                Some(Some(r)) => return Some((m, r)),
+                Some(None) => return None,
+                None => continue, // a writer changed the slot under us: read again
+            }
+        }
     }
 
     /// Raises (or lowers) the overflow counts of the `dist` slots from `home`.

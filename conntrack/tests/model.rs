@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use xskgate_conntrack::state::{StateWord, advance};
 use xskgate_conntrack::{
-    Config, Dir, FlowKey, FlowState, FlowTable, InsertError, Inserted, NewFlow, Proto, TcpState, Timeouts,
+    Candidate, Config, Dir, FlowKey, FlowState, FlowTable, InsertError, Inserted, NewFlow, Proto, TcpState, Timeouts,
 };
 
 const CAPACITY: usize = 8;
@@ -287,4 +287,46 @@ fn insert_after_a_miss_is_still_insert_if_absent() {
     assert!(matches!(t.insert(&flow_of(0, 9), 7), Ok(Inserted::Existing(_))));
     assert_eq!(t.len(), 2);
     t.check_invariants().unwrap();
+}
+
+/// A lookup that starts at `prefetch_slot`'s candidate gives the answer of
+/// a plain lookup whatever the candidate: its own key's slot, another
+/// key's, none, one from another (larger) table, one from before the key
+/// was removed.
+#[test]
+fn a_lookup_from_any_candidate_answers_as_a_plain_lookup() {
+    let t = FlowTable::new(Config { capacity: 64, seed: Some(3), ..Config::default() }).unwrap();
+    let big = FlowTable::new(Config { capacity: 1 << 16, seed: Some(4), ..Config::default() }).unwrap();
+    let key = |i: u16| {
+        FlowKey::new(Proto::UDP, Ipv4Addr::new(198, 18, 2, (i % 200) as u8), 2000 + i, Ipv4Addr::new(198, 18, 3, 1), 53)
+    };
+    let flows: Vec<NewFlow> =
+        (0..40u16).map(|i| NewFlow { orig: key(i), reply: key(100 + i).reversed(), ..flow_of(0, 1) }).collect();
+    for f in &flows {
+        assert!(matches!(t.insert(f, 1), Ok(Inserted::New(_))));
+        assert!(matches!(big.insert(f, 1), Ok(Inserted::New(_))));
+    }
+    // Both directions of every flow, and a key that is not there.
+    let keys: Vec<FlowKey> = flows.iter().flat_map(|f| [f.orig, f.reply]).chain([key(99)]).collect();
+    let candidates: Vec<Candidate> = keys
+        .iter()
+        .flat_map(|k| [t.prefetch_slot(&t.hash(k)), big.prefetch_slot(&big.hash(k))])
+        .chain([Candidate::NONE])
+        .collect();
+    // Nearly every present key has a candidate (a chain longer than the
+    // prefetch looks may have none).
+    let found = candidates.iter().filter(|c| **c != Candidate::NONE).count();
+    assert!(found >= 2 * (keys.len() - 1) * 9 / 10, "{found} candidates for {} keys", keys.len());
+    let check = |t: &FlowTable| {
+        for k in &keys {
+            let plain = t.lookup(k);
+            for c in &candidates {
+                assert_eq!(t.lookup_candidate(&t.hash(k), *c), plain, "{k:?} from {c:?}");
+            }
+        }
+    };
+    check(&t);
+    assert!(t.remove(&flows[3].orig));
+    check(&t);
+    assert!(t.lookup(&flows[3].orig).is_none());
 }

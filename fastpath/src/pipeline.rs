@@ -25,7 +25,8 @@ use crate::nat;
 use crate::service::{FrontendKind, ServiceTable, TrafficPolicy};
 use crate::wire::{self, Inner, L4, Parsed, Unparsed};
 use xskgate_conntrack::{
-    FlowKey, FlowState, FlowTable, FlowView, InsertError, Inserted, KeyHash, NewFlow, Proto, TcpState, tcp_flags,
+    Candidate, FlowKey, FlowState, FlowTable, FlowView, InsertError, Inserted, KeyHash, NewFlow, Proto, TcpState,
+    tcp_flags,
 };
 
 /// Frames per batch (the AF_XDP ring batch).
@@ -199,6 +200,8 @@ pub struct WorkerState {
 struct BatchScratch {
     parsed: [Result<Parsed, Unparsed>; BATCH],
     hashes: [KeyHash; BATCH],
+    /// Where each hashed frame's lookup reads first.
+    candidates: [Candidate; BATCH],
     planned: [Option<Planned>; BATCH],
     /// The hash of each planned flow's first reply tuple.
     reply_hashes: [KeyHash; BATCH],
@@ -209,6 +212,7 @@ impl Default for BatchScratch {
         BatchScratch {
             parsed: [Err(Unparsed::NotIp); BATCH],
             hashes: [KeyHash::default(); BATCH],
+            candidates: [Candidate::NONE; BATCH],
             planned: [None; BATCH],
             reply_hashes: [KeyHash::default(); BATCH],
         }
@@ -287,21 +291,36 @@ pub fn process_batch(
     assert!(verdicts.len() >= frames.len(), "one verdict per frame");
     for (frames, verdicts) in frames.chunks_mut(BATCH).zip(verdicts.chunks_mut(BATCH)) {
         let WorkerState { counters, scratch } = &mut *w;
-        let BatchScratch { parsed, hashes, planned, reply_hashes } = &mut **scratch;
+        let BatchScratch { parsed, hashes, candidates, planned, reply_hashes } = &mut **scratch;
         // Bit i: frame i is TCP or UDP, and hashes[i] is its key's hash.
         let mut hashed = 0u64;
         for (i, f) in frames.iter().enumerate() {
-            wire::parse_into(&f.buf[..f.len.min(f.buf.len())], &mut parsed[i]);
-            if let Ok(p) = &parsed[i]
-                && matches!(p.l4_kind, L4::Tcp | L4::Udp)
-            {
-                hashes[i] = t.conntrack.hash(&key_of(p));
+            let frame = &f.buf[..f.len.min(f.buf.len())];
+            // The key is taken from the parse while it is in registers: read
+            // back from `parsed`, its two ports (stored as two halves) would
+            // be loaded as one word, which waits for the stores to retire.
+            let key = match wire::parse_common(frame) {
+                Some(p) => {
+                    let key = key_of(&p);
+                    parsed[i] = Ok(p);
+                    Some(key)
+                }
+                None => {
+                    parsed[i] = wire::parse_general(frame);
+                    match &parsed[i] {
+                        Ok(p) if matches!(p.l4_kind, L4::Tcp | L4::Udp) => Some(key_of(p)),
+                        _ => None,
+                    }
+                }
+            };
+            if let Some(key) = key {
+                hashes[i] = t.conntrack.hash(&key);
                 t.conntrack.prefetch(&hashes[i]);
                 hashed |= 1 << i;
             }
         }
         for i in bits(hashed) {
-            t.conntrack.prefetch_slot(&hashes[i]);
+            candidates[i] = t.conntrack.prefetch_slot(&hashes[i]);
         }
         // Bit i: frame i starts a flow, planned in planned[i].
         let mut to_insert = 0u64;
@@ -310,7 +329,7 @@ pub fn process_batch(
             // handled here; everything else is out of line, so that this
             // loop keeps its values in registers.
             let look = match &parsed[i] {
-                Ok(p) if hashed & 1 << i != 0 => match t.conntrack.lookup_hashed(&hashes[i]) {
+                Ok(p) if hashed & 1 << i != 0 => match t.conntrack.lookup_candidate(&hashes[i], candidates[i]) {
                     Some(view) => {
                         let v = tracked(f, p, &view, t, counters, now);
                         verdicts[i] = counters.account(v);
@@ -332,7 +351,8 @@ pub fn process_batch(
             }
         }
         for i in bits(to_insert) {
-            t.conntrack.prefetch_slot(&reply_hashes[i]);
+            // An insert claims slots itself: no candidate to keep.
+            let _ = t.conntrack.prefetch_slot(&reply_hashes[i]);
         }
         for i in bits(to_insert) {
             if let (Some(f), Ok(p), Some(plan)) = (frames.get_mut(i), &parsed[i], &planned[i]) {

@@ -98,17 +98,9 @@ fn ports(l4: &[u8]) -> Option<(u16, u16)> {
 /// [`Unparsed`] says why the frame cannot be handled as an IP flow.
 #[inline]
 pub fn parse(frame: &[u8]) -> Result<Parsed, Unparsed> {
-    let mut out = Err(Unparsed::NotIp);
-    parse_into(frame, &mut out);
-    out
-}
-
-/// [`parse`], writing the result into `out` (a batch's scratch: a returned
-/// result is built on the stack and then copied, 70-odd bytes per frame).
-#[inline(always)]
-pub fn parse_into(frame: &[u8], out: &mut Result<Parsed, Unparsed>) {
-    if !parse_common(frame, out) {
-        *out = parse_general(frame);
+    match parse_common(frame) {
+        Some(p) => Ok(p),
+        None => parse_general(frame),
     }
 }
 
@@ -117,25 +109,16 @@ fn be16(b: &[u8], at: usize) -> usize {
     usize::from(u16::from_be_bytes([b[at], b[at + 1]]))
 }
 
-/// The common shape read directly into `out`: `true` only for a
-/// consistent, unfragmented TCP or UDP packet in IPv4 without options or
-/// IPv6 without extension headers, straight after an untagged Ethernet
-/// header. Every other frame (tagged, with options, ICMP, fragmented, or
-/// inconsistent in any length) is `false`, `out` untouched, for
-/// [`parse_general`] to decide.
+/// The common shape read directly: `Some` only for a consistent,
+/// unfragmented TCP or UDP packet in IPv4 without options or IPv6 without
+/// extension headers, straight after an untagged Ethernet header. Every
+/// other frame (tagged, with options, ICMP, fragmented, or inconsistent in
+/// any length) is `None`, for [`parse_general`] to decide: `parse` is this,
+/// then that. Public so that a batch can use the fields while they are in
+/// registers (reading them back from where it stored them stalls on store
+/// forwarding).
 #[inline(always)]
-fn parse_common(frame: &[u8], out: &mut Result<Parsed, Unparsed>) -> bool {
-    match read_common(frame) {
-        Some(p) => {
-            *out = Ok(p);
-            true
-        }
-        None => false,
-    }
-}
-
-#[inline(always)]
-fn read_common(frame: &[u8]) -> Option<Parsed> {
+pub fn parse_common(frame: &[u8]) -> Option<Parsed> {
     const L3: usize = 14;
     let (v6, l4, end, next, src, dst, ttl) = match frame.get(12..14)? {
         [0x08, 0x00] => {
