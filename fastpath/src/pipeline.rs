@@ -13,10 +13,11 @@
 //! The batch is processed in passes, so that the memory misses of a batch
 //! overlap: parse, hash and prefetch every frame's conntrack hint; prefetch
 //! the slot each hint points to, which the lookup then reads first (or, for
-//! a key not there, the slots an insert will touch); decide every frame, forwarding tracked flows and
-//! planning new ones (endpoint, SNAT candidate), whose reply tuples'
-//! hints and home slots are prefetched; prefetch the free slots those
-//! hints point to; then store the new flows and forward their packets.
+//! a key not there, the slots an insert will touch); decide every frame,
+//! forwarding tracked flows and planning new ones (endpoint, SNAT
+//! candidate), whose reply tuples' hints and home slots are prefetched;
+//! prefetch the free slots those hints point to; then store the new flows
+//! and forward their packets.
 //! No allocation, no lock, no system call: counters live in the caller's
 //! [`WorkerState`], tables are read-only or lock-free.
 
