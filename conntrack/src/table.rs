@@ -732,17 +732,24 @@ impl FlowTable {
         Candidate::NONE
     }
 
-    /// For a key not in the table: starts loading its home slot and the
-    /// first free slot from there (whose hints are in the cache by now).
+    /// For a key not in the table: starts loading its home slot's first
+    /// line and both lines of the first free slot from there (whose hints
+    /// are in the cache by now). The insert writes both lines of the slot it
+    /// claims, and the first packet's accounting reads the second: left
+    /// unfetched, that line was a demand miss on every new flow, which the
+    /// next atomic operation waited for (a new flow 1.2× slower with 1M
+    /// flows, 1.4× with 64K).
     #[inline(never)]
     fn prefetch_free(&self, home: usize) {
         prefetch_line(std::ptr::from_ref(self.probe_slot(home)).cast());
         let mut i = home;
         for _ in 0..PREFETCH_PROBE {
             if self.probe_hint(i).0.load(Relaxed) & HINT_OCCUPIED == 0 {
+                let slot = std::ptr::from_ref(self.probe_slot(i)).cast::<u8>();
                 if i != home {
-                    prefetch_line(std::ptr::from_ref(self.probe_slot(i)).cast());
+                    prefetch_line(slot);
                 }
+                prefetch_line(slot.wrapping_add(64));
                 return;
             }
             i = self.next(i);
