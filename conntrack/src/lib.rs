@@ -44,8 +44,8 @@ pub mod table;
 pub use key::{Addr, FlowKey, Proto};
 pub use state::{Dir, FlowState, TcpState, Timeouts, tcp_flags};
 pub use table::{
-    Candidate, Config, FlowInfo, FlowTable, FlowView, InsertError, Inserted, KeyHash, MAX_CAPACITY, NewFlow,
-    TableError, TableStats,
+    Candidate, Config, FirstPacket, FlowInfo, FlowTable, FlowView, InsertError, Inserted, KeyHash, MAX_CAPACITY,
+    NewFlow, TableError, TableStats,
 };
 
 /// Atomics and spin hints, swapped for loom's under `--cfg loom`.

@@ -225,6 +225,26 @@ pub struct NewFlow {
     pub state: FlowState,
 }
 
+/// The packet whose lookup missed, given to [`FlowTable::insert_missed`]
+/// to be recorded on its flow as [`FlowTable::touch`] records a packet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FirstPacket {
+    /// Its length from the network header on (what the counters count).
+    pub bytes: u64,
+    /// Its TCP flags (0 for other protocols).
+    pub tcp_flags: u8,
+}
+
+/// One direction's part of a new flow, as [`FlowTable::fill`] writes it.
+struct Half<'a> {
+    key: &'a [u64; 5],
+    peer: &'a [u64; 5],
+    nat_delta: u32,
+    peer_slot: usize,
+    packets: u64,
+    bytes: u64,
+}
+
 /// What a lookup finds: one direction of a flow.
 ///
 /// A packet of this direction is rewritten to [`FlowView::rewrite`], the
@@ -988,39 +1008,29 @@ impl FlowTable {
         self.slots[c.slot].meta.store(c.meta.next(KIND_EMPTY).0, Release);
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn fill(
-        &self,
-        c: &Claim,
-        key: &[u64; 5],
-        peer: &[u64; 5],
-        nat_delta: u32,
-        peer_slot: usize,
-        service: u32,
-        backend: u32,
-        now: u32,
-        state: StateWord,
-    ) {
+    /// Writes one direction of a new flow into its claimed slot (still
+    /// `BUSY`, so no reader accepts a copy of it yet).
+    fn fill(&self, c: &Claim, half: &Half<'_>, flow: &NewFlow, now: u32, state: StateWord) {
         let s = &self.slots[c.slot];
         // Seqlock write side: the BUSY generation must be visible before any
         // data store, so that a reader who sees new data also sees a changed
         // `meta` and discards its copy. The claim CAS orders earlier writes
         // only; this fence orders the later ones (free on x86, found by loom).
         fence(Release);
-        for (slot_word, word) in s.key.iter().zip(key) {
+        for (slot_word, word) in s.key.iter().zip(half.key) {
             slot_word.store(*word, Relaxed);
         }
-        for (slot_word, word) in s.peer[..4].iter().zip(peer) {
+        for (slot_word, word) in s.peer[..4].iter().zip(half.peer) {
             slot_word.store(*word, Relaxed);
         }
-        s.peer[4].store((peer[4] & PORTS_MASK) | u64::from(service) << 32, Relaxed);
-        s.nat_delta.store(nat_delta, Relaxed);
-        s.peer_slot.store(peer_slot as u32, Relaxed);
-        s.backend.store(backend, Relaxed);
+        s.peer[4].store((half.peer[4] & PORTS_MASK) | u64::from(flow.service) << 32, Relaxed);
+        s.nat_delta.store(half.nat_delta, Relaxed);
+        s.peer_slot.store(half.peer_slot as u32, Relaxed);
+        s.backend.store(flow.backend, Relaxed);
         s.last_seen.store(now, Relaxed);
         s.state.store(state.0, Relaxed);
-        s.packets.store(0, Relaxed);
-        s.bytes.store(0, Relaxed);
+        s.packets.store(half.packets, Relaxed);
+        s.bytes.store(half.bytes, Relaxed);
     }
 
     /// Inserts a flow if its original tuple is not tracked yet.
@@ -1040,7 +1050,7 @@ impl FlowTable {
         if let Some((i, m, r)) = self.find(&o.words, o.hash) {
             return Ok(Inserted::Existing(Self::view(i, m, &r)));
         }
-        self.insert_absent(flow, &o, now)
+        self.insert_absent(flow, &o, now, None)
     }
 
     /// [`FlowTable::insert`] for a caller whose lookup of `flow.orig` has
@@ -1051,25 +1061,48 @@ impl FlowTable {
     /// `Existing` (but as `Full` when the table is at capacity: room is
     /// reserved first).
     ///
+    /// `first` is the packet whose lookup missed. It is recorded on the
+    /// flow it belongs to exactly as [`FlowTable::touch`] would record it
+    /// (counters, last seen, state), so the caller does not touch the flow
+    /// again: a new flow's slot is written with it (two atomic additions
+    /// fewer per new flow), an existing flow is touched here. Nothing is
+    /// recorded when the insert fails.
+    ///
     /// # Errors
     /// As [`FlowTable::insert`].
-    pub fn insert_missed(&self, flow: &NewFlow, now: u32) -> Result<Inserted, InsertError> {
+    pub fn insert_missed(&self, flow: &NewFlow, now: u32, first: FirstPacket) -> Result<Inserted, InsertError> {
         if flow.orig == flow.reply || flow.orig.proto != flow.reply.proto {
             return Err(InsertError::InvalidTuple);
         }
-        self.insert_absent(flow, &self.hash(&flow.orig), now)
+        let result = self.insert_absent(flow, &self.hash(&flow.orig), now, Some(first));
+        if let Ok(Inserted::Existing(v)) = &result {
+            self.touch(v, now, first.bytes, first.tcp_flags);
+        }
+        result
     }
 
-    fn insert_absent(&self, flow: &NewFlow, o: &KeyHash, now: u32) -> Result<Inserted, InsertError> {
+    fn insert_absent(
+        &self,
+        flow: &NewFlow,
+        o: &KeyHash,
+        now: u32,
+        first: Option<FirstPacket>,
+    ) -> Result<Inserted, InsertError> {
         self.reserve(self.home(o.hash))?;
-        let result = self.insert_reserved(flow, o, now);
+        let result = self.insert_reserved(flow, o, now, first);
         if !matches!(result, Ok(Inserted::New(_))) {
             self.len.0.fetch_sub(1, Relaxed);
         }
         result
     }
 
-    fn insert_reserved(&self, flow: &NewFlow, o: &KeyHash, now: u32) -> Result<Inserted, InsertError> {
+    fn insert_reserved(
+        &self,
+        flow: &NewFlow,
+        o: &KeyHash,
+        now: u32,
+        first: Option<FirstPacket>,
+    ) -> Result<Inserted, InsertError> {
         let oc = match self.claim(&o.words, o.hash, Dir::Original, None)? {
             ClaimResult::Found(v) => return Ok(Inserted::Existing(v)),
             ClaimResult::Claimed(c) => c,
@@ -1086,10 +1119,18 @@ impl FlowTable {
                 return Err(e);
             }
         };
-        let state = StateWord::new(flow.state);
+        let mut state = StateWord::new(flow.state);
+        let (mut packets, mut bytes) = (0, 0);
+        if let Some(p) = first {
+            state = advance(state, Dir::Original, p.tcp_flags);
+            (packets, bytes) = (1, p.bytes);
+        }
         let (orig_delta, reply_delta) = nat_deltas(&o.words, &r.words);
-        self.fill(&oc, &o.words, &r.words, orig_delta, rc.slot, flow.service, flow.backend, now, state);
-        self.fill(&rc, &r.words, &o.words, reply_delta, oc.slot, flow.service, flow.backend, now, state);
+        let orig = Half { key: &o.words, peer: &r.words, nat_delta: orig_delta, peer_slot: rc.slot, packets, bytes };
+        let reply =
+            Half { key: &r.words, peer: &o.words, nat_delta: reply_delta, peer_slot: oc.slot, packets: 0, bytes: 0 };
+        self.fill(&oc, &orig, flow, now, state);
+        self.fill(&rc, &reply, flow, now, state);
         self.slots[rc.slot].meta.store(rc.meta.next(KIND_FULL).0, Release);
         let full = oc.meta.next(KIND_FULL);
         self.slots[oc.slot].meta.store(full.0, Release);

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use xskgate_conntrack::state::{StateWord, advance};
 use xskgate_conntrack::{
-    Candidate, Config, Dir, FlowKey, FlowState, FlowTable, InsertError, Inserted, NewFlow, Proto, TcpState, Timeouts,
+    Candidate, Config, Dir, FirstPacket, FlowKey, FlowState, FlowTable, InsertError, Inserted, NewFlow, Proto,
+    TcpState, Timeouts, tcp_flags,
 };
 
 const CAPACITY: usize = 8;
@@ -273,17 +274,19 @@ fn reply_tuple_conflicts_and_capacity() {
 #[test]
 fn insert_after_a_miss_is_still_insert_if_absent() {
     let t = FlowTable::new(Config { capacity: 2, early_drop: false, seed: Some(2), ..Config::default() }).unwrap();
-    assert!(matches!(t.insert_missed(&flow_of(0, 1), 5), Ok(Inserted::New(_))));
-    let Ok(Inserted::Existing(v)) = t.insert_missed(&flow_of(0, 2), 6) else { panic!("expected Existing") };
+    assert!(matches!(t.insert_missed(&flow_of(0, 1), 5, FirstPacket::default()), Ok(Inserted::New(_))));
+    let Ok(Inserted::Existing(v)) = t.insert_missed(&flow_of(0, 2), 6, FirstPacket::default()) else {
+        panic!("expected Existing")
+    };
     assert_eq!((v.peer(), v.backend), (tuple(1), 0));
     assert_eq!(t.len(), 1);
-    assert_eq!(t.insert_missed(&flow_of(3, 1), 6), Err(InsertError::ReplyTaken));
-    assert_eq!(t.insert_missed(&flow_of(4, 4), 6), Err(InsertError::InvalidTuple));
-    assert!(matches!(t.insert_missed(&flow_of(5, 6), 7), Ok(Inserted::New(_))));
-    assert_eq!(t.insert_missed(&flow_of(7, 8), 7), Err(InsertError::Full));
+    assert_eq!(t.insert_missed(&flow_of(3, 1), 6, FirstPacket::default()), Err(InsertError::ReplyTaken));
+    assert_eq!(t.insert_missed(&flow_of(4, 4), 6, FirstPacket::default()), Err(InsertError::InvalidTuple));
+    assert!(matches!(t.insert_missed(&flow_of(5, 6), 7, FirstPacket::default()), Ok(Inserted::New(_))));
+    assert_eq!(t.insert_missed(&flow_of(7, 8), 7, FirstPacket::default()), Err(InsertError::Full));
     // At capacity even a stored flow is refused: the reservation comes
     // first (insert, which looks first, returns it).
-    assert_eq!(t.insert_missed(&flow_of(0, 9), 7), Err(InsertError::Full));
+    assert_eq!(t.insert_missed(&flow_of(0, 9), 7, FirstPacket::default()), Err(InsertError::Full));
     assert!(matches!(t.insert(&flow_of(0, 9), 7), Ok(Inserted::Existing(_))));
     assert_eq!(t.len(), 2);
     t.check_invariants().unwrap();
@@ -329,4 +332,44 @@ fn a_lookup_from_any_candidate_answers_as_a_plain_lookup() {
     assert!(t.remove(&flows[3].orig));
     check(&t);
     assert!(t.lookup(&flows[3].orig).is_none());
+}
+
+/// `insert_missed` records the packet that missed exactly as an insert
+/// followed by `touch` does (counters, last seen, a TCP state the packet's
+/// flags advance): on the flow it stores, and on the flow it finds stored.
+/// A failed insert records nothing.
+#[test]
+fn insert_after_a_miss_records_the_packet_as_touch_would() {
+    let config = Config { capacity: 4, early_drop: false, seed: Some(3), ..Config::default() };
+    let (fast, reference) = (FlowTable::new(config.clone()).unwrap(), FlowTable::new(config).unwrap());
+    let tcp = |o: u8, r: u8, state: TcpState| NewFlow { state: FlowState::Tcp(state), ..flow_of(o, r) };
+    let cases = [
+        // A SYN starting a flow; a mid-stream FIN (picked up as established,
+        // which the FIN then advances); a stored flow's next packet.
+        (tcp(0, 1, TcpState::SynSent), FirstPacket { bytes: 60, tcp_flags: tcp_flags::SYN }, 10),
+        (tcp(2, 3, TcpState::Established), FirstPacket { bytes: 52, tcp_flags: tcp_flags::FIN | tcp_flags::ACK }, 11),
+        (tcp(0, 4, TcpState::SynSent), FirstPacket { bytes: 40, tcp_flags: tcp_flags::ACK }, 12),
+    ];
+    for (flow, first, now) in cases {
+        let got = fast.insert_missed(&flow, now, first).unwrap();
+        let want = reference.insert(&flow, now).unwrap();
+        let (Inserted::New(v) | Inserted::Existing(v)) = want;
+        reference.touch(&v, now, first.bytes, first.tcp_flags).unwrap();
+        assert_eq!(matches!(got, Inserted::New(_)), matches!(want, Inserted::New(_)));
+    }
+    let sorted = |t: &FlowTable| {
+        let mut flows = t.flows();
+        flows.sort_by_key(|f| f.backend);
+        flows
+    };
+    let got = sorted(&fast);
+    assert_eq!(got, sorted(&reference));
+    assert_eq!(got.len(), 2);
+    assert_eq!((got[0].packets, got[0].bytes, got[0].last_seen), ([2, 0], [100, 0], 12));
+    assert_ne!(got[1].state, FlowState::Tcp(TcpState::Established), "the FIN advanced the state");
+    // The reply tuple is taken: nothing stored, nothing recorded.
+    let taken = fast.insert_missed(&tcp(5, 1, TcpState::SynSent), 13, FirstPacket { bytes: 9, tcp_flags: 0 });
+    assert_eq!(taken, Err(InsertError::ReplyTaken));
+    assert_eq!(sorted(&fast), got);
+    fast.check_invariants().unwrap();
 }

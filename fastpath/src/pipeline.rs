@@ -26,8 +26,8 @@ use crate::nat;
 use crate::service::{FrontendKind, ServiceTable, TrafficPolicy};
 use crate::wire::{self, Inner, L4, Parsed, Unparsed};
 use xskgate_conntrack::{
-    Candidate, FlowKey, FlowState, FlowTable, FlowView, InsertError, Inserted, KeyHash, NewFlow, Proto, TcpState,
-    tcp_flags,
+    Candidate, FirstPacket, FlowKey, FlowState, FlowTable, FlowView, InsertError, Inserted, KeyHash, NewFlow, Proto,
+    TcpState, tcp_flags,
 };
 
 /// Frames per batch (the AF_XDP ring batch).
@@ -474,10 +474,16 @@ fn untracked(
 /// Applies a flow's translation to a packet of it and accounts for it.
 #[inline(always)]
 fn forward(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, t: &Tables<'_>, c: &mut Counters, now: u32) -> Verdict {
+    t.conntrack.touch(view, now, (p.end - p.l3) as u64, p.tcp_flags);
+    rewrite(f, p, view, c)
+}
+
+/// Rewrites a packet of a flow that has recorded it already and counts it
+/// for its service.
+#[inline(always)]
+fn rewrite(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, c: &mut Counters) -> Verdict {
     nat::rewrite(f.buf, p, view);
-    let len = p.end - p.l3;
-    t.conntrack.touch(view, now, len as u64, p.tcp_flags);
-    c.count_service(view.service, len);
+    c.count_service(view.service, p.end - p.l3);
     Verdict::Forward { next_hop: view.rewrite_dst() }
 }
 
@@ -581,9 +587,11 @@ fn insert_planned(
     now: u32,
 ) -> Verdict {
     let mut flow = plan.flow;
+    // The table records the packet on the flow it stores or finds.
+    let first = FirstPacket { bytes: (p.end - p.l3) as u64, tcp_flags: p.tcp_flags };
     for attempt in 0..SNAT_TRIES {
         flow.reply.dport = plan.search.port(p.sport, attempt);
-        let view = match t.conntrack.insert_missed(&flow, now) {
+        let view = match t.conntrack.insert_missed(&flow, now, first) {
             Ok(Inserted::New(v)) => {
                 c.flows_created += 1;
                 v
@@ -594,7 +602,7 @@ fn insert_planned(
             Err(InsertError::Contended) => return c.drop(DropReason::ConntrackContended),
             Err(InsertError::InvalidTuple) => return c.drop(DropReason::InvalidTuple),
         };
-        return forward(f, p, &view, t, c, now);
+        return rewrite(f, p, &view, c);
     }
     c.drop(DropReason::SnatExhausted)
 }
