@@ -1050,7 +1050,7 @@ impl FlowTable {
         if let Some((i, m, r)) = self.find(&o.words, o.hash) {
             return Ok(Inserted::Existing(Self::view(i, m, &r)));
         }
-        self.insert_absent(flow, &o, now, None)
+        self.insert_absent(flow, &o, now, None, &mut || None)
     }
 
     /// [`FlowTable::insert`] for a caller whose lookup of `flow.orig` has
@@ -1068,13 +1068,27 @@ impl FlowTable {
     /// fewer per new flow), an existing flow is touched here. Nothing is
     /// recorded when the insert fails.
     ///
+    /// `next_reply_port` is the SNAT port allocator's search: when the
+    /// reply tuple is taken by another flow, the reply's destination port
+    /// becomes the next port it yields, and the claim is retried; `None`
+    /// ends the search with [`InsertError::ReplyTaken`]. The original
+    /// tuple's slot stays claimed meanwhile, so a retry costs one claim of
+    /// the reply tuple, not a whole insert. The stored reply tuple is the
+    /// returned view's [`FlowView::peer`].
+    ///
     /// # Errors
     /// As [`FlowTable::insert`].
-    pub fn insert_missed(&self, flow: &NewFlow, now: u32, first: FirstPacket) -> Result<Inserted, InsertError> {
+    pub fn insert_missed(
+        &self,
+        flow: &NewFlow,
+        now: u32,
+        first: FirstPacket,
+        mut next_reply_port: impl FnMut() -> Option<u16>,
+    ) -> Result<Inserted, InsertError> {
         if flow.orig == flow.reply || flow.orig.proto != flow.reply.proto {
             return Err(InsertError::InvalidTuple);
         }
-        let result = self.insert_absent(flow, &self.hash(&flow.orig), now, Some(first));
+        let result = self.insert_absent(flow, &self.hash(&flow.orig), now, Some(first), &mut next_reply_port);
         if let Ok(Inserted::Existing(v)) = &result {
             self.touch(v, now, first.bytes, first.tcp_flags);
         }
@@ -1087,9 +1101,10 @@ impl FlowTable {
         o: &KeyHash,
         now: u32,
         first: Option<FirstPacket>,
+        next_reply_port: &mut dyn FnMut() -> Option<u16>,
     ) -> Result<Inserted, InsertError> {
         self.reserve(self.home(o.hash))?;
-        let result = self.insert_reserved(flow, o, now, first);
+        let result = self.insert_reserved(flow, o, now, first, next_reply_port);
         if !matches!(result, Ok(Inserted::New(_))) {
             self.len.0.fetch_sub(1, Relaxed);
         }
@@ -1102,22 +1117,40 @@ impl FlowTable {
         o: &KeyHash,
         now: u32,
         first: Option<FirstPacket>,
+        next_reply_port: &mut dyn FnMut() -> Option<u16>,
     ) -> Result<Inserted, InsertError> {
         let oc = match self.claim(&o.words, o.hash, Dir::Original, None)? {
             ClaimResult::Found(v) => return Ok(Inserted::Existing(v)),
             ClaimResult::Claimed(c) => c,
         };
-        let r = self.hash(&flow.reply);
-        let rc = match self.claim(&r.words, r.hash, Dir::Reply, Some(oc.slot)) {
-            Ok(ClaimResult::Claimed(c)) => c,
-            Ok(ClaimResult::Found(_)) => {
-                self.release(oc);
-                return Err(InsertError::ReplyTaken);
+        // The original tuple stays claimed while the reply's port moves; a
+        // port whose reply tuple would be the original tuple is skipped. At
+        // most one try per port.
+        let mut reply = flow.reply;
+        let mut claimed = None;
+        for _ in 0..=u16::MAX {
+            if reply != flow.orig {
+                let r = self.hash(&reply);
+                match self.claim(&r.words, r.hash, Dir::Reply, Some(oc.slot)) {
+                    Ok(ClaimResult::Claimed(c)) => {
+                        claimed = Some((r, c));
+                        break;
+                    }
+                    Ok(ClaimResult::Found(_)) => {}
+                    Err(e) => {
+                        self.release(oc);
+                        return Err(e);
+                    }
+                }
             }
-            Err(e) => {
-                self.release(oc);
-                return Err(e);
+            match next_reply_port() {
+                Some(port) => reply.dport = port,
+                None => break,
             }
+        }
+        let Some((r, rc)) = claimed else {
+            self.release(oc);
+            return Err(InsertError::ReplyTaken);
         };
         let mut state = StateWord::new(flow.state);
         let (mut packets, mut bytes) = (0, 0);

@@ -274,19 +274,19 @@ fn reply_tuple_conflicts_and_capacity() {
 #[test]
 fn insert_after_a_miss_is_still_insert_if_absent() {
     let t = FlowTable::new(Config { capacity: 2, early_drop: false, seed: Some(2), ..Config::default() }).unwrap();
-    assert!(matches!(t.insert_missed(&flow_of(0, 1), 5, FirstPacket::default()), Ok(Inserted::New(_))));
-    let Ok(Inserted::Existing(v)) = t.insert_missed(&flow_of(0, 2), 6, FirstPacket::default()) else {
+    assert!(matches!(t.insert_missed(&flow_of(0, 1), 5, FirstPacket::default(), || None), Ok(Inserted::New(_))));
+    let Ok(Inserted::Existing(v)) = t.insert_missed(&flow_of(0, 2), 6, FirstPacket::default(), || None) else {
         panic!("expected Existing")
     };
     assert_eq!((v.peer(), v.backend), (tuple(1), 0));
     assert_eq!(t.len(), 1);
-    assert_eq!(t.insert_missed(&flow_of(3, 1), 6, FirstPacket::default()), Err(InsertError::ReplyTaken));
-    assert_eq!(t.insert_missed(&flow_of(4, 4), 6, FirstPacket::default()), Err(InsertError::InvalidTuple));
-    assert!(matches!(t.insert_missed(&flow_of(5, 6), 7, FirstPacket::default()), Ok(Inserted::New(_))));
-    assert_eq!(t.insert_missed(&flow_of(7, 8), 7, FirstPacket::default()), Err(InsertError::Full));
+    assert_eq!(t.insert_missed(&flow_of(3, 1), 6, FirstPacket::default(), || None), Err(InsertError::ReplyTaken));
+    assert_eq!(t.insert_missed(&flow_of(4, 4), 6, FirstPacket::default(), || None), Err(InsertError::InvalidTuple));
+    assert!(matches!(t.insert_missed(&flow_of(5, 6), 7, FirstPacket::default(), || None), Ok(Inserted::New(_))));
+    assert_eq!(t.insert_missed(&flow_of(7, 8), 7, FirstPacket::default(), || None), Err(InsertError::Full));
     // At capacity even a stored flow is refused: the reservation comes
     // first (insert, which looks first, returns it).
-    assert_eq!(t.insert_missed(&flow_of(0, 9), 7, FirstPacket::default()), Err(InsertError::Full));
+    assert_eq!(t.insert_missed(&flow_of(0, 9), 7, FirstPacket::default(), || None), Err(InsertError::Full));
     assert!(matches!(t.insert(&flow_of(0, 9), 7), Ok(Inserted::Existing(_))));
     assert_eq!(t.len(), 2);
     t.check_invariants().unwrap();
@@ -351,7 +351,7 @@ fn insert_after_a_miss_records_the_packet_as_touch_would() {
         (tcp(0, 4, TcpState::SynSent), FirstPacket { bytes: 40, tcp_flags: tcp_flags::ACK }, 12),
     ];
     for (flow, first, now) in cases {
-        let got = fast.insert_missed(&flow, now, first).unwrap();
+        let got = fast.insert_missed(&flow, now, first, || None).unwrap();
         let want = reference.insert(&flow, now).unwrap();
         let (Inserted::New(v) | Inserted::Existing(v)) = want;
         reference.touch(&v, now, first.bytes, first.tcp_flags).unwrap();
@@ -368,8 +368,49 @@ fn insert_after_a_miss_records_the_packet_as_touch_would() {
     assert_eq!((got[0].packets, got[0].bytes, got[0].last_seen), ([2, 0], [100, 0], 12));
     assert_ne!(got[1].state, FlowState::Tcp(TcpState::Established), "the FIN advanced the state");
     // The reply tuple is taken: nothing stored, nothing recorded.
-    let taken = fast.insert_missed(&tcp(5, 1, TcpState::SynSent), 13, FirstPacket { bytes: 9, tcp_flags: 0 });
+    let taken = fast.insert_missed(&tcp(5, 1, TcpState::SynSent), 13, FirstPacket { bytes: 9, tcp_flags: 0 }, || None);
     assert_eq!(taken, Err(InsertError::ReplyTaken));
     assert_eq!(sorted(&fast), got);
     fast.check_invariants().unwrap();
+}
+
+/// When the reply tuple is taken, `insert_missed` moves the reply's
+/// destination port to the next one the caller's search yields, keeping
+/// the original tuple claimed meanwhile: it stores the first free one,
+/// skips one whose reply tuple would be the original tuple, and reports
+/// `ReplyTaken` with nothing stored when the search ends.
+#[test]
+fn insert_after_a_miss_moves_a_taken_reply_port() {
+    let t = FlowTable::new(Config { capacity: 8, early_drop: false, seed: Some(4), ..Config::default() }).unwrap();
+    let with_port = |k: FlowKey, dport: u16| FlowKey { dport, ..k };
+    let flow = |orig: FlowKey, reply: FlowKey, backend: u32| NewFlow { orig, reply, backend, ..flow_of(0, 1) };
+    let first = FirstPacket { bytes: 40, tcp_flags: 0 };
+    let taken = tuple(1);
+    assert!(matches!(t.insert_missed(&flow(tuple(0), taken, 0), 1, first, || None), Ok(Inserted::New(_))));
+    assert!(matches!(
+        t.insert_missed(&flow(tuple(2), with_port(taken, 81), 2), 1, first, || None),
+        Ok(Inserted::New(_))
+    ));
+    // Ports 80 and 81 are taken: the flow is stored with 82.
+    let mut ports = [81, 82, 83].into_iter();
+    let Ok(Inserted::New(v)) = t.insert_missed(&flow(tuple(3), taken, 3), 2, first, || ports.next()) else {
+        panic!("expected New")
+    };
+    assert_eq!((v.peer(), ports.next()), (with_port(taken, 82), Some(83)));
+    let back = t.lookup(&with_port(taken, 82)).unwrap();
+    assert_eq!((back.dir, back.backend, back.rewrite()), (Dir::Reply, 3, tuple(3).reversed()));
+    // The search ends before a free port: nothing stored, nothing held.
+    let mut ports = [81, 82].into_iter();
+    assert_eq!(t.insert_missed(&flow(tuple(6), taken, 6), 3, first, || ports.next()), Err(InsertError::ReplyTaken));
+    assert!(t.lookup(&tuple(6)).is_none());
+    assert_eq!(t.len(), 3);
+    // Port 83 would make the reply tuple the original one: skipped.
+    let orig = with_port(taken, 83);
+    let mut ports = [83, 84].into_iter();
+    let Ok(Inserted::New(v)) = t.insert_missed(&flow(orig, taken, 8), 4, first, || ports.next()) else {
+        panic!("expected New")
+    };
+    assert_eq!(v.peer(), with_port(taken, 84));
+    assert_eq!(t.len(), 4);
+    t.check_invariants().unwrap();
 }

@@ -38,6 +38,9 @@ pub const MAX_SERVICE_IDS: usize = 1 << 16;
 
 /// How many SNAT ports a new flow tries before giving up.
 pub const SNAT_TRIES: u16 = 64;
+/// How many times a batch moves a new flow whose reply tuple looks taken
+/// to the next SNAT port before its insert (which then tries the rest).
+const SNAT_PRECHECK_ROUNDS: usize = 2;
 
 /// A frame buffer: `buf` is the whole buffer (its length is the capacity a
 /// generated reply may grow into), `len` the bytes of the frame.
@@ -351,9 +354,32 @@ pub fn process_batch(
                 }
             }
         }
-        for i in bits(to_insert) {
-            // An insert claims slots itself: no candidate to keep.
-            let _ = t.conntrack.prefetch_slot(&reply_hashes[i]);
+        // Read the reply tuples' hints and prefetch the free slots their
+        // inserts will claim. A reply tuple whose tag is hinted already is
+        // most likely another flow's (its SNAT port is taken): such a flow
+        // moves to the allocator's next port here, while that tuple's
+        // memory can still be prefetched, instead of finding out in the
+        // insert with nothing prefetched (with half an endpoint's SNAT
+        // ports in use that was most of a new flow's cost). The insert
+        // still checks for real.
+        let mut check = to_insert;
+        for round in 0..=SNAT_PRECHECK_ROUNDS {
+            let mut moved = 0u64;
+            for i in bits(check) {
+                let likely_taken = t.conntrack.prefetch_slot(&reply_hashes[i]) != Candidate::NONE;
+                if let (true, Ok(p), Some(plan)) =
+                    (likely_taken && round < SNAT_PRECHECK_ROUNDS, &parsed[i], &mut planned[i])
+                    && plan.next_port(p.sport)
+                {
+                    reply_hashes[i] = t.conntrack.hash(&plan.flow.reply);
+                    t.conntrack.prefetch_insert(&reply_hashes[i]);
+                    moved |= 1 << i;
+                }
+            }
+            check = moved;
+            if check == 0 {
+                break;
+            }
         }
         for i in bits(to_insert) {
             if let (Some(f), Ok(p), Some(plan)) = (frames.get_mut(i), &parsed[i], &planned[i]) {
@@ -572,12 +598,13 @@ fn plan_new_flow(
     let search = PortSearch { keep_port, lo, span, start: (fh % u64::from(span)) as u32 };
     let reply =
         FlowKey { proto: p.proto, src: ep.addr, sport: ep.port, dst: reply_dst, dport: search.port(p.sport, 0) };
-    Ok(Planned { flow: NewFlow { orig: *key, reply, backend: ep.id, service: svc.id, state }, search })
+    Ok(Planned { flow: NewFlow { orig: *key, reply, backend: ep.id, service: svc.id, state }, search, attempt: 0 })
 }
 
 /// Stores a planned flow and forwards its first packet. The SNAT port
-/// allocator: the reply tuple must be unique, so a taken one moves to the
-/// next port of the range, at most [`SNAT_TRIES`] times.
+/// allocator: the reply tuple must be unique, so while it is taken the
+/// table moves it to the search's next port, up to [`SNAT_TRIES`] ports in
+/// all (counting those the batch skipped before the insert).
 fn insert_planned(
     f: &mut Frame<'_>,
     p: &Parsed,
@@ -586,33 +613,46 @@ fn insert_planned(
     c: &mut Counters,
     now: u32,
 ) -> Verdict {
-    let mut flow = plan.flow;
     // The table records the packet on the flow it stores or finds.
     let first = FirstPacket { bytes: (p.end - p.l3) as u64, tcp_flags: p.tcp_flags };
-    for attempt in 0..SNAT_TRIES {
-        flow.reply.dport = plan.search.port(p.sport, attempt);
-        let view = match t.conntrack.insert_missed(&flow, now, first) {
-            Ok(Inserted::New(v)) => {
-                c.flows_created += 1;
-                v
-            }
-            Ok(Inserted::Existing(v)) => v,
-            Err(InsertError::ReplyTaken) => continue,
-            Err(InsertError::Full | InsertError::ProbeLimit) => return c.drop(DropReason::ConntrackFull),
-            Err(InsertError::Contended) => return c.drop(DropReason::ConntrackContended),
-            Err(InsertError::InvalidTuple) => return c.drop(DropReason::InvalidTuple),
-        };
-        return rewrite(f, p, &view, c);
-    }
-    c.drop(DropReason::SnatExhausted)
+    let mut search = *plan;
+    let next_port = || search.next_port(p.sport).then_some(search.flow.reply.dport);
+    let view = match t.conntrack.insert_missed(&plan.flow, now, first, next_port) {
+        Ok(Inserted::New(v)) => {
+            c.flows_created += 1;
+            v
+        }
+        Ok(Inserted::Existing(v)) => v,
+        Err(InsertError::ReplyTaken) => return c.drop(DropReason::SnatExhausted),
+        Err(InsertError::Full | InsertError::ProbeLimit) => return c.drop(DropReason::ConntrackFull),
+        Err(InsertError::Contended) => return c.drop(DropReason::ConntrackContended),
+        Err(InsertError::InvalidTuple) => return c.drop(DropReason::InvalidTuple),
+    };
+    rewrite(f, p, &view, c)
 }
 
 /// A new flow decided (service, traffic class, endpoint, NAT) but not yet
-/// stored. Its reply tuple is the first SNAT candidate.
+/// stored. Its reply tuple's destination is the SNAT search's port of
+/// attempt `attempt`.
 #[derive(Clone, Copy, Debug)]
 struct Planned {
     flow: NewFlow,
     search: PortSearch,
+    attempt: u16,
+}
+
+impl Planned {
+    /// Moves the reply tuple to the search's next port; false (unchanged)
+    /// after [`SNAT_TRIES`] ports.
+    #[inline]
+    fn next_port(&mut self, sport: u16) -> bool {
+        if self.attempt + 1 >= SNAT_TRIES {
+            return false;
+        }
+        self.attempt += 1;
+        self.flow.reply.dport = self.search.port(sport, self.attempt);
+        true
+    }
 }
 
 /// Where the SNAT port allocator looks: the client's own port first when

@@ -81,7 +81,11 @@ fn node() -> NodeConfig {
 }
 
 fn table(svcs: &[Svc]) -> ServiceTable {
-    let mut b = ServiceTableBuilder::new(node(), 1);
+    table_on(svcs, node())
+}
+
+fn table_on(svcs: &[Svc], node: NodeConfig) -> ServiceTable {
+    let mut b = ServiceTableBuilder::new(node, 1);
     for (i, s) in svcs.iter().enumerate() {
         let i16 = i as u16;
         b.add(Arc::new(ServicePort {
@@ -115,8 +119,12 @@ struct Gw {
 
 impl Gw {
     fn new(svcs: &[Svc]) -> Gw {
+        Gw::with_node(svcs, node())
+    }
+
+    fn with_node(svcs: &[Svc], node: NodeConfig) -> Gw {
         Gw {
-            services: table(svcs),
+            services: table_on(svcs, node),
             conntrack: FlowTable::new(Config { capacity: 4096, ..Config::default() }).unwrap(),
             affinity: AffinityTable::new(1024),
             worker: WorkerState::new(),
@@ -598,6 +606,37 @@ fn a_new_flow_twice_in_one_batch_is_created_once() {
     assert_eq!(back, udp4(LB, 80, CLIENT, 40000, 63));
     gw.conntrack.check_invariants().unwrap();
     assert_eq!(gw.conntrack.len(), 3);
+}
+
+/// The SNAT port allocator with four ports for one endpoint: flows started
+/// in one batch (whose first ports may clash), then in a later batch (whose
+/// first ports the batch sees taken beforehand) get distinct ports until
+/// all four are used; the next new flow is a counted `snat_exhausted`
+/// drop, in a batch and alone, and every stored flow's reply finds it.
+#[test]
+fn snat_ports_stay_unique_until_exhausted() {
+    let svc = Svc { cluster: vec![ep(POD_A, 1)], local: vec![], ..Svc::default() };
+    let mut gw = Gw::with_node(&[svc], NodeConfig { snat_ports: (30000, 30003), ..node() });
+    let first: Vec<Vec<u8>> = (0..3).map(|i| udp4(CLIENT, 40000 + i, LB, 80, 64)).collect();
+    let mut out = gw.run_batch(&first);
+    out.extend(gw.run_batch(&[udp4(CLIENT, 40003, LB, 80, 64), udp4(CLIENT, 40004, LB, 80, 64)]));
+    let forwarded: Vec<u16> =
+        out.iter().filter(|(v, _)| matches!(v, Verdict::Forward { .. })).map(|(_, f)| tuple(f).1).collect();
+    let mut ports = forwarded.clone();
+    ports.sort_unstable();
+    assert_eq!(ports, [30000, 30001, 30002, 30003], "every port once");
+    assert_eq!(out[4].0, Verdict::Drop(DropReason::SnatExhausted));
+    let (v, _) = gw.run(&udp4(CLIENT2, 40000, LB, 80, 64));
+    assert_eq!(v, Verdict::Drop(DropReason::SnatExhausted));
+    assert_eq!(gw.drops(DropReason::SnatExhausted), 2);
+    assert_eq!((gw.worker.counters.flows_created, gw.conntrack.len()), (4, 4));
+    for (client_port, (_, frame)) in (40000..).zip(&out[..4]) {
+        let (_, snat_port, _, _) = tuple(frame);
+        let (v, back) = gw.run(&udp4(POD_A, 8080, GW, snat_port, 64));
+        assert_eq!(v, Verdict::Forward { next_hop: Addr::from_v4(CLIENT) });
+        assert_eq!(back, udp4(LB, 80, CLIENT, client_port, 63));
+    }
+    gw.conntrack.check_invariants().unwrap();
 }
 
 #[test]
