@@ -1,7 +1,7 @@
 //! The flow table: fixed capacity, shared by every worker, lock-free.
 //!
 //! # Layout
-//! One array of 128-byte [`Slot`]s (two cache lines; a batched lookup
+//! One array of 128-byte `Slot`s (two cache lines; a batched lookup
 //! prefetches both: left to the hardware's adjacent-line prefetcher, the
 //! second arrived too late, 1.6–1.8× slower with 1M flows), in one
 //! huge-page mapping made at creation.

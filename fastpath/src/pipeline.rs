@@ -16,8 +16,9 @@
 //! a key not there, the slots an insert will touch); decide every frame,
 //! forwarding tracked flows and planning new ones (endpoint, SNAT
 //! candidate), whose reply tuples' hints and home slots are prefetched;
-//! prefetch the free slots those hints point to; then store the new flows
-//! and forward their packets.
+//! read those hints, moving a new flow whose reply tuple looks taken to the
+//! next SNAT port (and prefetching again), and prefetch the free slots the
+//! inserts will claim; then store the new flows and forward their packets.
 //! No allocation, no lock, no system call: counters live in the caller's
 //! [`WorkerState`], tables are read-only or lock-free.
 

@@ -3,8 +3,8 @@
 //! published as an immutable snapshot (arc-swap), like the service table.
 //!
 //! Contract: [`Fib::next_hop`] is the kernel's choice for a destination in
-//! the main table (longest prefix, then lowest metric); [`Fib::l2`] gives the
-//! MAC addresses to write. Both are allocation-free lookups.
+//! the main table (longest prefix, then lowest metric); [`Fib::neighbour`]
+//! and [`Fib::link`] give the MAC addresses to write. Both are allocation-free lookups.
 
 use crate::service::Cidr;
 use foldhash::fast::FixedState;
