@@ -565,9 +565,9 @@ impl std::fmt::Debug for FlowTable {
 const PREFETCH_PROBE: usize = 8;
 
 /// Starts loading the cache line at `p` (a hint that never faults; no-op
-/// elsewhere than x86-64).
+/// elsewhere than x86-64). Public for the fast path's own batches.
 #[inline(always)]
-fn prefetch_line(p: *const u8) {
+pub fn prefetch_line(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};

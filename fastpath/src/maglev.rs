@@ -129,6 +129,15 @@ impl Maglev {
         Some(usize::from(self.entries[i]))
     }
 
+    /// Starts loading the entry [`Maglev::pick`] reads for `flow_hash`.
+    #[inline]
+    pub fn prefetch(&self, flow_hash: u64) {
+        let i = ((u128::from(flow_hash) * self.entries.len() as u128) >> 64) as usize;
+        if let Some(e) = self.entries.get(i) {
+            xskgate_conntrack::prefetch_line(std::ptr::from_ref(e).cast());
+        }
+    }
+
     /// Table size M.
     pub fn len(&self) -> usize {
         self.entries.len()

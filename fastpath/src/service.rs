@@ -185,6 +185,16 @@ impl EndpointSet {
     pub fn by_id(&self, id: u32) -> Option<&Endpoint> {
         self.endpoints.iter().find(|e| e.id == id)
     }
+
+    /// Starts loading what [`EndpointSet::pick`] reads for `flow_hash`: its
+    /// Maglev entry and the start of the endpoint list.
+    #[inline]
+    pub fn prefetch_pick(&self, flow_hash: u64) {
+        if !self.endpoints.is_empty() {
+            self.maglev.prefetch(flow_hash);
+            xskgate_conntrack::prefetch_line(self.endpoints.as_ptr().cast());
+        }
+    }
 }
 
 /// A frontend of a service port.
@@ -332,6 +342,20 @@ impl ServiceTable {
             return Some((&self.ports[i as usize], FrontendKind::NodePort));
         }
         None
+    }
+
+    /// Starts loading the service port a new flow to `dst:port` belongs
+    /// to (the lookup itself runs now), for a batch that decides its new
+    /// flows later: with thousands of Services the decision otherwise walks
+    /// a chain of cache misses.
+    #[inline]
+    pub fn prefetch_port(&self, dst: &Addr, proto: Proto, port: u16) {
+        if let Some((svc, _)) = self.lookup(dst, proto, port) {
+            let start = std::ptr::from_ref(svc).cast::<u8>();
+            for line in (0..std::mem::size_of::<ServicePort>()).step_by(64) {
+                xskgate_conntrack::prefetch_line(start.wrapping_add(line));
+            }
+        }
     }
 
     #[inline]
