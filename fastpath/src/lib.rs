@@ -26,6 +26,6 @@ pub use pipeline::{
     process_batch,
 };
 pub use service::{
-    BuildError, Cidr, Endpoint, EndpointSet, Frontend, FrontendKind, NodeConfig, PortChange, ServicePort,
+    BuildError, Cidr, Endpoint, EndpointSet, Found, Frontend, FrontendKind, NodeConfig, PortChange, ServicePort,
     ServicePortName, ServiceTable, ServiceTableBuilder, ServiceTableHandle, TrafficPolicy,
 };

@@ -24,7 +24,7 @@
 
 use crate::affinity::AffinityTable;
 use crate::nat;
-use crate::service::{FrontendKind, ServiceTable, TrafficPolicy};
+use crate::service::{Found, FrontendKind, ServiceTable, TrafficPolicy};
 use crate::wire::{self, Inner, L4, Parsed, Unparsed};
 use xskgate_conntrack::{
     Candidate, FirstPacket, FlowKey, FlowState, FlowTable, FlowView, InsertError, Inserted, KeyHash, NewFlow, Proto,
@@ -208,6 +208,8 @@ struct BatchScratch {
     /// Where each hashed frame's lookup reads first.
     candidates: [Candidate; BATCH],
     planned: [Option<Planned>; BATCH],
+    /// The service port of each frame that likely starts a flow.
+    found: [Option<Found>; BATCH],
     /// The hash of each planned flow's first reply tuple.
     reply_hashes: [KeyHash; BATCH],
 }
@@ -219,6 +221,7 @@ impl Default for BatchScratch {
             hashes: [KeyHash::default(); BATCH],
             candidates: [Candidate::NONE; BATCH],
             planned: [None; BATCH],
+            found: [None; BATCH],
             reply_hashes: [KeyHash::default(); BATCH],
         }
     }
@@ -296,7 +299,7 @@ pub fn process_batch(
     assert!(verdicts.len() >= frames.len(), "one verdict per frame");
     for (frames, verdicts) in frames.chunks_mut(BATCH).zip(verdicts.chunks_mut(BATCH)) {
         let WorkerState { counters, scratch } = &mut *w;
-        let BatchScratch { parsed, hashes, candidates, planned, reply_hashes } = &mut **scratch;
+        let BatchScratch { parsed, hashes, candidates, planned, found, reply_hashes } = &mut **scratch;
         // Bit i: frame i is TCP or UDP, and hashes[i] is its key's hash.
         let mut hashed = 0u64;
         for (i, f) in frames.iter().enumerate() {
@@ -324,16 +327,19 @@ pub fn process_batch(
                 hashed |= 1 << i;
             }
         }
-        // Bit i: no flow's tag is hinted for frame i's key, which most
-        // likely starts a flow.
+        // Bit i: frame i is to a service port, found[i], and no flow's tag
+        // is hinted for its key: it most likely starts a flow.
         let mut likely_new = 0u64;
         for i in bits(hashed) {
             candidates[i] = t.conntrack.prefetch_slot(&hashes[i]);
             if candidates[i] == Candidate::NONE
                 && let Ok(p) = &parsed[i]
             {
-                t.services.prefetch_port(&p.dst, p.proto, p.dport);
-                likely_new |= 1 << i;
+                found[i] = t.services.find(&p.dst, p.proto, p.dport);
+                if let Some(service) = found[i] {
+                    t.services.prefetch(service);
+                    likely_new |= 1 << i;
+                }
             }
         }
         // What deciding those flows reads next: the service port's endpoint
@@ -341,7 +347,7 @@ pub fn process_batch(
         // Services these are cache misses, one after the other).
         for i in bits(likely_new) {
             if let Ok(p) = &parsed[i]
-                && let Some((svc, _)) = t.services.lookup(&p.dst, p.proto, p.dport)
+                && let Some(svc) = found[i].and_then(|service| t.services.get(service))
             {
                 let fh = flow_hash(&key_of(p));
                 svc.cluster.prefetch_pick(fh);
@@ -361,7 +367,13 @@ pub fn process_batch(
                         verdicts[i] = counters.account(v);
                         continue;
                     }
-                    None => untracked(f, p, t, counters, now, &mut planned[i]),
+                    None => {
+                        let service = match likely_new & 1 << i {
+                            0 => t.services.find(&p.dst, p.proto, p.dport),
+                            _ => found[i],
+                        };
+                        untracked(f, p, service, t, counters, now, &mut planned[i])
+                    }
                 },
                 p => first_look(f, p, t, counters, now, &mut planned[i]),
             };
@@ -486,7 +498,7 @@ fn flow_packet(
 ) -> Option<Verdict> {
     match t.conntrack.lookup(&key_of(p)) {
         Some(view) => Some(tracked(f, p, &view, t, c, now)),
-        None => untracked(f, p, t, c, now, plan),
+        None => untracked(f, p, t.services.find(&p.dst, p.proto, p.dport), t, c, now, plan),
     }
 }
 
@@ -499,18 +511,20 @@ fn tracked(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, t: &Tables<'_>, c: &m
     forward(f, p, view, t, c, now)
 }
 
-/// A TCP or UDP packet of no tracked flow: a new flow's plan (`None`,
-/// written into `plan`), or its verdict.
+/// A TCP or UDP packet of no tracked flow, to the service port `service`
+/// (`None`: to none): a new flow's plan (`None`, written into `plan`), or
+/// its verdict.
 #[inline(never)]
 fn untracked(
     f: &mut Frame<'_>,
     p: &Parsed,
+    service: Option<Found>,
     t: &Tables<'_>,
     c: &mut Counters,
     now: u32,
     plan: &mut Option<Planned>,
 ) -> Option<Verdict> {
-    match plan_new_flow(f, p, &key_of(p), t, c, now) {
+    match plan_new_flow(f, p, service, t, c, now) {
         Ok(planned) => {
             *plan = Some(planned);
             None
@@ -538,15 +552,16 @@ fn rewrite(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, c: &mut Counters) -> 
 fn plan_new_flow(
     f: &mut Frame<'_>,
     p: &Parsed,
-    key: &FlowKey,
+    service: Option<Found>,
     t: &Tables<'_>,
     c: &mut Counters,
     now: u32,
 ) -> Result<Planned, Verdict> {
     let services = t.services;
-    let Some((svc, kind)) = services.lookup(&p.dst, p.proto, p.dport) else {
+    let Some((svc, kind)) = service.and_then(|found| Some((services.get(found)?, found.kind))) else {
         return Err(Verdict::Pass);
     };
+    let key = &key_of(p);
     // Traffic class: a ClusterIP is internal; an external address reached
     // from a pod is internal too (kube-proxy: "Redirect pods trying to reach
     // external loadbalancer VIP to clusterIP").

@@ -207,6 +207,14 @@ pub struct Frontend {
     pub port: u16,
 }
 
+/// Where [`ServiceTable::find`] found a frame's service port: valid for
+/// the table that found it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Found {
+    index: u32,
+    pub kind: FrontendKind,
+}
+
 /// One port of one Service, as the fast path needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
@@ -332,25 +340,40 @@ impl ServiceTable {
     /// reached.
     #[inline]
     pub fn lookup(&self, dst: &Addr, proto: Proto, port: u16) -> Option<(&ServicePort, FrontendKind)> {
-        if let Some(&(i, kind)) = self.frontends.get(&(*dst, proto, port)) {
-            return Some((&self.ports[i as usize], kind));
+        let found = self.find(dst, proto, port)?;
+        Some((self.get(found)?, found.kind))
+    }
+
+    /// [`ServiceTable::lookup`] in two steps, for a batch that finds a
+    /// frame's service port once and reads it in later passes: the port's
+    /// place in this table, and how it was reached.
+    #[inline]
+    pub fn find(&self, dst: &Addr, proto: Proto, port: u16) -> Option<Found> {
+        if let Some(&(index, kind)) = self.frontends.get(&(*dst, proto, port)) {
+            return Some(Found { index, kind });
         }
         if !self.node_ports.is_empty()
             && self.is_node_address(dst)
-            && let Some(&i) = self.node_ports.get(&(!dst.is_v4(), proto, port))
+            && let Some(&index) = self.node_ports.get(&(!dst.is_v4(), proto, port))
         {
-            return Some((&self.ports[i as usize], FrontendKind::NodePort));
+            return Some(Found { index, kind: FrontendKind::NodePort });
         }
         None
     }
 
-    /// Starts loading the service port a new flow to `dst:port` belongs
-    /// to (the lookup itself runs now), for a batch that decides its new
-    /// flows later: with thousands of Services the decision otherwise walks
-    /// a chain of cache misses.
+    /// The service port `found` names (`None` only for a `found` from
+    /// another table).
     #[inline]
-    pub fn prefetch_port(&self, dst: &Addr, proto: Proto, port: u16) {
-        if let Some((svc, _)) = self.lookup(dst, proto, port) {
+    pub fn get(&self, found: Found) -> Option<&ServicePort> {
+        self.ports.get(found.index as usize).map(|p| &**p)
+    }
+
+    /// Starts loading the service port `found` names, for a batch that
+    /// decides its new flows in a later pass: with thousands of Services
+    /// the decision otherwise walks a chain of cache misses.
+    #[inline]
+    pub fn prefetch(&self, found: Found) {
+        if let Some(svc) = self.get(found) {
             let start = std::ptr::from_ref(svc).cast::<u8>();
             for line in (0..std::mem::size_of::<ServicePort>()).step_by(64) {
                 xskgate_conntrack::prefetch_line(start.wrapping_add(line));
