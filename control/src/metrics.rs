@@ -162,6 +162,12 @@ pub fn render(s: &Sources) -> String {
     });
     counter(&mut out, "xskgate_passed_packets_total", "Packets the pipeline did not own.", pipeline.passed);
     counter(&mut out, "xskgate_flows_created_total", "Conntrack flows created.", pipeline.flows_created);
+    counter(
+        &mut out,
+        "xskgate_snat_port_retries_total",
+        "SNAT ports new flows passed over because their reply tuple was taken (rising: SNAT ports running out).",
+        pipeline.snat_port_retries,
+    );
     counter(&mut out, "xskgate_icmp_errors_translated_total", "ICMP errors translated.", {
         pipeline.icmp_errors_translated
     });
@@ -221,6 +227,7 @@ mod tests {
         );
         let mut snap = WorkerSnapshot::default();
         snap.pipeline.drops[DropReason::NoLocalEndpoints as usize] = 7;
+        snap.pipeline.snat_port_retries = 5;
         let s = Sources {
             control,
             workers: vec![Arc::new(Mutex::new(snap))],
@@ -230,6 +237,7 @@ mod tests {
         };
         let text = render(&s);
         assert!(text.contains("xskgate_drops_total{reason=\"no_local_endpoints\"} 7"), "{text}");
+        assert!(text.contains("xskgate_snat_port_retries_total 5"), "{text}");
         for r in DropReason::ALL {
             assert!(text.contains(&format!("reason=\"{}\"", r.name())));
         }

@@ -116,6 +116,11 @@ pub struct Counters {
     /// Rejects generated in place (TCP RST, ICMP port unreachable).
     pub rejected: u64,
     pub flows_created: u64,
+    /// SNAT ports new flows passed over because their reply tuple was
+    /// taken (seen by the batch before the insert, or by the insert). A
+    /// rising rate warns of SNAT port exhaustion before `snat_exhausted`
+    /// drops begin.
+    pub snat_port_retries: u64,
     pub icmp_errors_translated: u64,
     pub drops: [u64; DropReason::COUNT],
     /// Indexed by service port id (ids ≥ [`MAX_SERVICE_IDS`] share the last).
@@ -132,6 +137,7 @@ impl Default for Counters {
             passed: 0,
             rejected: 0,
             flows_created: 0,
+            snat_port_retries: 0,
             icmp_errors_translated: 0,
             drops: [0; DropReason::COUNT],
             per_service: vec![ServiceCounters::default(); MAX_SERVICE_IDS]
@@ -158,6 +164,7 @@ impl Counters {
         self.passed += o.passed;
         self.rejected += o.rejected;
         self.flows_created += o.flows_created;
+        self.snat_port_retries += o.snat_port_retries;
         self.icmp_errors_translated += o.icmp_errors_translated;
         for (a, b) in self.drops.iter_mut().zip(o.drops.iter()) {
             *a += b;
@@ -178,6 +185,7 @@ impl Counters {
         self.passed = o.passed;
         self.rejected = o.rejected;
         self.flows_created = o.flows_created;
+        self.snat_port_retries = o.snat_port_retries;
         self.icmp_errors_translated = o.icmp_errors_translated;
         self.drops = o.drops;
         let used = o.services_used.min(o.per_service.len()).min(self.per_service.len());
@@ -407,6 +415,7 @@ pub fn process_batch(
                 {
                     reply_hashes[i] = t.conntrack.hash(&plan.flow.reply);
                     t.conntrack.prefetch_insert(&reply_hashes[i]);
+                    counters.snat_port_retries += 1;
                     moved |= 1 << i;
                 }
             }
@@ -653,8 +662,14 @@ fn insert_planned(
     // The table records the packet on the flow it stores or finds.
     let first = FirstPacket { bytes: (p.end - p.l3) as u64, tcp_flags: p.tcp_flags };
     let mut search = *plan;
-    let next_port = || search.next_port(p.sport).then_some(search.flow.reply.dport);
-    let view = match t.conntrack.insert_missed(&plan.flow, now, first, next_port) {
+    let mut taken = 0;
+    let next_port = || {
+        taken += 1;
+        search.next_port(p.sport).then_some(search.flow.reply.dport)
+    };
+    let inserted = t.conntrack.insert_missed(&plan.flow, now, first, next_port);
+    c.snat_port_retries += taken;
+    let view = match inserted {
         Ok(Inserted::New(v)) => {
             c.flows_created += 1;
             v
