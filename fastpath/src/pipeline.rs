@@ -336,7 +336,9 @@ pub fn process_batch(
             }
         }
         // Bit i: frame i is to a service port, found[i], and no flow's tag
-        // is hinted for its key: it most likely starts a flow.
+        // is hinted for its key: it most likely starts a flow. (found[i] is
+        // set for every frame whose candidate is none; the decision reads
+        // it.)
         let mut likely_new = 0u64;
         for i in bits(hashed) {
             candidates[i] = t.conntrack.prefetch_slot(&hashes[i]);
@@ -376,11 +378,8 @@ pub fn process_batch(
                         continue;
                     }
                     None => {
-                        let service = match likely_new & 1 << i {
-                            0 => t.services.find(&p.dst, p.proto, p.dport),
-                            _ => found[i],
-                        };
-                        untracked(f, p, service, t, counters, now, &mut planned[i])
+                        let looked_up = (candidates[i] == Candidate::NONE).then_some(found[i]);
+                        untracked(f, p, looked_up, t, counters, now, &mut planned[i])
                     }
                 },
                 p => first_look(f, p, t, counters, now, &mut planned[i]),
@@ -507,7 +506,7 @@ fn flow_packet(
 ) -> Option<Verdict> {
     match t.conntrack.lookup(&key_of(p)) {
         Some(view) => Some(tracked(f, p, &view, t, c, now)),
-        None => untracked(f, p, t.services.find(&p.dst, p.proto, p.dport), t, c, now, plan),
+        None => untracked(f, p, None, t, c, now, plan),
     }
 }
 
@@ -520,19 +519,20 @@ fn tracked(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, t: &Tables<'_>, c: &m
     forward(f, p, view, t, c, now)
 }
 
-/// A TCP or UDP packet of no tracked flow, to the service port `service`
-/// (`None`: to none): a new flow's plan (`None`, written into `plan`), or
-/// its verdict.
+/// A TCP or UDP packet of no tracked flow: a new flow's plan (`None`,
+/// written into `plan`), or its verdict. `looked_up` is the frame's
+/// service port if the batch has looked it up already.
 #[inline(never)]
 fn untracked(
     f: &mut Frame<'_>,
     p: &Parsed,
-    service: Option<Found>,
+    looked_up: Option<Option<Found>>,
     t: &Tables<'_>,
     c: &mut Counters,
     now: u32,
     plan: &mut Option<Planned>,
 ) -> Option<Verdict> {
+    let service = looked_up.unwrap_or_else(|| t.services.find(&p.dst, p.proto, p.dport));
     match plan_new_flow(f, p, service, t, c, now) {
         Ok(planned) => {
             *plan = Some(planned);
