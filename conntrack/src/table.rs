@@ -507,6 +507,19 @@ pub struct Candidate(u32);
 impl Candidate {
     /// No slot: the lookup walks the key's chain.
     pub const NONE: Candidate = Candidate(0);
+    /// No slot, and the key's chain ended without its tag: the key was not
+    /// in the table when [`FlowTable::prefetch_slot`] looked (a batch takes
+    /// it for a new flow's first packet). The lookup walks the chain all
+    /// the same, since another worker may have inserted the key since.
+    /// (In a table of [`MAX_CAPACITY`] flows the last slot's candidate has
+    /// the same value; it is then read as this, which is only slower.)
+    pub const ABSENT: Candidate = Candidate(u32::MAX);
+
+    /// Whether a slot carrying the key's tag was found (the key is most
+    /// likely in the table).
+    pub fn has_slot(self) -> bool {
+        self != Candidate::NONE && self != Candidate::ABSENT
+    }
 }
 
 /// Why a table could not be created.
@@ -728,7 +741,9 @@ impl FlowTable {
     /// Returns the slot it prefetched for a matching tag, for
     /// [`FlowTable::lookup_candidate`] to read first: the lookup then does
     /// not walk the hints a second time (a walk's first step is a coin toss
-    /// for the branch predictor at the table's usual load).
+    /// for the branch predictor at the table's usual load). Without one:
+    /// [`Candidate::ABSENT`] when the chain ended without the tag,
+    /// [`Candidate::NONE`] when the probe was too long to tell.
     #[inline]
     pub fn prefetch_slot(&self, h: &KeyHash) -> Candidate {
         let hinted = HINT_OCCUPIED | u32::from(tag_of(h.hash)) << 16;
@@ -745,7 +760,7 @@ impl FlowTable {
             }
             if hint & HINT_OVERFLOW == 0 {
                 self.prefetch_free(home);
-                return Candidate::NONE;
+                return Candidate::ABSENT;
             }
             i = self.next(i);
         }
@@ -856,7 +871,8 @@ impl FlowTable {
     /// gives the same answer; a wrong one costs one slot's read.
     #[inline]
     pub fn lookup_candidate(&self, h: &KeyHash, c: Candidate) -> Option<FlowView> {
-        if let Some(i) = c.0.checked_sub(1)
+        if c != Candidate::ABSENT
+            && let Some(i) = c.0.checked_sub(1)
             && let Some(s) = self.slots.get(i as usize)
             && let Some((m, r)) = Self::read_candidate(s, tag_of(h.hash), &h.words)
         {

@@ -314,12 +314,18 @@ fn a_lookup_from_any_candidate_answers_as_a_plain_lookup() {
     let candidates: Vec<Candidate> = keys
         .iter()
         .flat_map(|k| [t.prefetch_slot(&t.hash(k)), big.prefetch_slot(&big.hash(k))])
-        .chain([Candidate::NONE])
+        .chain([Candidate::NONE, Candidate::ABSENT])
         .collect();
     // Nearly every present key has a candidate (a chain longer than the
-    // prefetch looks may have none).
-    let found = candidates.iter().filter(|c| **c != Candidate::NONE).count();
+    // prefetch looks may have none); the absent key is known absent in the
+    // sparse table, and no present key is.
+    let found = candidates.iter().filter(|c| c.has_slot()).count();
     assert!(found >= 2 * (keys.len() - 1) * 9 / 10, "{found} candidates for {} keys", keys.len());
+    assert_eq!(big.prefetch_slot(&big.hash(&key(99))), Candidate::ABSENT);
+    for k in &keys[..keys.len() - 1] {
+        assert_ne!(t.prefetch_slot(&t.hash(k)), Candidate::ABSENT, "{k:?}");
+        assert_ne!(big.prefetch_slot(&big.hash(k)), Candidate::ABSENT, "{k:?}");
+    }
     let check = |t: &FlowTable| {
         for k in &keys {
             let plain = t.lookup(k);

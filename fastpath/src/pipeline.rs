@@ -335,14 +335,15 @@ pub fn process_batch(
                 hashed |= 1 << i;
             }
         }
-        // Bit i: frame i is to a service port, found[i], and no flow's tag
-        // is hinted for its key: it most likely starts a flow. (found[i] is
-        // set for every frame whose candidate is none; the decision reads
-        // it.)
+        // Bit i: frame i is to a service port, found[i], and its key was
+        // absent: it most likely starts a flow. (found[i] is set for every
+        // frame whose key was absent; the decision reads it. A key whose
+        // probe was too long to tell is looked up as usual: prefetching a
+        // decision for it would cost established flows memory traffic.)
         let mut likely_new = 0u64;
         for i in bits(hashed) {
             candidates[i] = t.conntrack.prefetch_slot(&hashes[i]);
-            if candidates[i] == Candidate::NONE
+            if candidates[i] == Candidate::ABSENT
                 && let Ok(p) = &parsed[i]
             {
                 found[i] = t.services.find(&p.dst, p.proto, p.dport);
@@ -378,7 +379,7 @@ pub fn process_batch(
                         continue;
                     }
                     None => {
-                        let looked_up = (candidates[i] == Candidate::NONE).then_some(found[i]);
+                        let looked_up = (candidates[i] == Candidate::ABSENT).then_some(found[i]);
                         untracked(f, p, looked_up, t, counters, now, &mut planned[i])
                     }
                 },
@@ -407,7 +408,7 @@ pub fn process_batch(
         for round in 0..=SNAT_PRECHECK_ROUNDS {
             let mut moved = 0u64;
             for i in bits(check) {
-                let likely_taken = t.conntrack.prefetch_slot(&reply_hashes[i]) != Candidate::NONE;
+                let likely_taken = t.conntrack.prefetch_slot(&reply_hashes[i]).has_slot();
                 if let (true, Ok(p), Some(plan)) =
                     (likely_taken && round < SNAT_PRECHECK_ROUNDS, &parsed[i], &mut planned[i])
                     && plan.next_port(p.sport)
