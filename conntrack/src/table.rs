@@ -235,6 +235,18 @@ pub struct FirstPacket {
     pub tcp_flags: u8,
 }
 
+/// One insert's inputs, as [`FlowTable::insert`] and
+/// [`FlowTable::insert_missed`] hand them down: the flow, its original
+/// tuple's hash, the time, the packet to record on it (if any), and the
+/// SNAT port search for a taken reply tuple.
+struct InsertArgs<'a> {
+    flow: &'a NewFlow,
+    orig: &'a KeyHash,
+    now: u32,
+    first: Option<FirstPacket>,
+    next_reply_port: &'a mut dyn FnMut() -> Option<u16>,
+}
+
 /// One direction's part of a new flow, as [`FlowTable::fill`] writes it.
 struct Half<'a> {
     key: &'a [u64; 5],
@@ -1066,7 +1078,7 @@ impl FlowTable {
         if let Some((i, m, r)) = self.find(&o.words, o.hash) {
             return Ok(Inserted::Existing(Self::view(i, m, &r)));
         }
-        self.insert_absent(flow, &o, now, None, &mut || None)
+        self.insert_absent(InsertArgs { flow, orig: &o, now, first: None, next_reply_port: &mut || None })
     }
 
     /// [`FlowTable::insert`] for a caller whose lookup of `flow.orig` has
@@ -1104,37 +1116,26 @@ impl FlowTable {
         if flow.orig == flow.reply || flow.orig.proto != flow.reply.proto {
             return Err(InsertError::InvalidTuple);
         }
-        let result = self.insert_absent(flow, &self.hash(&flow.orig), now, Some(first), &mut next_reply_port);
+        let orig = self.hash(&flow.orig);
+        let args = InsertArgs { flow, orig: &orig, now, first: Some(first), next_reply_port: &mut next_reply_port };
+        let result = self.insert_absent(args);
         if let Ok(Inserted::Existing(v)) = &result {
             self.touch(v, now, first.bytes, first.tcp_flags);
         }
         result
     }
 
-    fn insert_absent(
-        &self,
-        flow: &NewFlow,
-        o: &KeyHash,
-        now: u32,
-        first: Option<FirstPacket>,
-        next_reply_port: &mut dyn FnMut() -> Option<u16>,
-    ) -> Result<Inserted, InsertError> {
-        self.reserve(self.home(o.hash))?;
-        let result = self.insert_reserved(flow, o, now, first, next_reply_port);
+    fn insert_absent(&self, args: InsertArgs<'_>) -> Result<Inserted, InsertError> {
+        self.reserve(self.home(args.orig.hash))?;
+        let result = self.insert_reserved(args);
         if !matches!(result, Ok(Inserted::New(_))) {
             self.len.0.fetch_sub(1, Relaxed);
         }
         result
     }
 
-    fn insert_reserved(
-        &self,
-        flow: &NewFlow,
-        o: &KeyHash,
-        now: u32,
-        first: Option<FirstPacket>,
-        next_reply_port: &mut dyn FnMut() -> Option<u16>,
-    ) -> Result<Inserted, InsertError> {
+    fn insert_reserved(&self, args: InsertArgs<'_>) -> Result<Inserted, InsertError> {
+        let InsertArgs { flow, orig: o, now, first, next_reply_port } = args;
         let oc = match self.claim(&o.words, o.hash, Dir::Original, None)? {
             ClaimResult::Found(v) => return Ok(Inserted::Existing(v)),
             ClaimResult::Claimed(c) => c,

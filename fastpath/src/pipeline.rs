@@ -409,8 +409,10 @@ pub fn process_batch(
             let mut moved = 0u64;
             for i in bits(check) {
                 let likely_taken = t.conntrack.prefetch_slot(&reply_hashes[i]).has_slot();
-                if let (true, Ok(p), Some(plan)) =
-                    (likely_taken && round < SNAT_PRECHECK_ROUNDS, &parsed[i], &mut planned[i])
+                if !likely_taken || round == SNAT_PRECHECK_ROUNDS {
+                    continue;
+                }
+                if let (Ok(p), Some(plan)) = (&parsed[i], &mut planned[i])
                     && plan.next_port(p.sport)
                 {
                     reply_hashes[i] = t.conntrack.hash(&plan.flow.reply);
