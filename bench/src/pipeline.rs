@@ -17,6 +17,14 @@
 //! A third case, 1 Service with only 4,096 flows (a table that stays in
 //! the CPU caches), is the compute-only ceiling: how far the 1M-flow figure
 //! is from it says how much memory latency the batch's prefetching leaves.
+//!
+//! The memory floor is the other bound, measured in the same rounds: the
+//! same packets, batches and refill, but per packet only a hash of the
+//! frame's addresses and ports and a read-modify-write of one random 64-byte
+//! line (two for a new flow, which stores both of its tuples) of a table as
+//! large as the 1M-flow conntrack table, prefetched a batch ahead. No parse,
+//! no NAT: what any flow table too large for the caches pays per packet on
+//! the machine at hand, however little it computes.
 
 use crate::report::{Args, Rng, median, progress, r3};
 use serde_json::json;
@@ -103,6 +111,89 @@ fn run(packets: &[[u8; FRAME]], t: &Tables<'_>, worker: &mut WorkerState, bufs: 
     packets.len() as f64 / start.elapsed().as_secs_f64() / 1e6
 }
 
+/// An anonymous mapping of 64-byte lines, asked for transparent huge pages
+/// and faulted in, as the conntrack table's memory is.
+struct Lines {
+    ptr: std::ptr::NonNull<[u64; 8]>,
+    len: usize,
+}
+
+impl Lines {
+    fn new(bytes: usize) -> Result<Lines, String> {
+        let len = bytes.div_ceil(64).max(1);
+        // SAFETY: an anonymous private mapping with no address hint touches
+        // no existing memory; the result is checked against MAP_FAILED.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len * 64,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(format!("mmap of {bytes} bytes: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is the start of the mapping just made; both calls are
+        // advice whose failure only costs speed.
+        unsafe {
+            libc::madvise(raw, len * 64, libc::MADV_HUGEPAGE);
+            libc::madvise(raw, len * 64, libc::MADV_POPULATE_WRITE);
+        }
+        let ptr = std::ptr::NonNull::new(raw.cast()).ok_or("mmap returned null")?;
+        Ok(Lines { ptr, len })
+    }
+
+    fn as_mut(&mut self) -> &mut [[u64; 8]] {
+        // SAFETY: the mapping holds `len` zero-filled lines (zero is a valid
+        // u64) and lives as long as `self`, which this borrow borrows.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; no borrow of it
+        // outlives `self`.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len * 64);
+        }
+    }
+}
+
+/// The memory floor (see the module doc): `lines_per_packet` random lines
+/// of `table` read and written per packet. Returns Mpps.
+fn memory_floor(packets: &[[u8; FRAME]], table: &mut Lines, lines_per_packet: usize, bufs: &mut [[u8; 2048]]) -> f64 {
+    let lines = table.as_mut();
+    let n = lines.len() as u128;
+    let mut picked = [0usize; 2 * BATCH];
+    let start = Instant::now();
+    for chunk in packets.chunks(BATCH) {
+        for ((buf, p), pick) in bufs.iter_mut().zip(chunk).zip(picked.chunks_mut(2)) {
+            buf[..FRAME].copy_from_slice(p);
+            // The IPv4 addresses and the ports: the flow's identity.
+            let addrs = u64::from_le_bytes(buf[26..34].try_into().expect("8 bytes"));
+            let ports = u64::from(u32::from_le_bytes(buf[34..38].try_into().expect("4 bytes")));
+            let h = (u128::from(addrs ^ 0xa076_1d64_78bd_642f) * u128::from(ports ^ 0xe703_7ed1_a0b4_28db)) as u64;
+            let h2 = h.rotate_left(32).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            pick[0] = ((u128::from(h) * n) >> 64) as usize;
+            pick[1] = ((u128::from(h2) * n) >> 64) as usize;
+            for &line in &pick[..lines_per_packet] {
+                xskgate_conntrack::prefetch_line(lines[line].as_ptr().cast());
+            }
+        }
+        for pick in picked.chunks(2).take(chunk.len()) {
+            for &line in &pick[..lines_per_packet] {
+                lines[line][0] = lines[line][0].wrapping_add(1);
+            }
+        }
+    }
+    std::hint::black_box(&lines[0]);
+    packets.len() as f64 / start.elapsed().as_secs_f64() / 1e6
+}
+
 pub fn run_bench(args: &Args) -> Result<(), String> {
     let rounds = if args.quick { 2 } else { 5 };
     let established_packets = if args.quick { 2_000_000 } else { 5_000_000 };
@@ -123,7 +214,16 @@ pub fn run_bench(args: &Args) -> Result<(), String> {
     let mut bufs = vec![[0u8; 2048]; BATCH];
     let mut new_mpps = vec![Vec::new(); cases.len()];
     let mut est_mpps = vec![Vec::new(); cases.len()];
+    // One random line per packet (established), two (new flows).
+    let mut floor_mpps = [Vec::new(), Vec::new()];
+    let table_bytes = FlowTable::new(Config { capacity: FLOWS + FLOWS / 4, ..Config::default() })
+        .map_err(|e| e.to_string())?
+        .memory_bytes();
+    let mut floor_table = Lines::new(table_bytes)?;
     for round in 0..rounds {
+        progress(&format!("round {}/{rounds}: memory floor, {} MB", round + 1, table_bytes >> 20));
+        floor_mpps[0].push(memory_floor(&est_packets[0], &mut floor_table, 1, &mut bufs));
+        floor_mpps[1].push(memory_floor(&new_packets[0], &mut floor_table, 2, &mut bufs));
         for (k, &(n, flows)) in cases.iter().enumerate() {
             progress(&format!("round {}/{rounds}: {n} service(s), {flows} flows", round + 1));
             let conntrack = FlowTable::new(Config { capacity: flows + flows / 4, ..Config::default() })
@@ -144,6 +244,7 @@ pub fn run_bench(args: &Args) -> Result<(), String> {
     }
     let new: Vec<f64> = new_mpps.into_iter().map(median).collect();
     let est: Vec<f64> = est_mpps.into_iter().map(median).collect();
+    let [floor_est, floor_new] = floor_mpps.map(median);
     let ratio = est[0] / est[1];
     if args.json {
         println!(
@@ -157,6 +258,8 @@ pub fn run_bench(args: &Args) -> Result<(), String> {
                 "established_mpps_10k_services": r3(est[1]),
                 "new_flow_mpps_10k_services": r3(new[1]),
                 "established_mpps_cache_resident": r3(est[2]),
+                "memory_floor_mpps": r3(floor_est),
+                "memory_floor_two_lines_mpps": r3(floor_new),
                 "flows_in_table": FLOWS,
             })
         );
@@ -170,5 +273,12 @@ pub fn run_bench(args: &Args) -> Result<(), String> {
     }
     println!("\nestablished cost with 10,000 services / with 1: {ratio:.3}x");
     println!("established with {FLOWS} flows / with {FEW_FLOWS} (cache-resident): {:.3}x", est[0] / est[2]);
+    println!(
+        "memory floor ({} MB table): one random line per packet {floor_est:.2} Mpps (established reaches {:.0} %), \
+         two lines {floor_new:.2} Mpps (new flows reach {:.0} %)",
+        table_bytes >> 20,
+        100.0 * est[0] / floor_est,
+        100.0 * new[0] / floor_new
+    );
     Ok(())
 }
