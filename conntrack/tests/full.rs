@@ -18,7 +18,8 @@ const N: u32 = 1000;
 
 #[test]
 fn full_table_refuses_new_flows_and_keeps_established_ones() {
-    let t = FlowTable::new(Config { capacity: N as usize, early_drop: false, ..Config::default() }).unwrap();
+    let t = FlowTable::new(Config { capacity: N as usize, early_drop: false, accounting: true, ..Config::default() })
+        .unwrap();
     for i in 0..N {
         let v = *t.insert(&flow(i, FlowState::Tcp(TcpState::Established)), 10).unwrap().view();
         t.touch(&v, 11, 100, tcp_flags::ACK).unwrap();

@@ -97,7 +97,9 @@ fn short_timeouts() -> Timeouts {
 
 fn run(ops: Vec<Op>, seed: u64) -> Result<(), TestCaseError> {
     let timeouts = short_timeouts();
-    let table = FlowTable::new(Config { capacity: CAPACITY, timeouts, early_drop: false, seed: Some(seed) }).unwrap();
+    let table =
+        FlowTable::new(Config { capacity: CAPACITY, timeouts, early_drop: false, seed: Some(seed), accounting: true })
+            .unwrap();
     let mut model = Model::default();
     for op in ops {
         match op {
@@ -346,7 +348,7 @@ fn a_lookup_from_any_candidate_answers_as_a_plain_lookup() {
 /// A failed insert records nothing.
 #[test]
 fn insert_after_a_miss_records_the_packet_as_touch_would() {
-    let config = Config { capacity: 4, early_drop: false, seed: Some(3), ..Config::default() };
+    let config = Config { capacity: 4, early_drop: false, seed: Some(3), accounting: true, ..Config::default() };
     let (fast, reference) = (FlowTable::new(config.clone()).unwrap(), FlowTable::new(config).unwrap());
     let tcp = |o: u8, r: u8, state: TcpState| NewFlow { state: FlowState::Tcp(state), ..flow_of(o, r) };
     let cases = [
@@ -378,6 +380,26 @@ fn insert_after_a_miss_records_the_packet_as_touch_would() {
     assert_eq!(taken, Err(InsertError::ReplyTaken));
     assert_eq!(sorted(&fast), got);
     fast.check_invariants().unwrap();
+}
+
+/// Without accounting (the default) packets and bytes stay 0, and
+/// everything else a packet records is kept: last seen and the TCP state,
+/// from the first packet and from later ones.
+#[test]
+fn without_accounting_counters_stay_zero_and_the_rest_is_recorded() {
+    let t = FlowTable::new(Config { capacity: 4, seed: Some(5), ..Config::default() }).unwrap();
+    assert!(!t.config().accounting, "off by default, as nf_conntrack_acct");
+    let flow = NewFlow { state: FlowState::Tcp(TcpState::SynSent), ..flow_of(0, 1) };
+    let Ok(Inserted::New(v)) = t.insert_missed(&flow, 7, FirstPacket { bytes: 60, tcp_flags: tcp_flags::SYN }, || None)
+    else {
+        panic!("a new flow");
+    };
+    let reply = t.lookup(&v.peer()).unwrap();
+    assert_eq!(t.touch(&reply, 9, 60, tcp_flags::SYN | tcp_flags::ACK), Some(FlowState::Tcp(TcpState::SynRecv)));
+    let f = &t.flows()[0];
+    assert_eq!((f.packets, f.bytes), ([0, 0], [0, 0]));
+    assert_eq!((f.last_seen, f.state), (9, FlowState::Tcp(TcpState::SynRecv)));
+    t.check_invariants().unwrap();
 }
 
 /// When the reply tuple is taken, `insert_missed` moves the reply's
