@@ -207,8 +207,8 @@ pub struct Config {
     /// Count packets and bytes per flow direction ([`FlowInfo`]'s
     /// `packets` and `bytes`), as Linux's `nf_conntrack_acct` does. Off by
     /// default, as there: each counted packet costs two atomic additions
-    /// (locked instructions, which also hold back the packet's later loads),
-    /// about 1.2x the time of an established packet in the fast path.
+    /// (locked instructions, which also hold back the packet's later loads):
+    /// 1.1–1.2× an established packet's time in the fast path.
     /// Off, both stay 0; last-seen times and states are kept either way.
     pub accounting: bool,
 }
