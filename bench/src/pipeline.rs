@@ -30,7 +30,10 @@ use crate::report::{Args, Rng, median, progress, r3};
 use serde_json::json;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
+use xskgate_conntrack::mem::{AllZeroValid, ZeroedArray};
 use xskgate_conntrack::{Addr, Config, FlowTable, Proto};
 use xskgate_fastpath::{
     AffinityTable, BATCH, Endpoint, EndpointSet, Frame, Frontend, FrontendKind, NodeConfig, ServicePort,
@@ -111,62 +114,18 @@ fn run(packets: &[[u8; FRAME]], t: &Tables<'_>, worker: &mut WorkerState, bufs: 
     packets.len() as f64 / start.elapsed().as_secs_f64() / 1e6
 }
 
-/// An anonymous mapping of 64-byte lines, asked for transparent huge pages
-/// and faulted in, as the conntrack table's memory is.
-struct Lines {
-    ptr: std::ptr::NonNull<[u64; 8]>,
-    len: usize,
-}
+/// One 64-byte line of the floor's table, which is mapped as the
+/// conntrack table's memory is ([`ZeroedArray`]: huge pages, faulted in).
+#[derive(Default)]
+#[repr(C, align(64))]
+struct Line([AtomicU64; 8]);
 
-impl Lines {
-    fn new(bytes: usize) -> Result<Lines, String> {
-        let len = bytes.div_ceil(64).max(1);
-        // SAFETY: an anonymous private mapping with no address hint touches
-        // no existing memory; the result is checked against MAP_FAILED.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len * 64,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return Err(format!("mmap of {bytes} bytes: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is the start of the mapping just made; both calls are
-        // advice whose failure only costs speed.
-        unsafe {
-            libc::madvise(raw, len * 64, libc::MADV_HUGEPAGE);
-            libc::madvise(raw, len * 64, libc::MADV_POPULATE_WRITE);
-        }
-        let ptr = std::ptr::NonNull::new(raw.cast()).ok_or("mmap returned null")?;
-        Ok(Lines { ptr, len })
-    }
-
-    fn as_mut(&mut self) -> &mut [[u64; 8]] {
-        // SAFETY: the mapping holds `len` zero-filled lines (zero is a valid
-        // u64) and lives as long as `self`, which this borrow borrows.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for Lines {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`; no borrow of it
-        // outlives `self`.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len * 64);
-        }
-    }
-}
+// SAFETY: atomics of integers only; all-zero is a valid value.
+unsafe impl AllZeroValid for Line {}
 
 /// The memory floor (see the module doc): `lines_per_packet` random lines
 /// of `table` read and written per packet. Returns Mpps.
-fn memory_floor(packets: &[[u8; FRAME]], table: &mut Lines, lines_per_packet: usize, bufs: &mut [[u8; 2048]]) -> f64 {
-    let lines = table.as_mut();
+fn memory_floor(packets: &[[u8; FRAME]], lines: &[Line], lines_per_packet: usize, bufs: &mut [[u8; 2048]]) -> f64 {
     let n = lines.len() as u128;
     let mut picked = [0usize; 2 * BATCH];
     let start = Instant::now();
@@ -181,16 +140,19 @@ fn memory_floor(packets: &[[u8; FRAME]], table: &mut Lines, lines_per_packet: us
             pick[0] = ((u128::from(h) * n) >> 64) as usize;
             pick[1] = ((u128::from(h2) * n) >> 64) as usize;
             for &line in &pick[..lines_per_packet] {
-                xskgate_conntrack::prefetch_line(lines[line].as_ptr().cast());
+                xskgate_conntrack::prefetch_line(lines[line].0.as_ptr().cast());
             }
         }
         for pick in picked.chunks(2).take(chunk.len()) {
             for &line in &pick[..lines_per_packet] {
-                lines[line][0] = lines[line][0].wrapping_add(1);
+                // A plain load and store (no locked instruction), as one
+                // worker's update of its own line would be.
+                let word = &lines[line].0[0];
+                word.store(word.load(Relaxed).wrapping_add(1), Relaxed);
             }
         }
     }
-    std::hint::black_box(&lines[0]);
+    std::hint::black_box(lines[0].0[0].load(Relaxed));
     packets.len() as f64 / start.elapsed().as_secs_f64() / 1e6
 }
 
@@ -219,11 +181,12 @@ pub fn run_bench(args: &Args) -> Result<(), String> {
     let table_bytes = FlowTable::new(Config { capacity: FLOWS + FLOWS / 4, ..Config::default() })
         .map_err(|e| e.to_string())?
         .memory_bytes();
-    let mut floor_table = Lines::new(table_bytes)?;
+    let floor_table = ZeroedArray::<Line>::new(table_bytes.div_ceil(64))
+        .map_err(|e| format!("memory floor: mapping {table_bytes} bytes: {e}"))?;
     for round in 0..rounds {
         progress(&format!("round {}/{rounds}: memory floor, {} MB", round + 1, table_bytes >> 20));
-        floor_mpps[0].push(memory_floor(&est_packets[0], &mut floor_table, 1, &mut bufs));
-        floor_mpps[1].push(memory_floor(&new_packets[0], &mut floor_table, 2, &mut bufs));
+        floor_mpps[0].push(memory_floor(&est_packets[0], &floor_table, 1, &mut bufs));
+        floor_mpps[1].push(memory_floor(&new_packets[0], &floor_table, 2, &mut bufs));
         for (k, &(n, flows)) in cases.iter().enumerate() {
             progress(&format!("round {}/{rounds}: {n} service(s), {flows} flows", round + 1));
             let conntrack = FlowTable::new(Config { capacity: flows + flows / 4, ..Config::default() })

@@ -11,6 +11,7 @@
 //! - [`state`]: flow states, the TCP transitions that drive them, timeouts.
 //! - [`table`]: the table and its slot protocol (read its module docs for the
 //!   concurrency argument).
+//! - [`mem`]: the zeroed, huge-page, pre-faulted arrays the table lives in.
 //!
 //! A flow is stored under both of its tuples: the original one (client →
 //! service) and the reply one (endpoint → client, or → gateway after SNAT),
@@ -37,7 +38,7 @@
 //! ```
 
 pub mod key;
-mod mem;
+pub mod mem;
 pub mod state;
 pub mod table;
 

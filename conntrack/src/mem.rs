@@ -4,6 +4,8 @@
 //!
 //! Under `--cfg loom` they are plain boxed slices (loom's atomics cannot live
 //! in zeroed memory); the protocol under test is the same.
+//!
+//! Public so that benchmarks can lay out memory exactly as the table does.
 
 use std::ops::Deref;
 
@@ -11,10 +13,11 @@ use std::ops::Deref;
 ///
 /// # Safety
 /// Implement only for types made of integers and atomics of integers.
-pub(crate) unsafe trait AllZeroValid: Default {}
+pub unsafe trait AllZeroValid: Default {}
 
+/// `len` zeroed elements in one anonymous mapping, read through `&[T]`.
 #[cfg(not(loom))]
-pub(crate) struct ZeroedArray<T: AllZeroValid> {
+pub struct ZeroedArray<T: AllZeroValid> {
     ptr: std::ptr::NonNull<T>,
     len: usize,
     bytes: usize,
@@ -35,7 +38,7 @@ impl<T: AllZeroValid> ZeroedArray<T> {
     /// # Errors
     /// The `mmap` error when the memory cannot be had (e.g. too large for the
     /// machine's overcommit policy).
-    pub(crate) fn new(len: usize) -> std::io::Result<ZeroedArray<T>> {
+    pub fn new(len: usize) -> std::io::Result<ZeroedArray<T>> {
         let bytes = len
             .checked_mul(std::mem::size_of::<T>())
             .map(|b| b.max(1))
@@ -75,7 +78,7 @@ impl<T: AllZeroValid> ZeroedArray<T> {
     }
 
     /// Bytes mapped.
-    pub(crate) fn bytes(&self) -> usize {
+    pub fn bytes(&self) -> usize {
         self.bytes
     }
 }
@@ -103,14 +106,14 @@ impl<T: AllZeroValid> Drop for ZeroedArray<T> {
 }
 
 #[cfg(loom)]
-pub(crate) struct ZeroedArray<T>(Box<[T]>);
+pub struct ZeroedArray<T>(Box<[T]>);
 
 #[cfg(loom)]
 impl<T: AllZeroValid> ZeroedArray<T> {
-    pub(crate) fn new(len: usize) -> std::io::Result<ZeroedArray<T>> {
+    pub fn new(len: usize) -> std::io::Result<ZeroedArray<T>> {
         Ok(ZeroedArray((0..len).map(|_| T::default()).collect()))
     }
-    pub(crate) fn bytes(&self) -> usize {
+    pub fn bytes(&self) -> usize {
         self.0.len() * std::mem::size_of::<T>()
     }
 }
