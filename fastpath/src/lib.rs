@@ -13,6 +13,7 @@
 
 pub mod affinity;
 pub mod checksum;
+mod frontend;
 pub mod io;
 pub mod maglev;
 pub mod nat;

@@ -24,11 +24,11 @@
 
 use crate::affinity::AffinityTable;
 use crate::nat;
-use crate::service::{Found, FrontendKind, ServiceTable, TrafficPolicy};
+use crate::service::{EndpointSet, Found, FrontendKind, ServicePort, ServiceTable, TrafficPolicy};
 use crate::wire::{self, Inner, L4, Parsed, Unparsed};
 use xskgate_conntrack::{
-    Candidate, FirstPacket, FlowKey, FlowState, FlowTable, FlowView, InsertError, Inserted, KeyHash, NewFlow, Proto,
-    TcpState, tcp_flags,
+    Addr, Candidate, FirstPacket, FlowKey, FlowState, FlowTable, FlowView, InsertError, Inserted, KeyHash, NewFlow,
+    Proto, TcpState, tcp_flags,
 };
 
 /// Frames per batch (the AF_XDP ring batch).
@@ -56,7 +56,7 @@ pub struct Frame<'a> {
 pub enum Verdict {
     /// Send it on towards `next_hop` (the IP destination after NAT); the I/O
     /// layer resolves the route and neighbour and rewrites the L2 header.
-    Forward { next_hop: xskgate_conntrack::Addr },
+    Forward { next_hop: Addr },
     /// Not ours: give it to the kernel's stack.
     Pass,
     /// Dropped, for a reason an operator can see.
@@ -220,6 +220,8 @@ struct BatchScratch {
     found: [Option<Found>; BATCH],
     /// The hash of each planned flow's first reply tuple.
     reply_hashes: [KeyHash; BATCH],
+    /// The [`flow_hash`] of each frame that likely starts a flow.
+    flow_hashes: [u64; BATCH],
 }
 
 impl Default for BatchScratch {
@@ -231,6 +233,7 @@ impl Default for BatchScratch {
             planned: [None; BATCH],
             found: [None; BATCH],
             reply_hashes: [KeyHash::default(); BATCH],
+            flow_hashes: [0; BATCH],
         }
     }
 }
@@ -307,7 +310,7 @@ pub fn process_batch(
     assert!(verdicts.len() >= frames.len(), "one verdict per frame");
     for (frames, verdicts) in frames.chunks_mut(BATCH).zip(verdicts.chunks_mut(BATCH)) {
         let WorkerState { counters, scratch } = &mut *w;
-        let BatchScratch { parsed, hashes, candidates, planned, found, reply_hashes } = &mut **scratch;
+        let BatchScratch { parsed, hashes, candidates, planned, found, reply_hashes, flow_hashes } = &mut **scratch;
         // Bit i: frame i is TCP or UDP, and hashes[i] is its key's hash.
         let mut hashed = 0u64;
         for (i, f) in frames.iter().enumerate() {
@@ -335,17 +338,31 @@ pub fn process_batch(
                 hashed |= 1 << i;
             }
         }
+        // A new flow's decision reads a chain of memory, each link found in
+        // the one before: frontend index entry, service port, Maglev entry,
+        // endpoint. With 10,000 Services each link is a cache miss; the
+        // passes below prefetch one link each for the whole batch, so the
+        // misses overlap instead of following one another per frame.
+        //
+        // Bit i: frame i's key was absent (its frontend entry is on its way).
+        let mut absent = 0u64;
+        for i in bits(hashed) {
+            candidates[i] = t.conntrack.prefetch_slot(&hashes[i]);
+            if candidates[i] == Candidate::ABSENT
+                && let Ok(p) = &parsed[i]
+            {
+                t.services.prefetch_frontend(&p.dst, p.proto, p.dport);
+                absent |= 1 << i;
+            }
+        }
         // Bit i: frame i is to a service port, found[i], and its key was
         // absent: it most likely starts a flow. (found[i] is set for every
         // frame whose key was absent; the decision reads it. A key whose
         // probe was too long to tell is looked up as usual: prefetching a
         // decision for it would cost established flows memory traffic.)
         let mut likely_new = 0u64;
-        for i in bits(hashed) {
-            candidates[i] = t.conntrack.prefetch_slot(&hashes[i]);
-            if candidates[i] == Candidate::ABSENT
-                && let Ok(p) = &parsed[i]
-            {
+        for i in bits(absent) {
+            if let Ok(p) = &parsed[i] {
                 found[i] = t.services.find(&p.dst, p.proto, p.dport);
                 if let Some(service) = found[i] {
                     t.services.prefetch(service);
@@ -353,16 +370,25 @@ pub fn process_batch(
                 }
             }
         }
-        // What deciding those flows reads next: the service port's endpoint
-        // sets and the Maglev entries the flows' hashes pick (with 10,000
-        // Services these are cache misses, one after the other).
+        // The Maglev entry the flow's hash picks in its class's endpoint
+        // set, then the endpoint that entry names.
+        // Bit i: frame i's class uses the Local endpoint set.
+        let mut local = 0u64;
         for i in bits(likely_new) {
             if let Ok(p) = &parsed[i]
-                && let Some(svc) = found[i].and_then(|service| t.services.get(service))
+                && let Some(found) = found[i]
+                && let Some(svc) = t.services.get(found)
             {
-                let fh = flow_hash(&key_of(p));
-                svc.cluster.prefetch_pick(fh);
-                svc.local.prefetch_pick(fh);
+                flow_hashes[i] = flow_hash(&key_of(p));
+                let class = classify(t.services, svc, found.kind, &p.src);
+                class.set.prefetch_pick(flow_hashes[i]);
+                local |= u64::from(class.policy == TrafficPolicy::Local) << i;
+            }
+        }
+        for i in bits(likely_new) {
+            if let Some(svc) = found[i].and_then(|found| t.services.get(found)) {
+                let set = if local & 1 << i != 0 { &svc.local } else { &svc.cluster };
+                set.prefetch_endpoint(flow_hashes[i]);
             }
         }
         // Bit i: frame i starts a flow, planned in planned[i].
@@ -561,6 +587,31 @@ fn rewrite(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, c: &mut Counters) -> 
     Verdict::Forward { next_hop: view.rewrite_dst() }
 }
 
+/// A new flow's traffic class and the endpoint set its policy allows.
+struct Class<'a> {
+    /// The client is in one of the cluster's pod CIDRs.
+    from_pod: bool,
+    external: bool,
+    policy: TrafficPolicy,
+    set: &'a EndpointSet,
+}
+
+/// Traffic class: a ClusterIP is internal; an external address reached
+/// from a pod is internal too (kube-proxy: "Redirect pods trying to reach
+/// external loadbalancer VIP to clusterIP"). The class's policy picks the
+/// endpoint set.
+#[inline]
+fn classify<'a>(services: &ServiceTable, svc: &'a ServicePort, kind: FrontendKind, src: &Addr) -> Class<'a> {
+    let from_pod = services.is_pod(src);
+    let external = kind != FrontendKind::ClusterIp && !from_pod;
+    let policy = if external { svc.external_policy } else { svc.internal_policy };
+    let set = match policy {
+        TrafficPolicy::Cluster => &svc.cluster,
+        TrafficPolicy::Local => &svc.local,
+    };
+    Class { from_pod, external, policy, set }
+}
+
 fn plan_new_flow(
     f: &mut Frame<'_>,
     p: &Parsed,
@@ -574,22 +625,13 @@ fn plan_new_flow(
         return Err(Verdict::Pass);
     };
     let key = &key_of(p);
-    // Traffic class: a ClusterIP is internal; an external address reached
-    // from a pod is internal too (kube-proxy: "Redirect pods trying to reach
-    // external loadbalancer VIP to clusterIP").
-    let from_pod = services.is_pod(&p.src);
-    let external = kind != FrontendKind::ClusterIp && !from_pod;
     if kind == FrontendKind::LoadBalancer
         && !svc.source_ranges.is_empty()
         && !svc.source_ranges.iter().any(|c| c.contains(&p.src))
     {
         return Err(c.drop(DropReason::SourceRange));
     }
-    let policy = if external { svc.external_policy } else { svc.internal_policy };
-    let set = match policy {
-        TrafficPolicy::Cluster => &svc.cluster,
-        TrafficPolicy::Local => &svc.local,
-    };
+    let Class { from_pod, external, policy, set } = classify(services, svc, kind, &p.src);
     if set.is_empty() {
         if !svc.cluster.is_empty() || !svc.local.is_empty() {
             return Err(c.drop(DropReason::NoLocalEndpoints));

@@ -8,6 +8,7 @@
 //! a [`ServicePort`] (one port of one Service) shared by `Arc`, so a table
 //! that changes one Service reuses every other entry as is.
 
+use crate::frontend::FrontendIndex;
 use crate::maglev::Maglev;
 use arc_swap::{ArcSwap, Guard};
 use std::collections::HashMap;
@@ -16,8 +17,6 @@ use std::sync::Arc;
 use xskgate_conntrack::{Addr, Proto};
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
-/// (address, protocol, port) of a frontend → (index in `ports`, kind).
-type FrontendMap = FastMap<(Addr, Proto, u16), (u32, FrontendKind)>;
 
 /// How a frontend is reached; decides the traffic class.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -195,6 +194,19 @@ impl EndpointSet {
             xskgate_conntrack::prefetch_line(self.endpoints.as_ptr().cast());
         }
     }
+
+    /// Starts loading the endpoint [`EndpointSet::pick`] returns for
+    /// `flow_hash`. Reads its Maglev entry: call it a pass after
+    /// [`EndpointSet::prefetch_pick`], when that entry has arrived.
+    #[inline]
+    pub fn prefetch_endpoint(&self, flow_hash: u64) {
+        if let Some(e) = self.pick(flow_hash) {
+            let start = std::ptr::from_ref(e).cast::<u8>();
+            // An endpoint may straddle two lines.
+            xskgate_conntrack::prefetch_line(start);
+            xskgate_conntrack::prefetch_line(start.wrapping_add(std::mem::size_of::<Endpoint>() - 1));
+        }
+    }
 }
 
 /// A frontend of a service port.
@@ -324,7 +336,8 @@ pub struct ServiceTable {
     // `with_changes` until a change touches them (copy on write): an
     // endpoint change, the common one, copies none of them.
     by_id: Arc<FastMap<u32, u32>>,
-    frontends: Arc<FrontendMap>,
+    /// (address, protocol, port) of a frontend → (index in `ports`, kind).
+    frontends: Arc<FrontendIndex>,
     /// Keyed by (IPv6?, protocol, port): a dual-stack Service has one entry per family.
     node_ports: Arc<FastMap<(bool, Proto, u16), u32>>,
     generation: u64,
@@ -349,7 +362,7 @@ impl ServiceTable {
     /// place in this table, and how it was reached.
     #[inline]
     pub fn find(&self, dst: &Addr, proto: Proto, port: u16) -> Option<Found> {
-        if let Some(&(index, kind)) = self.frontends.get(&(*dst, proto, port)) {
+        if let Some((index, kind)) = self.frontends.get(dst, proto, port) {
             return Some(Found { index, kind });
         }
         if !self.node_ports.is_empty()
@@ -359,6 +372,13 @@ impl ServiceTable {
             return Some(Found { index, kind: FrontendKind::NodePort });
         }
         None
+    }
+
+    /// Starts loading what [`ServiceTable::find`] reads first for this
+    /// frontend, for a batch that looks it up in a later pass.
+    #[inline]
+    pub fn prefetch_frontend(&self, dst: &Addr, proto: Proto, port: u16) {
+        self.frontends.prefetch(dst, proto, port);
     }
 
     /// The service port `found` names (`None` only for a `found` from
@@ -463,10 +483,10 @@ impl ServiceTable {
     fn frontend_conflict(&self, port: &ServicePort) -> Result<(), BuildError> {
         for f in &port.frontends {
             let taken = match f.kind {
-                FrontendKind::NodePort => self.node_ports.get(&(!f.addr.is_v4(), port.proto, f.port)),
-                _ => self.frontends.get(&(f.addr, port.proto, f.port)).map(|(i, _)| i),
+                FrontendKind::NodePort => self.node_ports.get(&(!f.addr.is_v4(), port.proto, f.port)).copied(),
+                _ => self.frontends.get(&f.addr, port.proto, f.port).map(|(i, _)| i),
             };
-            if let Some(&i) = taken {
+            if let Some(i) = taken {
                 let owner = self.ports[i as usize].name.clone();
                 return Err(BuildError::FrontendConflict { frontend: *f, proto: port.proto, owner });
             }
@@ -482,7 +502,7 @@ impl ServiceTable {
                     Arc::make_mut(&mut self.node_ports).insert((!f.addr.is_v4(), port.proto, f.port), i);
                 }
                 kind => {
-                    Arc::make_mut(&mut self.frontends).insert((f.addr, port.proto, f.port), (i, kind));
+                    Arc::make_mut(&mut self.frontends).insert(f.addr, port.proto, f.port, i, kind);
                 }
             }
         }
@@ -510,7 +530,7 @@ impl ServiceTable {
                 FrontendKind::NodePort => {
                     Arc::make_mut(&mut self.node_ports).remove(&(!f.addr.is_v4(), port.proto, f.port))
                 }
-                _ => Arc::make_mut(&mut self.frontends).remove(&(f.addr, port.proto, f.port)).map(|(i, _)| i),
+                _ => Arc::make_mut(&mut self.frontends).remove(&f.addr, port.proto, f.port).map(|(i, _)| i),
             };
         }
         Arc::make_mut(&mut self.by_id).remove(&port.id);
