@@ -597,18 +597,30 @@ impl std::fmt::Debug for FlowTable {
 /// How far [`FlowTable::prefetch_slot`] looks for a matching tag.
 const PREFETCH_PROBE: usize = 8;
 
-/// Starts loading the cache line at `p` (a hint that never faults; no-op
-/// elsewhere than x86-64). Public for the fast path's own batches.
+/// Starts loading the cache line at `p` into the second-level cache (a
+/// hint that never faults; no-op elsewhere than x86-64). Public for the
+/// fast path's own batches.
+///
+/// The hint is `T1` (L2 and beyond), not `T0` (L1 too). A batch asks for
+/// about three lines per packet, nearly 200 at once, and the first-level
+/// cache tracks only a few dozen misses. On an AMD Zen 4 (EPYC) core, where
+/// `T1` fills only the L2, `T0` prefetches did not arrive: the lookups
+/// waited for memory as if there were none (plain loads in their place
+/// were 1.2–1.4× faster). With `T1`, 1M flows: established packets
+/// 1.5–1.7× faster (10 → 15–17 Mpps), new flows 1.1–1.2×, a
+/// cache-resident table unchanged; the later load hits the L2, whose
+/// latency the out-of-order core hides. Intel cores, too, fill only the L2
+/// and L3 for `T1`.
 #[inline(always)]
 pub fn prefetch_line(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
         // SAFETY: prefetching is a hint: it never faults and has no effect
         // other than on the cache, whatever the address.
         #[allow(unused_unsafe)]
         unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(p.cast());
+            _mm_prefetch::<_MM_HINT_T1>(p.cast());
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
