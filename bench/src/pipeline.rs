@@ -25,6 +25,12 @@
 //! large as the 1M-flow conntrack table, prefetched a batch ahead. No parse,
 //! no NAT: what any flow table too large for the caches pays per packet on
 //! the machine at hand, however little it computes.
+//!
+//! The core's clock is measured in every round too ([`clock_ghz`]), because
+//! a shared host's clock moves from hour to hour: cycles per packet
+//! (ns × GHz, with the median clock) compare runs that the host clocked
+//! differently. They are exact for computing and only approximate where
+//! memory latency, which does not scale with the clock, dominates.
 
 use crate::report::{Args, Rng, median, progress, r3};
 use serde_json::json;
@@ -156,6 +162,28 @@ fn memory_floor(packets: &[[u8; FRAME]], lines: &[Line], lines_per_packet: usize
     packets.len() as f64 / start.elapsed().as_secs_f64() / 1e6
 }
 
+/// Latency of one 64-bit multiply in cycles: 3 on the x86-64 cores of the
+/// last decade (Intel since Sandy Bridge, AMD since Zen) and on Arm's
+/// Neoverse cores.
+const MUL_LATENCY_CYCLES: f64 = 3.0;
+
+/// The core's clock in GHz, now: the time of a chain of dependent 64-bit
+/// multiplies, each of which waits for the one before. A chain of squarings
+/// is used because the compiler cannot shorten it (a chain of multiplies by
+/// one constant it could regroup into one multiply by a power of it).
+fn clock_ghz() -> f64 {
+    const STEPS: u64 = 20_000_000;
+    let mut x = std::hint::black_box(0x9e37_79b9_7f4a_7c15_u64);
+    let start = Instant::now();
+    for _ in 0..STEPS / 8 {
+        for _ in 0..8 {
+            x = x.wrapping_mul(x);
+        }
+    }
+    std::hint::black_box(x);
+    MUL_LATENCY_CYCLES * STEPS as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
 pub fn run_bench(args: &Args) -> Result<(), String> {
     let rounds = if args.quick { 2 } else { 5 };
     let established_packets = if args.quick { 2_000_000 } else { 5_000_000 };
@@ -178,12 +206,14 @@ pub fn run_bench(args: &Args) -> Result<(), String> {
     let mut est_mpps = vec![Vec::new(); cases.len()];
     // One random line per packet (established), two (new flows).
     let mut floor_mpps = [Vec::new(), Vec::new()];
+    let mut clock = Vec::new();
     let table_bytes = FlowTable::new(Config { capacity: FLOWS + FLOWS / 4, ..Config::default() })
         .map_err(|e| e.to_string())?
         .memory_bytes();
     let floor_table = ZeroedArray::<Line>::new(table_bytes.div_ceil(64))
         .map_err(|e| format!("memory floor: mapping {table_bytes} bytes: {e}"))?;
     for round in 0..rounds {
+        clock.push(clock_ghz());
         progress(&format!("round {}/{rounds}: memory floor, {} MB", round + 1, table_bytes >> 20));
         floor_mpps[0].push(memory_floor(&est_packets[0], &floor_table, 1, &mut bufs));
         floor_mpps[1].push(memory_floor(&new_packets[0], &floor_table, 2, &mut bufs));
@@ -199,6 +229,7 @@ pub fn run_bench(args: &Args) -> Result<(), String> {
                 return Err(format!("{n} services: {created} flows created of {flows}: {:?}", worker.counters.drops));
             }
             est_mpps[k].push(run(&est_packets[k], &t, &mut worker, &mut bufs));
+            clock.push(clock_ghz());
             let forwarded = worker.counters.forwarded;
             if forwarded != (flows + established_packets) as u64 {
                 return Err(format!("{n} services: {forwarded} packets forwarded, expected all"));
@@ -209,6 +240,10 @@ pub fn run_bench(args: &Args) -> Result<(), String> {
     let est: Vec<f64> = est_mpps.into_iter().map(median).collect();
     let [floor_est, floor_new] = floor_mpps.map(median);
     let ratio = est[0] / est[1];
+    let readings = clock.len();
+    let ghz = median(clock);
+    // Mpps → cycles per packet at the run's median clock.
+    let cycles = |mpps: f64| 1e3 * ghz / mpps;
     if args.json {
         println!(
             "{}",
@@ -224,16 +259,31 @@ pub fn run_bench(args: &Args) -> Result<(), String> {
                 "memory_floor_mpps": r3(floor_est),
                 "memory_floor_two_lines_mpps": r3(floor_new),
                 "flows_in_table": FLOWS,
+                "clock_ghz": r3(ghz),
+                "established_cycles_per_packet": cycles(est[0]).round(),
+                "new_flow_cycles_per_packet": cycles(new[0]).round(),
+                "established_cycles_per_packet_cache_resident": cycles(est[2]).round(),
             })
         );
         return Ok(());
     }
     println!("## pipeline: one core, in memory, 64-byte UDP\n");
-    println!("| services | flows in conntrack | established Mpps | ns/packet | new-flow Mpps | ns/packet |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| services | flows in conntrack | established Mpps | ns/packet | cycles | new-flow Mpps | ns/packet | cycles |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for (k, (n, flows)) in cases.iter().enumerate() {
-        println!("| {n} | {flows} | {:.2} | {:.0} | {:.2} | {:.0} |", est[k], 1e3 / est[k], new[k], 1e3 / new[k]);
+        println!(
+            "| {n} | {flows} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} |",
+            est[k],
+            1e3 / est[k],
+            cycles(est[k]),
+            new[k],
+            1e3 / new[k],
+            cycles(new[k])
+        );
     }
+    println!("\ncore clock (median of {readings} readings, dependent multiplies): {ghz:.2} GHz");
     println!("\nestablished cost with 10,000 services / with 1: {ratio:.3}x");
     println!("established with {FLOWS} flows / with {FEW_FLOWS} (cache-resident): {:.3}x", est[0] / est[2]);
     println!(
