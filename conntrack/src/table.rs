@@ -607,8 +607,8 @@ const PREFETCH_PROBE: usize = 8;
 /// `T1` fills only the L2, `T0` prefetches did not arrive: the lookups
 /// waited for memory as if there were none (plain loads in their place
 /// were 1.2–1.4× faster). With `T1`, 1M flows: established packets
-/// 1.5–1.7× faster (10 → 15–17 Mpps), new flows 1.1–1.2×, a
-/// cache-resident table unchanged; the later load hits the L2, whose
+/// 1.5–1.7× faster (9–10 → 15–17 Mpps), new flows 1.0–1.15×, a
+/// cache-resident table within the noise; the later load hits the L2, whose
 /// latency the out-of-order core hides. Intel cores, too, fill only the L2
 /// and L3 for `T1`.
 #[inline(always)]
