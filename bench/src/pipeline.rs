@@ -163,8 +163,8 @@ fn memory_floor(packets: &[[u8; FRAME]], lines: &[Line], lines_per_packet: usize
 }
 
 /// Latency of one 64-bit multiply in cycles: 3 on the x86-64 cores of the
-/// last decade (Intel since Sandy Bridge, AMD since Zen) and on Arm's
-/// Neoverse cores.
+/// last decade (Intel since Sandy Bridge, AMD since Zen). Elsewhere the
+/// clock reading (and the cycles derived from it) is only as good as this.
 const MUL_LATENCY_CYCLES: f64 = 3.0;
 
 /// The core's clock in GHz, now: the time of a chain of dependent 64-bit
