@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use xskgate_tests::in_ns;
 use xskgate_tests::reference::{Gw, LB_CLUSTER, LB_LOCAL, LB_NONE, PodState, Reference, http_get, udp_flows};
+use xskgate_tests::{UDP_RECEIVE_BUFFER, grow_receive_buffer, in_ns};
 
 const XSKGATE: &str = env!("CARGO_BIN_EXE_xskgate");
 const NO_LOCAL: &str = "xskgate_drops_total{reason=\"no_local_endpoints\"}";
@@ -38,7 +38,9 @@ fn http(r: &Reference, url: &str) -> Result<(String, String), String> {
     Ok((pod.to_string(), peer.ip().to_string()))
 }
 
-/// Every non-zero xskgate counter of both gateways, for failure messages.
+/// Every non-zero xskgate counter of both gateways, their neighbours, the
+/// kernel's drops in every namespace and the gateways' warnings, for
+/// failure messages.
 fn counters(r: &Reference) -> String {
     let mut out = String::new();
     for gw in Gw::BOTH {
@@ -51,6 +53,10 @@ fn counters(r: &Reference) -> String {
     for gw in Gw::BOTH {
         let n = r.topo.exec(gw.name(), &["ip", "neigh"]);
         out.push_str(&format!("{} neigh: {}\n", gw.name(), String::from_utf8_lossy(&n.stdout).replace('\n', " | ")));
+    }
+    for ns in ["client", "gw1", "gw2", "pa", "pb", "pc"] {
+        out.push_str(&r.topo.kernel_drops(ns));
+        out.push('\n');
     }
     for g in &r.gateways {
         for l in g.log_text().lines().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
@@ -209,6 +215,7 @@ fn s7_no_loss_across_100_table_updates() {
     let mut r = start();
     let sock = in_ns(&r.topo.ns_name("client"), || {
         let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        grow_receive_buffer(&s, UDP_RECEIVE_BUFFER).unwrap();
         s.connect(format!("{LB_CLUSTER}:53")).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
         s
@@ -269,7 +276,7 @@ fn s7_no_loss_across_100_table_updates() {
     let got = receiver.join().unwrap();
     assert!(published >= 100, "{published} publications");
     assert!(sent > 500, "the stream ran ({sent} datagrams)");
-    assert_eq!(got, sent, "datagrams lost across {published} table updates");
+    assert_eq!(got, sent, "datagrams lost across {published} table updates:\n{}", counters(&r));
 }
 
 /// Scenario 8: 1,000 sequential HTTP requests (a real client, one

@@ -40,6 +40,38 @@ unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
     fn setns(fd: i32, nstype: i32) -> i32;
+    fn setsockopt(fd: i32, level: i32, name: i32, value: *const std::ffi::c_void, len: u32) -> i32;
+}
+
+/// `SOL_SOCKET` and `SO_RCVBUFFORCE` (asm-generic/socket.h; root may exceed `rmem_max`).
+const SOL_SOCKET: i32 = 1;
+const SO_RCVBUFFORCE: i32 = 33;
+
+/// The receive buffer the test's UDP sockets ask for: 4 MiB, thousands of
+/// datagrams, where the default (212 KiB) holds a few hundred — about
+/// 0.1 s of a 2,000-per-second stream whose reader the scheduler may hold
+/// off on a loaded two-core machine. A loss then means a lost datagram,
+/// not a slow test thread.
+pub const UDP_RECEIVE_BUFFER: i32 = 4 << 20;
+
+/// Gives `socket` a receive buffer of `bytes` (`SO_RCVBUFFORCE`: needs root,
+/// as every end-to-end test does).
+///
+/// # Errors
+/// The kernel refused the option.
+pub fn grow_receive_buffer(socket: &UdpSocket, bytes: i32) -> std::io::Result<()> {
+    // SAFETY: the descriptor is open for the call; the value is an i32 that
+    // outlives it and `len` is its size.
+    let rc = unsafe {
+        setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            SOL_SOCKET,
+            SO_RCVBUFFORCE,
+            (&raw const bytes).cast(),
+            std::mem::size_of::<i32>() as u32,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 const CLONE_NEWNET: i32 = 0x4000_0000;
@@ -153,6 +185,33 @@ impl Topology {
         run(&full)
     }
 
+    /// The kernel's drop counters in namespace `short` that are not zero, for
+    /// failure messages: the UDP lines of `/proc/net/snmp` (socket buffer
+    /// and input errors, datagrams to no socket) and each interface's
+    /// `rx_dropped` and `tx_dropped`.
+    pub fn kernel_drops(&self, short: &str) -> String {
+        let ns = self.ns_name(short);
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns, "sh", "-c"])
+            .arg("cat /proc/net/snmp; for f in /sys/class/net/*/statistics/*x_dropped; do echo \"$f $(cat $f)\"; done")
+            .output();
+        let Ok(out) = out else { return format!("{short}: cannot read the kernel's counters") };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut found = Vec::new();
+        let udp: Vec<&str> = text.lines().filter(|l| l.starts_with("Udp: ")).collect();
+        if let [names, values] = udp[..] {
+            for (n, v) in names.split_whitespace().zip(values.split_whitespace()).skip(1) {
+                if (n.contains("Errors") || n == "NoPorts") && v != "0" {
+                    found.push(format!("Udp {n} {v}"));
+                }
+            }
+        }
+        for l in text.lines().filter(|l| l.starts_with("/sys/class/net/") && !l.ends_with(" 0")) {
+            found.push(l.trim_start_matches("/sys/class/net/").replace("/statistics/", " ").to_string());
+        }
+        format!("{short}: {}", if found.is_empty() { "no kernel drops".to_string() } else { found.join(", ") })
+    }
+
     /// A veth pair between namespaces `a` and `b`, created inside them,
     /// with the given addresses (CIDR notation), up, with TX checksum
     /// offload off on both ends.
@@ -259,6 +318,7 @@ impl EchoServer {
     pub fn bind(name: &str, port: u16) -> std::io::Result<EchoServer> {
         let tcp = TcpListener::bind(("::", port))?;
         let udp = UdpSocket::bind(("::", port))?;
+        grow_receive_buffer(&udp, UDP_RECEIVE_BUFFER)?;
         tcp.set_nonblocking(true)?;
         udp.set_read_timeout(Some(Duration::from_millis(50)))?;
         Ok(EchoServer { name: name.to_string(), tcp, udp })

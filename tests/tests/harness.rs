@@ -86,3 +86,37 @@ fn everything_is_removed_on_drop_and_on_panic() {
     assert!(!prefix.is_empty());
     assert!(namespaces_with(&prefix).is_empty(), "namespaces left after a panic");
 }
+
+/// `kernel_drops` names the kernel's counters that rose (a datagram to a
+/// port nobody listens on counts `NoPorts`), and `grow_receive_buffer`
+/// gives a socket the buffer the scenario tests rely on.
+#[test]
+fn kernel_drops_reports_what_the_kernel_counted() {
+    let t = routed();
+    assert_eq!(t.kernel_drops("pod"), "pod: no kernel drops");
+    let pod = t.ns_name("pod");
+    let buffer = in_ns(&pod, || {
+        let s = std::net::UdpSocket::bind("198.18.2.2:0").unwrap();
+        xskgate_tests::grow_receive_buffer(&s, xskgate_tests::UDP_RECEIVE_BUFFER).unwrap();
+        // Nothing listens on port 9 in this namespace.
+        s.send_to(b"x", "198.18.2.2:9").unwrap();
+        socket_receive_buffer(&s)
+    });
+    // The kernel doubles the value asked for (its bookkeeping overhead).
+    assert_eq!(buffer, 2 * xskgate_tests::UDP_RECEIVE_BUFFER);
+    let drops = t.kernel_drops("pod");
+    assert!(drops.contains("Udp NoPorts 1"), "{drops}");
+}
+
+/// `SO_RCVBUF` of `s`, as the kernel reports it.
+fn socket_receive_buffer(s: &std::net::UdpSocket) -> i32 {
+    unsafe extern "C" {
+        fn getsockopt(fd: i32, level: i32, name: i32, value: *mut std::ffi::c_void, len: *mut u32) -> i32;
+    }
+    let (mut v, mut len) = (0i32, std::mem::size_of::<i32>() as u32);
+    // SAFETY: the descriptor is open; `v` and `len` outlive the call and
+    // `len` is the size of `v`. SOL_SOCKET = 1, SO_RCVBUF = 8.
+    let rc = unsafe { getsockopt(std::os::fd::AsRawFd::as_raw_fd(s), 1, 8, (&raw mut v).cast(), &raw mut len) };
+    assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
+    v
+}
