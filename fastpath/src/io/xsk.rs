@@ -42,6 +42,8 @@ const COPY_RESERVE: usize = 512;
 /// Empty rounds before a worker sleeps in `poll()`.
 const SPIN_ROUNDS: u32 = 1 << 14;
 const IDLE_POLL_MS: i32 = 10;
+/// Kicks per port and round (each sends up to 32 frames in copy mode).
+const MAX_KICKS: usize = 8;
 /// Frames a worker holds while their next hops are resolved, and for how
 /// long (the kernel's ARP queue does the same).
 const HELD_MAX: usize = 256;
@@ -88,6 +90,8 @@ io_counters! {
     no_egress_socket => "Dropped: the route leaves by an interface xskgate does not run on.";
     steered_local => "Dropped: a steered frame for this node's own stack that the pipeline did not own.";
     tx_ring_full => "Dropped: the TX ring or the egress UMEM had no room.";
+    tx_device_dropped => "Dropped by the kernel on TX: the egress device refused a frame (sendto EBUSY, e.g. its queue was full).";
+    tx_kick_errors => "TX kicks (sendto) that failed otherwise than busy, e.g. the link is down (the frames stay in the TX ring and are kicked again next round).";
     xsk_rx_dropped => "Dropped by the kernel before the socket: no room in the UMEM (XDP_STATISTICS rx_dropped).";
     xsk_rx_ring_full => "Dropped by the kernel: the socket's RX ring was full (rx_ring_full).";
     xsk_fill_ring_empty => "Times the kernel found the fill ring empty (rx_fill_ring_empty_descs).";
@@ -115,6 +119,9 @@ pub struct Port {
     rx: RxQueue,
     free: Vec<FrameDesc>,
     pending_tx: Vec<FrameDesc>,
+    /// The TX ring holds frames the kernel has not taken yet: kick again
+    /// next round, even without new frames (see [`Port::kick_tx`]).
+    tx_backlog: bool,
 }
 
 fn setsockopt_int(fd: i32, opt: i32, v: i32) -> std::io::Result<()> {
@@ -179,6 +186,7 @@ impl Port {
             rx,
             free,
             pending_tx: Vec::with_capacity(FRAMES as usize),
+            tx_backlog: false,
         })
     }
 
@@ -219,25 +227,69 @@ impl Port {
         }
     }
 
-    /// Sends the pending frames (the ring takes all or none).
+    /// Sends the pending frames (the ring takes all or none), and kicks the
+    /// kernel for them and for any backlog of earlier rounds.
     fn flush_tx(&mut self, io: &mut IoCounters) {
-        if self.pending_tx.is_empty() {
-            return;
+        if !self.pending_tx.is_empty() {
+            let n = self.pending_tx.len();
+            // SAFETY: every pending frame belongs to this UMEM, holds a frame to
+            // send and is in no ring.
+            let sent = unsafe { self.tx.produce(&self.pending_tx) };
+            if sent == n {
+                io.tx_packets += n as u64;
+                self.tx_backlog = true;
+            } else {
+                io.tx_ring_full += n as u64;
+                self.free.extend_from_slice(&self.pending_tx);
+            }
+            self.pending_tx.clear();
         }
-        let n = self.pending_tx.len();
-        // SAFETY: every pending frame belongs to this UMEM, holds a frame to
-        // send and is in no ring.
-        let sent = unsafe { self.tx.produce(&self.pending_tx) };
-        if sent == n {
-            io.tx_packets += n as u64;
-            // Copy mode sends only on a kick; in zero-copy mode the flag
-            // says whether one is needed.
-            let _ = self.tx.wakeup();
-        } else {
-            io.tx_ring_full += n as u64;
-            self.free.extend_from_slice(&self.pending_tx);
+        if self.tx_backlog {
+            self.kick_tx(io);
         }
-        self.pending_tx.clear();
+    }
+
+    /// Kicks the kernel (`sendto`) until the TX ring is empty, at most
+    /// [`MAX_KICKS`] times; what is left is kicked again next round
+    /// (`tx_backlog`). In copy mode, the mode of veths and of drivers
+    /// without zero-copy, one kick sends at most 32 frames (the socket's TX
+    /// budget): a batch of 64 kicked once left 32 in the ring until the
+    /// port's next frame, for good if none came: the kick says `EAGAIN`
+    /// both when its budget ran out and when the device was busy, so the
+    /// ring's fill tells them apart. A zero-copy driver drains the ring by
+    /// itself and asks for a kick through the ring's need-wakeup flag. A
+    /// syscall per 32 frames, never per frame.
+    fn kick_tx(&mut self, io: &mut IoCounters) {
+        for _ in 0..MAX_KICKS {
+            if self.tx.nb_free_exact() == RING {
+                self.tx_backlog = false;
+                return;
+            }
+            if !self.tx.needs_wakeup() {
+                // A zero-copy driver is sending by itself; look again next round.
+                return;
+            }
+            let free = self.tx.nb_free_exact();
+            // SAFETY: a zero-length send on this port's open socket; no
+            // buffer is passed.
+            let r = unsafe {
+                libc::sendto(self.tx.fd().as_raw_fd(), std::ptr::null(), 0, libc::MSG_DONTWAIT, std::ptr::null(), 0)
+            };
+            if r < 0 {
+                match std::io::Error::last_os_error().raw_os_error() {
+                    // The kick's budget was spent (it sent some: go on),
+                    // or the device is busy (it sent none: next round).
+                    Some(libc::EAGAIN | libc::ENOBUFS) if self.tx.nb_free_exact() > free => {}
+                    Some(libc::EAGAIN | libc::ENOBUFS) => return,
+                    // The device refused a frame (it was completed unsent).
+                    Some(libc::EBUSY) => io.tx_device_dropped += 1,
+                    _ => {
+                        io.tx_kick_errors += 1;
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     /// Points at a frame's whole data segment (its capacity).
@@ -452,7 +504,8 @@ impl Worker {
             } else {
                 self.io.idle_polls += 1;
                 empty_rounds += 1;
-                if empty_rounds >= SPIN_ROUNDS {
+                // Not while a TX ring holds frames the kernel has yet to take.
+                if empty_rounds >= SPIN_ROUNDS && !self.ports.iter().any(|p| p.tx_backlog) {
                     self.sleep_until_rx();
                 }
             }
