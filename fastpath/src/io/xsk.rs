@@ -253,15 +253,16 @@ impl Port {
     /// [`MAX_KICKS`] times; what is left is kicked again next round
     /// (`tx_backlog`). In copy mode, the mode of veths and of drivers
     /// without zero-copy, one kick sends at most 32 frames (the socket's TX
-    /// budget): a batch of 64 kicked once left 32 in the ring until the
-    /// port's next frame, for good if none came: the kick says `EAGAIN`
-    /// both when its budget ran out and when the device was busy, so the
-    /// ring's fill tells them apart. A zero-copy driver drains the ring by
-    /// itself and asks for a kick through the ring's need-wakeup flag. A
-    /// syscall per 32 frames, never per frame.
+    /// budget); kicked once, a batch of 64 left 32 in the ring until the
+    /// port's next frame, for good if none came. A kick says `EAGAIN` both
+    /// when its budget ran out and when the device was busy; the ring's fill
+    /// tells them apart. A zero-copy driver drains the ring by itself and
+    /// asks for a kick through the ring's need-wakeup flag. A syscall per 32
+    /// frames, never per frame.
     fn kick_tx(&mut self, io: &mut IoCounters) {
         for _ in 0..MAX_KICKS {
-            if self.tx.nb_free_exact() == RING {
+            let free = self.tx.nb_free_exact();
+            if free == RING {
                 self.tx_backlog = false;
                 return;
             }
@@ -269,7 +270,6 @@ impl Port {
                 // A zero-copy driver is sending by itself; look again next round.
                 return;
             }
-            let free = self.tx.nb_free_exact();
             // SAFETY: a zero-length send on this port's open socket; no
             // buffer is passed.
             let r = unsafe {
