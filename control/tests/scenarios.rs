@@ -8,7 +8,9 @@ use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use xskgate_tests::reference::{Gw, LB_CLUSTER, LB_LOCAL, LB_NONE, PodState, Reference, http_get, udp_flows};
+use xskgate_tests::reference::{
+    Gw, LB_CLUSTER, LB_LOCAL, LB_NONE, NAMESPACES, PodState, Reference, http_get, udp_flows,
+};
 use xskgate_tests::{UDP_RECEIVE_BUFFER, grow_receive_buffer, in_ns};
 
 const XSKGATE: &str = env!("CARGO_BIN_EXE_xskgate");
@@ -54,7 +56,7 @@ fn counters(r: &Reference) -> String {
         let n = r.topo.exec(gw.name(), &["ip", "neigh"]);
         out.push_str(&format!("{} neigh: {}\n", gw.name(), String::from_utf8_lossy(&n.stdout).replace('\n', " | ")));
     }
-    for ns in ["client", "gw1", "gw2", "pa", "pb", "pc"] {
+    for ns in NAMESPACES {
         out.push_str(&r.topo.kernel_drops(ns));
         out.push('\n');
     }

@@ -44,9 +44,8 @@ fn a_batch_larger_than_a_kick_leaves_in_full() {
         v
     };
     // The port lives on one thread in namespace a for the whole test.
-    let (go, gone) = (std::sync::mpsc::channel::<()>(), std::sync::mpsc::channel::<usize>());
-    let (go_tx, go_rx) = go;
-    let (sent_tx, sent_rx) = gone;
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel::<usize>();
     let sender = xskgate_tests::spawn_in_ns(&t.ns_name("a"), move || {
         let mut port = Port::open(&x0, ifindex, 0).unwrap_or_else(|e| panic!("{e}"));
         while go_rx.recv().is_ok() {

@@ -91,6 +91,9 @@ pub enum PodState {
     Deleted,
 }
 
+/// The topology's namespaces (short names).
+pub const NAMESPACES: [&str; 6] = ["client", "gw1", "gw2", "pa", "pb", "pc"];
+
 /// (pod name, address, node).
 pub const PODS: [(&str, &str, &str); 3] =
     [("pod-a", "198.19.1.10", "gw1"), ("pod-b", "198.19.2.10", "gw2"), ("pod-c", "198.19.3.10", "gw2")];
@@ -201,7 +204,7 @@ impl Reference {
     /// A gateway that does not start (its log is in the message).
     pub fn start(xskgate: &Path) -> Result<Reference, String> {
         let mut t = Topology::new();
-        for ns in ["client", "gw1", "gw2", "pa", "pb", "pc"] {
+        for ns in NAMESPACES {
             t.add_ns(ns);
         }
         t.link("client", "c1", "198.18.1.100/24", "gw1", "g1c", "198.18.1.1/24");
