@@ -1,16 +1,18 @@
 //! The flow table: fixed capacity, shared by every worker, lock-free.
 //!
 //! # Layout
-//! One array of 128-byte `Slot`s (two cache lines; a batched lookup
-//! prefetches both: left to the hardware's adjacent-line prefetcher, the
-//! second arrived too late, 1.6–1.8× slower with 1M flows), in one
-//! huge-page mapping made at creation.
-//! A flow occupies two slots, one per direction; each slot holds its own key
-//! and its peer's key, so the packet's NAT rewrite (the peer key reversed)
-//! with its checksum deltas (computed once, at insert), counters and
-//! last-seen time are all on the lines of one lookup. Keys are
+//! One array of 64-byte `Slot`s (one cache line each), in one huge-page
+//! mapping made at creation. A flow occupies two slots, one per direction;
+//! each slot holds its own key and its peer's key, so the packet's NAT
+//! rewrite (the peer key reversed) with its checksum deltas (computed once,
+//! at insert), state and last-seen time are all read by one lookup. For an
+//! IPv4 flow all of it is in the slot's line (the addresses packed), so its
+//! packets read one line of the array; an IPv6 flow's addresses are in a
+//! second array of 64-byte entries (`Wide`), one per slot, which its
+//! packets read too. Per-flow packet and byte counters, when kept
+//! ([`Config::accounting`]), are in a third. Keys are
 //! placed by linear probing from their *home* slot (`hash × n >> 64`).
-//! The array has `2.5 ×` capacity slots, so the load never exceeds 0.8.
+//! The arrays have `2.5 ×` capacity entries, so the load never exceeds 0.8.
 //!
 //! Beside it, a compact array of 4-byte hints, one per slot (tag, occupied
 //! bit, overflow count): 10 MB per million flows, so it stays in the last
@@ -19,7 +21,8 @@
 //!
 //! # Protocol
 //! - `meta` (per slot) = generation (32 bits) | tag (16 hash bits) | kind
-//!   (`EMPTY`, `BUSY`, `FULL`) | direction. Every transition bumps the
+//!   (`EMPTY`, `BUSY`, `FULL`) | direction | layout (compact or wide, see
+//!   [`Slot`]). Every transition bumps the
 //!   generation, so it is also a seqlock: a reader copies the slot and accepts
 //!   the copy only if `meta` is unchanged afterwards. Readers never wait; a
 //!   failed validation means a writer made progress, and the reader retries.
@@ -77,6 +80,9 @@ const KIND_EMPTY: u64 = 0;
 const KIND_BUSY: u64 = 1;
 const KIND_FULL: u64 = 2;
 
+/// [`Meta`]'s layout bit: the slot is compact ([`Slot`]).
+const META_COMPACT: u64 = 1 << 57;
+
 /// The per-slot header word; see the module documentation.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct Meta(u64);
@@ -101,9 +107,18 @@ impl Meta {
     fn dir(self) -> Dir {
         if (self.0 >> 56) & 1 == 1 { Dir::Reply } else { Dir::Original }
     }
-    /// The same slot in its next state: generation + 1, same tag and direction.
+    /// Whether the slot is compact (IPv4 key and peer, all on its first
+    /// line) rather than wide. Set when the slot is published `FULL`.
+    fn compact(self) -> bool {
+        self.0 & META_COMPACT != 0
+    }
+    fn with_compact(self, compact: bool) -> Meta {
+        Meta(if compact { self.0 | META_COMPACT } else { self.0 & !META_COMPACT })
+    }
+    /// The same slot in its next state: generation + 1, same tag, direction
+    /// and layout.
     fn next(self, kind: u64) -> Meta {
-        Meta::new(self.generation().wrapping_add(1), self.tag(), kind, self.dir())
+        Meta::new(self.generation().wrapping_add(1), self.tag(), kind, self.dir()).with_compact(self.compact())
     }
 }
 
@@ -126,27 +141,37 @@ pub(crate) struct Hint(AtomicU32);
 // SAFETY: an atomic integer; zero is "empty, no overflow".
 unsafe impl AllZeroValid for Hint {}
 
-/// One direction of one flow. 128 bytes, 128-aligned; all-zero is `EMPTY`.
-#[repr(C, align(128))]
+/// One direction of one flow: 64 bytes, one cache line; all-zero is
+/// `EMPTY`.
+///
+/// It holds everything a lookup and a packet of an IPv4 flow read: the key
+/// and the peer key with their addresses packed (a *compact* slot,
+/// [`Meta::compact`]), the NAT deltas, state and last-seen time. A flow with
+/// an IPv6 address keeps its address words in the slot's [`Wide`] entry (a
+/// *wide* slot), which its packets read too.
+#[repr(C, align(64))]
 pub(crate) struct Slot {
     meta: AtomicU64,
     ctl: AtomicU32,
     /// The checksum deltas of this direction's rewrite (see [`nat_deltas`]).
     nat_delta: AtomicU32,
-    key: [AtomicU64; 5],
-    /// The other direction's key; word 4 carries `service << 32` instead of
+    /// Key word 4 (ports and protocol).
+    key_ports: AtomicU64,
+    /// The other direction's key word 4, with `service << 32` in place of
     /// the protocol (which both directions share).
-    peer: [AtomicU64; 5],
+    peer_ports: AtomicU64,
+    /// A compact slot's key addresses, packed ([`pack_v4`]).
+    key_v4: AtomicU64,
+    /// A compact slot's peer addresses, packed.
+    peer_v4: AtomicU64,
     peer_slot: AtomicU32,
     backend: AtomicU32,
     last_seen: AtomicU32,
     state: AtomicU32,
-    packets: AtomicU64,
-    bytes: AtomicU64,
 }
 
 #[cfg(not(loom))]
-const _: () = assert!(std::mem::size_of::<Slot>() == 128);
+const _: () = assert!(std::mem::size_of::<Slot>() == 64 && std::mem::size_of::<Wide>() == 64);
 
 impl Default for Slot {
     fn default() -> Slot {
@@ -154,20 +179,72 @@ impl Default for Slot {
             meta: AtomicU64::new(0),
             ctl: AtomicU32::new(0),
             nat_delta: AtomicU32::new(0),
-            key: std::array::from_fn(|_| AtomicU64::new(0)),
-            peer: std::array::from_fn(|_| AtomicU64::new(0)),
+            key_ports: AtomicU64::new(0),
+            peer_ports: AtomicU64::new(0),
+            key_v4: AtomicU64::new(0),
+            peer_v4: AtomicU64::new(0),
             peer_slot: AtomicU32::new(0),
             backend: AtomicU32::new(0),
             last_seen: AtomicU32::new(0),
             state: AtomicU32::new(0),
-            packets: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
         }
     }
 }
 
+/// A wide slot's address words (key and peer words 0–3), in an array of
+/// their own, one entry per slot, read under the slot's `meta` like the
+/// rest of it.
+///
+/// Not the second half of a 128-byte slot: a batch that reads only the
+/// first line of each 128-byte slot (every lookup of an IPv4 flow) was
+/// 1.4–1.8× slower than one reading both lines, on the Zen 4 host of
+/// 2026-12-05, and 64-byte slots were as fast or faster than both lines;
+/// every line such a batch read sat at an even line address.
+#[derive(Default)]
+#[repr(C, align(64))]
+pub(crate) struct Wide {
+    key_addrs: [AtomicU64; 4],
+    peer_addrs: [AtomicU64; 4],
+}
+
+// SAFETY: made only of atomic integers.
+unsafe impl AllZeroValid for Wide {}
+
 // SAFETY: made only of atomic integers; all-zero is an EMPTY slot.
 unsafe impl AllZeroValid for Slot {}
+
+/// One direction's packet and byte counters, kept apart from the slots
+/// (and only with [`Config::accounting`]), so that the slot's first line
+/// has room for a whole IPv4 flow.
+#[derive(Default)]
+#[repr(C, align(16))]
+struct Counters {
+    packets: AtomicU64,
+    bytes: AtomicU64,
+}
+
+// SAFETY: made only of atomic integers; all-zero is zero counts.
+unsafe impl AllZeroValid for Counters {}
+
+/// Bytes 8–11 of an IPv4-mapped address (`::ffff:a.b.c.d`), as its second
+/// key word holds them, and the mask that selects them.
+const V4_PREFIX: u64 = u64::from_ne_bytes([0, 0, 0xff, 0xff, 0, 0, 0, 0]);
+const V4_PREFIX_MASK: u64 = u64::from_ne_bytes([0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
+
+/// Both addresses of key words `w` in one word, when both are IPv4-mapped:
+/// the source's four bytes where its word holds them, the destination's in
+/// the other half. `None` for a key with an IPv6 address.
+#[inline(always)]
+fn pack_v4(w: &[u64; 5]) -> Option<u64> {
+    let v4 = (w[0] | w[2]) == 0 && w[1] & V4_PREFIX_MASK == V4_PREFIX && w[3] & V4_PREFIX_MASK == V4_PREFIX;
+    v4.then(|| (w[1] & !V4_PREFIX_MASK) | (w[3] & !V4_PREFIX_MASK).rotate_left(32))
+}
+
+/// Inverse of [`pack_v4`]: key words 0–3.
+#[inline(always)]
+fn unpack_v4(packed: u64) -> [u64; 4] {
+    [0, (packed & !V4_PREFIX_MASK) | V4_PREFIX, 0, (packed.rotate_left(32) & !V4_PREFIX_MASK) | V4_PREFIX]
+}
 
 /// A consistent copy of a slot's immutable part.
 struct Record {
@@ -258,6 +335,9 @@ struct InsertArgs<'a> {
 struct Half<'a> {
     key: &'a [u64; 5],
     peer: &'a [u64; 5],
+    /// Key and peer addresses packed ([`pack_v4`]) when both are IPv4: the
+    /// slot is then compact.
+    packed: Option<(u64, u64)>,
     nat_delta: u32,
     peer_slot: usize,
     packets: u64,
@@ -570,7 +650,11 @@ pub const MAX_CAPACITY: usize = (u32::MAX as usize / SLOTS_PER_FLOW_NUM) * SLOTS
 /// The shared connection-tracking table. See the module documentation.
 pub struct FlowTable {
     slots: ZeroedArray<Slot>,
+    /// IPv6 addresses of wide slots, one entry per slot.
+    wide: ZeroedArray<Wide>,
     hints: ZeroedArray<Hint>,
+    /// Per-slot counters, with [`Config::accounting`] only.
+    counters: Option<ZeroedArray<Counters>>,
     n: usize,
     seed: [u64; 6],
     capacity: usize,
@@ -656,7 +740,9 @@ impl FlowTable {
         }
         let n = (config.capacity * SLOTS_PER_FLOW_NUM).div_ceil(SLOTS_PER_FLOW_DEN).max(8);
         let slots = ZeroedArray::new(n).map_err(TableError::Memory)?;
+        let wide = ZeroedArray::new(n).map_err(TableError::Memory)?;
         let hints = ZeroedArray::new(n).map_err(TableError::Memory)?;
+        let counters = if config.accounting { Some(ZeroedArray::new(n).map_err(TableError::Memory)?) } else { None };
         let mut s = config.seed.unwrap_or_else(|| {
             use std::hash::{BuildHasher, Hasher};
             std::collections::hash_map::RandomState::new().build_hasher().finish()
@@ -664,7 +750,9 @@ impl FlowTable {
         let seed = std::array::from_fn(|_| splitmix(&mut s) | 1);
         Ok(FlowTable {
             slots,
+            wide,
             hints,
+            counters,
             n,
             seed,
             capacity: config.capacity,
@@ -690,7 +778,8 @@ impl FlowTable {
 
     /// Bytes the table holds for its whole life (fixed at creation).
     pub fn memory_bytes(&self) -> usize {
-        self.slots.bytes() + self.hints.bytes() + std::mem::size_of::<FlowTable>()
+        let counters = self.counters.as_ref().map_or(0, |c| c.bytes());
+        self.slots.bytes() + self.wide.bytes() + self.hints.bytes() + counters + std::mem::size_of::<FlowTable>()
     }
 
     pub fn config(&self) -> &Config {
@@ -750,6 +839,14 @@ impl FlowTable {
         unsafe { self.slots.get_unchecked(i) }
     }
 
+    /// Wide entry `i` of a probe, as [`FlowTable::probe_hint`].
+    #[inline(always)]
+    fn probe_wide(&self, i: usize) -> &Wide {
+        debug_assert!(i < self.n && self.wide.len() == self.n);
+        // SAFETY: `i < n` (see `probe_hint`), and `wide` has `n` elements (`new`).
+        unsafe { self.wide.get_unchecked(i) }
+    }
+
     /// Stage one of a batched lookup: starts loading the key's home hint
     /// into the cache (no-op elsewhere than x86-64).
     ///
@@ -764,7 +861,8 @@ impl FlowTable {
 
     /// Stage two of a batched lookup: reads the key's hints (which
     /// [`FlowTable::prefetch`] started loading) and starts loading the first
-    /// slot whose tag matches, the one a lookup will read. When no tag
+    /// slot whose tag matches, the one a lookup will read (its first line;
+    /// both for a key with an IPv6 address). When no tag
     /// matches, the key is most likely about to be inserted: its home slot
     /// (whose commit counter the insert updates) and the first free slot
     /// (which the insert claims) are loaded instead. A key whose probe is
@@ -784,14 +882,15 @@ impl FlowTable {
         for _ in 0..PREFETCH_PROBE {
             let hint = self.probe_hint(i).0.load(Relaxed);
             if hint & !HINT_OVERFLOW == hinted {
-                let slot = std::ptr::from_ref(self.probe_slot(i)).cast::<u8>();
-                prefetch_line(slot);
-                prefetch_line(slot.wrapping_add(64));
+                prefetch_line(std::ptr::from_ref(self.probe_slot(i)).cast());
+                if pack_v4(&h.words).is_none() {
+                    prefetch_line(std::ptr::from_ref(self.probe_wide(i)).cast());
+                }
                 // `i < n <= u32::MAX` (`MAX_CAPACITY`), so `i + 1` fits.
                 return Candidate(i as u32 + 1);
             }
             if hint & HINT_OVERFLOW == 0 {
-                self.prefetch_free(home);
+                self.prefetch_free(home, pack_v4(&h.words).is_none());
                 return Candidate::ABSENT;
             }
             i = self.next(i);
@@ -799,24 +898,25 @@ impl FlowTable {
         Candidate::NONE
     }
 
-    /// For a key not in the table: starts loading its home slot's first
-    /// line and both lines of the first free slot from there (whose hints
-    /// are in the cache by now). The insert writes both lines of the slot it
-    /// claims, and the first packet's accounting reads the second: left
-    /// unfetched, that line was a demand miss on every new flow, which the
-    /// next atomic operation waited for (a new flow 1.2× slower with 1M
-    /// flows, 1.4× with 64K).
+    /// For a key not in the table: starts loading its home slot (whose
+    /// commit counter the insert updates) and the first free slot from
+    /// there (whose hints are in the cache by now), with its [`Wide`] entry
+    /// when the key is `wide` (an IPv6 flow's). Left unfetched, a line the
+    /// insert writes was a demand miss on every new flow, which the next
+    /// atomic operation waited for (a new flow 1.2× slower with 1M flows,
+    /// 1.4× with 64K).
     #[inline(never)]
-    fn prefetch_free(&self, home: usize) {
+    fn prefetch_free(&self, home: usize, wide: bool) {
         prefetch_line(std::ptr::from_ref(self.probe_slot(home)).cast());
         let mut i = home;
         for _ in 0..PREFETCH_PROBE {
             if self.probe_hint(i).0.load(Relaxed) & HINT_OCCUPIED == 0 {
-                let slot = std::ptr::from_ref(self.probe_slot(i)).cast::<u8>();
                 if i != home {
-                    prefetch_line(slot);
+                    prefetch_line(std::ptr::from_ref(self.probe_slot(i)).cast());
                 }
-                prefetch_line(slot.wrapping_add(64));
+                if wide {
+                    prefetch_line(std::ptr::from_ref(self.probe_wide(i)).cast());
+                }
                 return;
             }
             i = self.next(i);
@@ -839,9 +939,9 @@ impl FlowTable {
     /// Copies slot `i`'s immutable part if `meta` still equals `m` afterwards.
     #[inline]
     fn read_record(&self, i: usize, m: Meta) -> Option<Record> {
-        let s = &self.slots[i];
-        let key = std::array::from_fn(|k| s.key[k].load(Relaxed));
-        let peer = std::array::from_fn(|k| s.peer[k].load(Relaxed));
+        let (s, x) = (&self.slots[i], &self.wide[i]);
+        let key = Self::load_key(s, x, m);
+        let peer = Self::load_peer(s, x, m);
         let peer_slot = s.peer_slot.load(Relaxed);
         let backend = s.backend.load(Relaxed);
         let nat_delta = s.nat_delta.load(Relaxed);
@@ -851,17 +951,47 @@ impl FlowTable {
         (s.meta.load(Relaxed) == m.0).then_some(Record { key, peer, peer_slot, backend, nat_delta })
     }
 
-    /// The probe's read of slot `s`, seen with meta `m`: its record if its
+    /// The key words of slot `s` (whose [`Wide`] entry is `x`), in the
+    /// layout `m` names (unvalidated).
+    #[inline(always)]
+    fn load_key(s: &Slot, x: &Wide, m: Meta) -> [u64; 5] {
+        let [a, b, c, d] = if m.compact() {
+            unpack_v4(s.key_v4.load(Relaxed))
+        } else {
+            std::array::from_fn(|k| x.key_addrs[k].load(Relaxed))
+        };
+        [a, b, c, d, s.key_ports.load(Relaxed)]
+    }
+
+    /// The peer words of slot `s` as stored (word 4 with the service), as
+    /// [`FlowTable::load_key`].
+    #[inline(always)]
+    fn load_peer(s: &Slot, x: &Wide, m: Meta) -> [u64; 5] {
+        let [a, b, c, d] = if m.compact() {
+            unpack_v4(s.peer_v4.load(Relaxed))
+        } else {
+            std::array::from_fn(|k| x.peer_addrs[k].load(Relaxed))
+        };
+        [a, b, c, d, s.peer_ports.load(Relaxed)]
+    }
+
+    /// The probe's read of slot `s` (whose [`Wide`] entry is `x`), seen
+    /// with meta `m`: its record if its
     /// key is `w`, `Some(None)` if it holds another key, `None` if a writer
     /// changed it meanwhile. The key is compared as it is read, and the
     /// rest read only on a match, so that a probe keeps one word of the
-    /// key's comparison live instead of five.
+    /// key's comparison live instead of five. A compact slot holds only IPv4
+    /// keys, and a wide one only keys with an IPv6 address (or peer).
     #[inline(always)]
-    fn read_if_key(s: &Slot, m: Meta, w: &[u64; 5]) -> Option<Option<Record>> {
-        let diff = s.key.iter().zip(w).fold(0, |acc, (k, x)| acc | (k.load(Relaxed) ^ x));
+    fn read_if_key(s: &Slot, x: &Wide, m: Meta, w: &[u64; 5]) -> Option<Option<Record>> {
+        let ports = s.key_ports.load(Relaxed) ^ w[4];
+        let diff = if m.compact() {
+            pack_v4(w).map_or(1, |packed| ports | (s.key_v4.load(Relaxed) ^ packed))
+        } else {
+            x.key_addrs.iter().zip(w).fold(ports, |acc, (k, word)| acc | (k.load(Relaxed) ^ word))
+        };
         let rest = (diff == 0).then(|| {
-            let peer: [u64; 5] = std::array::from_fn(|k| s.peer[k].load(Relaxed));
-            (peer, s.peer_slot.load(Relaxed), s.backend.load(Relaxed), s.nat_delta.load(Relaxed))
+            (Self::load_peer(s, x, m), s.peer_slot.load(Relaxed), s.backend.load(Relaxed), s.nat_delta.load(Relaxed))
         });
         // Seqlock read side, as in `read_record`.
         fence(Acquire);
@@ -905,8 +1035,8 @@ impl FlowTable {
     pub fn lookup_candidate(&self, h: &KeyHash, c: Candidate) -> Option<FlowView> {
         if c != Candidate::ABSENT
             && let Some(i) = c.0.checked_sub(1)
-            && let Some(s) = self.slots.get(i as usize)
-            && let Some((m, r)) = Self::read_candidate(s, tag_of(h.hash), &h.words)
+            && let (Some(s), Some(x)) = (self.slots.get(i as usize), self.wide.get(i as usize))
+            && let Some((m, r)) = Self::read_candidate(s, x, tag_of(h.hash), &h.words)
         {
             return Some(Self::view(i as usize, m, &r));
         }
@@ -932,7 +1062,7 @@ impl FlowTable {
         for _ in 0..MAX_PROBE {
             let hint = self.probe_hint(i).0.load(Acquire);
             if hint & !HINT_OVERFLOW == hinted
-                && let Some((m, r)) = Self::read_candidate(self.probe_slot(i), tag, w)
+                && let Some((m, r)) = Self::read_candidate(self.probe_slot(i), self.probe_wide(i), tag, w)
             {
                 return Some(hit(i, m, r));
             }
@@ -944,16 +1074,17 @@ impl FlowTable {
         None
     }
 
-    /// The record of slot `s` if it holds the key `w` (whose tag is `tag`),
-    /// read again for as long as a writer changes it under us.
+    /// The record of slot `s` (whose [`Wide`] entry is `x`) if it holds the
+    /// key `w` (whose tag is `tag`), read again for as long as a writer
+    /// changes it under us.
     #[inline(always)]
-    fn read_candidate(s: &Slot, tag: u16, w: &[u64; 5]) -> Option<(Meta, Record)> {
+    fn read_candidate(s: &Slot, x: &Wide, tag: u16, w: &[u64; 5]) -> Option<(Meta, Record)> {
         loop {
             let m = Meta(s.meta.load(Acquire));
             if m.kind() != KIND_FULL || m.tag() != tag {
                 return None;
             }
-            match Self::read_if_key(s, m, w) {
+            match Self::read_if_key(s, x, m, w) {
                 Some(Some(r)) => return Some((m, r)),
                 Some(None) => return None,
                 None => continue, // a writer changed the slot under us: read again
@@ -1059,26 +1190,37 @@ impl FlowTable {
     /// Writes one direction of a new flow into its claimed slot (still
     /// `BUSY`, so no reader accepts a copy of it yet).
     fn fill(&self, c: &Claim, half: &Half<'_>, flow: &NewFlow, now: u32, state: StateWord) {
-        let s = &self.slots[c.slot];
+        let (s, x) = (&self.slots[c.slot], &self.wide[c.slot]);
         // Seqlock write side: the BUSY generation must be visible before any
         // data store, so that a reader who sees new data also sees a changed
         // `meta` and discards its copy. The claim CAS orders earlier writes
         // only; this fence orders the later ones (free on x86, found by loom).
         fence(Release);
-        for (slot_word, word) in s.key.iter().zip(half.key) {
-            slot_word.store(*word, Relaxed);
+        match half.packed {
+            Some((key, peer)) => {
+                s.key_v4.store(key, Relaxed);
+                s.peer_v4.store(peer, Relaxed);
+            }
+            None => {
+                for (slot_word, word) in x.key_addrs.iter().zip(half.key) {
+                    slot_word.store(*word, Relaxed);
+                }
+                for (slot_word, word) in x.peer_addrs.iter().zip(half.peer) {
+                    slot_word.store(*word, Relaxed);
+                }
+            }
         }
-        for (slot_word, word) in s.peer[..4].iter().zip(half.peer) {
-            slot_word.store(*word, Relaxed);
-        }
-        s.peer[4].store((half.peer[4] & PORTS_MASK) | u64::from(flow.service) << 32, Relaxed);
+        s.key_ports.store(half.key[4], Relaxed);
+        s.peer_ports.store((half.peer[4] & PORTS_MASK) | u64::from(flow.service) << 32, Relaxed);
         s.nat_delta.store(half.nat_delta, Relaxed);
         s.peer_slot.store(half.peer_slot as u32, Relaxed);
         s.backend.store(flow.backend, Relaxed);
         s.last_seen.store(now, Relaxed);
         s.state.store(state.0, Relaxed);
-        s.packets.store(half.packets, Relaxed);
-        s.bytes.store(half.bytes, Relaxed);
+        if let Some(counters) = &self.counters {
+            counters[c.slot].packets.store(half.packets, Relaxed);
+            counters[c.slot].bytes.store(half.bytes, Relaxed);
+        }
     }
 
     /// Inserts a flow if its original tuple is not tracked yet.
@@ -1198,13 +1340,23 @@ impl FlowTable {
             }
         }
         let (orig_delta, reply_delta) = nat_deltas(&o.words, &r.words);
-        let orig = Half { key: &o.words, peer: &r.words, nat_delta: orig_delta, peer_slot: rc.slot, packets, bytes };
-        let reply =
-            Half { key: &r.words, peer: &o.words, nat_delta: reply_delta, peer_slot: oc.slot, packets: 0, bytes: 0 };
+        let packed = pack_v4(&o.words).zip(pack_v4(&r.words));
+        let compact = packed.is_some();
+        let orig =
+            Half { key: &o.words, peer: &r.words, packed, nat_delta: orig_delta, peer_slot: rc.slot, packets, bytes };
+        let reply = Half {
+            key: &r.words,
+            peer: &o.words,
+            packed: packed.map(|(o, r)| (r, o)),
+            nat_delta: reply_delta,
+            peer_slot: oc.slot,
+            packets: 0,
+            bytes: 0,
+        };
         self.fill(&oc, &orig, flow, now, state);
         self.fill(&rc, &reply, flow, now, state);
-        self.slots[rc.slot].meta.store(rc.meta.next(KIND_FULL).0, Release);
-        let full = oc.meta.next(KIND_FULL);
+        self.slots[rc.slot].meta.store(rc.meta.next(KIND_FULL).with_compact(compact).0, Release);
+        let full = oc.meta.next(KIND_FULL).with_compact(compact);
         self.slots[oc.slot].meta.store(full.0, Release);
         Ok(Inserted::New(FlowView {
             dir: Dir::Original,
@@ -1345,9 +1497,9 @@ impl FlowTable {
         if s.last_seen.load(Relaxed) != now {
             s.last_seen.store(now, Relaxed);
         }
-        if self.config.accounting {
-            s.packets.fetch_add(1, Relaxed);
-            s.bytes.fetch_add(bytes, Relaxed);
+        if let Some(counters) = &self.counters {
+            counters[v.slot as usize].packets.fetch_add(1, Relaxed);
+            counters[v.slot as usize].bytes.fetch_add(bytes, Relaxed);
         }
         let cur = StateWord(s.state.load(Relaxed));
         let next = advance(cur, v.dir, flags);
@@ -1410,9 +1562,12 @@ impl FlowTable {
                 return None;
             }
             let Some(r) = self.read_record(i, m) else { continue };
-            let peer = self.slots.get(r.peer_slot as usize);
-            let (pls, pp, pb) =
-                peer.map_or((0, 0, 0), |p| (p.last_seen.load(Relaxed), p.packets.load(Relaxed), p.bytes.load(Relaxed)));
+            let pls = self.slots.get(r.peer_slot as usize).map_or(0, |p| p.last_seen.load(Relaxed));
+            let count = |j: usize| {
+                let c = self.counters.as_ref().and_then(|c| c.get(j));
+                c.map_or((0, 0), |c| (c.packets.load(Relaxed), c.bytes.load(Relaxed)))
+            };
+            let ((op, ob), (pp, pb)) = (count(i), count(r.peer_slot as usize));
             return Some((
                 m,
                 FlowInfo {
@@ -1422,8 +1577,8 @@ impl FlowTable {
                     service: r.service(),
                     state: StateWord(s.state.load(Acquire)).state(),
                     last_seen: s.last_seen.load(Relaxed).max(pls),
-                    packets: [s.packets.load(Relaxed), pp],
-                    bytes: [s.bytes.load(Relaxed), pb],
+                    packets: [op, pp],
+                    bytes: [ob, pb],
                 },
             ));
         }
@@ -1552,4 +1707,88 @@ struct Claim {
     meta: Meta,
     home: usize,
     dist: usize,
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::key::Proto;
+    use proptest::prelude::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    proptest! {
+        /// Packing a key's IPv4 addresses loses nothing, and only keys whose
+        /// addresses are both IPv4-mapped are packed.
+        #[test]
+        fn packed_addresses_unpack_to_the_key(src: [u8; 16], dst: [u8; 16], v4: bool, ports: u32) {
+            let (src, dst) = if v4 {
+                (Ipv4Addr::from(src[0..4].try_into().map(u32::from_be_bytes).unwrap()).to_ipv6_mapped().octets(),
+                 Ipv4Addr::from(dst[0..4].try_into().map(u32::from_be_bytes).unwrap()).to_ipv6_mapped().octets())
+            } else {
+                (src, dst)
+            };
+            let key = FlowKey::new(Proto::UDP, Ipv6Addr::from(src), ports as u16, Ipv6Addr::from(dst), (ports >> 16) as u16);
+            let w = key.to_words();
+            let mapped = |a: [u8; 16]| Ipv6Addr::from(a).to_ipv4_mapped().is_some();
+            prop_assert_eq!(pack_v4(&w).is_some(), mapped(src) && mapped(dst));
+            if let Some(packed) = pack_v4(&w) {
+                prop_assert_eq!(unpack_v4(packed), [w[0], w[1], w[2], w[3]]);
+            }
+        }
+    }
+
+    /// A flow between an IPv4 client and an IPv6 endpoint is stored wide on
+    /// both sides, an IPv4 flow compact, and a compact slot does not accept
+    /// an IPv6 key that shares its IPv4 key's packed words.
+    #[test]
+    fn compact_and_wide_slots_are_told_apart() {
+        let table = FlowTable::new(Config { capacity: 64, seed: Some(7), ..Config::default() }).unwrap();
+        let client = Ipv4Addr::new(198, 18, 0, 10);
+        let vip = Ipv4Addr::new(198, 18, 1, 1);
+        let v4 = NewFlow {
+            orig: FlowKey::new(Proto::TCP, client, 40000, vip, 80),
+            reply: FlowKey::new(Proto::TCP, Ipv4Addr::new(198, 19, 0, 5), 8080, Ipv4Addr::new(198, 18, 0, 1), 61000),
+            backend: 1,
+            service: 2,
+            state: FlowState::Udp { replied: false },
+        };
+        let pod6: Ipv6Addr = "2001:db8::5".parse().unwrap();
+        let gw6: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let mixed = NewFlow {
+            orig: FlowKey::new(Proto::TCP, client, 40001, vip, 80),
+            reply: FlowKey::new(Proto::TCP, pod6, 8080, gw6, 61001),
+            ..v4
+        };
+        for flow in [v4, mixed] {
+            assert!(matches!(table.insert(&flow, 0), Ok(Inserted::New(_))));
+        }
+        let compact = |k: &FlowKey| {
+            let v = table.lookup(k).unwrap();
+            Meta(table.slots[v.slot as usize].meta.load(Relaxed)).compact()
+        };
+        assert!(compact(&v4.orig) && compact(&v4.reply));
+        assert!(!compact(&mixed.orig) && !compact(&mixed.reply));
+        assert_eq!(table.lookup(&mixed.orig).unwrap().rewrite(), mixed.reply.reversed());
+        assert_eq!(table.lookup(&mixed.reply).unwrap().rewrite(), mixed.orig.reversed());
+        assert_eq!(table.lookup(&v4.reply).unwrap().rewrite(), v4.orig.reversed());
+        // The IPv6 key whose second and fourth words equal an IPv4 key's.
+        let mut src = client.to_ipv6_mapped().octets();
+        src[0] = 0x20;
+        let lookalike = FlowKey::new(Proto::TCP, Ipv6Addr::from(src), 40000, vip.to_ipv6_mapped(), 80);
+        let slot = &table.slots[table.lookup(&v4.orig).unwrap().slot as usize];
+        let meta = Meta(slot.meta.load(Relaxed));
+        let wide = &table.wide[table.lookup(&v4.orig).unwrap().slot as usize];
+        assert!(matches!(FlowTable::read_if_key(slot, wide, meta, &lookalike.to_words()), Some(None)));
+        assert!(matches!(FlowTable::read_if_key(slot, wide, meta, &v4.orig.to_words()), Some(Some(_))));
+        let mut flows = table.flows();
+        flows.sort_by_key(|f| f.orig.sport);
+        assert_eq!(
+            flows.iter().map(|f| (f.orig, f.reply)).collect::<Vec<_>>(),
+            [(v4.orig, v4.reply), (mixed.orig, mixed.reply)]
+        );
+        table.check_invariants().unwrap();
+        assert!(table.remove(&v4.reply) && table.remove(&mixed.orig));
+        table.check_invariants().unwrap();
+        assert!(table.is_empty());
+    }
 }

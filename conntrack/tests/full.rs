@@ -98,12 +98,16 @@ fn early_drop_never_evicts_assured_flows() {
 fn memory_is_fixed_and_reported_and_bad_sizes_are_refused() {
     let t = FlowTable::new(Config { capacity: 1 << 16, ..Config::default() }).unwrap();
     let bytes = t.memory_bytes();
-    // Two 128-byte slots and two 4-byte hints per flow at a load of at most 0.8.
+    // Two 64-byte slots, two 64-byte wide entries and two 4-byte hints per
+    // flow at a load of at most 0.8.
     assert!(((1 << 16) * 330..(1 << 16) * 340).contains(&bytes), "{bytes}");
     for i in 0..1000 {
         t.insert(&flow(i, FlowState::Udp { replied: false }), 0).unwrap();
     }
     assert_eq!(t.memory_bytes(), bytes);
+    // Per-flow counters take 16 bytes per slot more, and only when kept.
+    let counted = FlowTable::new(Config { capacity: 1 << 16, accounting: true, ..Config::default() }).unwrap();
+    assert!(((1 << 16) * 40..(1 << 16) * 41).contains(&(counted.memory_bytes() - bytes)), "{}", counted.memory_bytes());
     assert!(matches!(FlowTable::new(Config { capacity: 0, ..Config::default() }), Err(TableError::ZeroCapacity)));
     let e = FlowTable::new(Config { capacity: usize::MAX / 2, ..Config::default() }).unwrap_err();
     assert!(matches!(e, TableError::TooLarge(_)));

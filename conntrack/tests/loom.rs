@@ -8,7 +8,7 @@
 
 use loom::sync::Arc;
 use loom::thread;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use xskgate_conntrack::{Config, Dir, FlowKey, FlowState, FlowTable, InsertError, Inserted, NewFlow, Proto};
 
 fn flow(i: u8) -> NewFlow {
@@ -86,15 +86,22 @@ fn lookup_during_insert_is_never_torn() {
 
 /// A reader races the removal of a flow and the re-insertion of the same
 /// original tuple with another reply tuple and backend (same home, so the
-/// freed slot is reused): it must see one version whole, never a mix.
+/// freed slot is reused): it must see one version whole, never a mix. The
+/// new reply tuple is IPv6, so the reused slot changes layout too (compact
+/// IPv4 to wide).
 #[test]
 fn reader_never_sees_a_mix_of_a_removed_and_a_reused_slot() {
     // Two preemptions are needed to reach the torn read that a missing
-    // seqlock write fence allows (one is not enough); this takes ~3 minutes.
+    // seqlock write fence allows (one is not enough). Removing that fence
+    // makes this test fail (checked 2026-12-05, after slots became one
+    // line: a compact slot is written in fewer stores, and the model now
+    // runs in seconds rather than minutes).
     model_with(2, || {
         let t = Arc::new(table());
         let old = flow(0);
-        let new = NewFlow { reply: flow(2).reply, backend: 3, ..old };
+        let endpoint = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+        let gateway = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+        let new = NewFlow { reply: FlowKey::new(Proto::UDP, endpoint, 53, gateway, 5000), backend: 3, ..old };
         assert!(matches!(t.insert(&old, 0), Ok(Inserted::New(_))));
         let (t2, t3) = (t.clone(), t.clone());
         let remover = thread::spawn(move || assert!(t2.remove(&old.reply)));
