@@ -955,30 +955,28 @@ impl FlowTable {
     /// layout `m` names (unvalidated).
     #[inline(always)]
     fn load_key(s: &Slot, x: &Wide, m: Meta) -> [u64; 5] {
-        let [a, b, c, d] = if m.compact() {
-            unpack_v4(s.key_v4.load(Relaxed))
-        } else {
-            std::array::from_fn(|k| x.key_addrs[k].load(Relaxed))
-        };
-        [a, b, c, d, s.key_ports.load(Relaxed)]
+        Self::load_words(m, &s.key_v4, &x.key_addrs, &s.key_ports)
     }
 
     /// The peer words of slot `s` as stored (word 4 with the service), as
     /// [`FlowTable::load_key`].
     #[inline(always)]
     fn load_peer(s: &Slot, x: &Wide, m: Meta) -> [u64; 5] {
-        let [a, b, c, d] = if m.compact() {
-            unpack_v4(s.peer_v4.load(Relaxed))
-        } else {
-            std::array::from_fn(|k| x.peer_addrs[k].load(Relaxed))
-        };
-        [a, b, c, d, s.peer_ports.load(Relaxed)]
+        Self::load_words(m, &s.peer_v4, &x.peer_addrs, &s.peer_ports)
+    }
+
+    /// Key words from a compact slot's `packed` addresses or a wide slot's
+    /// `addrs`, as `m` says, and word 4 from `ports`.
+    #[inline(always)]
+    fn load_words(m: Meta, packed: &AtomicU64, addrs: &[AtomicU64; 4], ports: &AtomicU64) -> [u64; 5] {
+        let [a, b, c, d] =
+            if m.compact() { unpack_v4(packed.load(Relaxed)) } else { std::array::from_fn(|k| addrs[k].load(Relaxed)) };
+        [a, b, c, d, ports.load(Relaxed)]
     }
 
     /// The probe's read of slot `s` (whose [`Wide`] entry is `x`), seen
-    /// with meta `m`: its record if its
-    /// key is `w`, `Some(None)` if it holds another key, `None` if a writer
-    /// changed it meanwhile. The key is compared as it is read, and the
+    /// with meta `m`: its record if its key is `w`, `Some(None)` if it
+    /// holds another key, `None` if a writer changed it meanwhile. The key is compared as it is read, and the
     /// rest read only on a match, so that a probe keeps one word of the
     /// key's comparison live instead of five. A compact slot holds only IPv4
     /// keys, and a wide one only keys with an IPv6 address (or peer).
