@@ -9,8 +9,12 @@
 //!   duplicate flow);
 //! - the quiescent table passes `check_invariants` (no key stored twice,
 //!   overflow counts exact, both halves of every flow linked).
+//!
+//! A fifth of the flows are IPv6 and a fifth go from an IPv4 client to an
+//! IPv6 endpoint, so slots are re-used between the compact (IPv4) and the
+//! wide layout while readers read them.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,20 +25,41 @@ const THREADS: usize = 4;
 const RUN_FOR: Duration = Duration::from_millis(2500);
 const MAX_OPS_PER_THREAD: u64 = 3_000_000;
 
+/// Flow `i`: IPv4, IPv6, or an IPv4 client reaching an IPv6 endpoint
+/// (whose reply goes to an IPv6 address that stands for the client). The
+/// address that names the client ends in the two bytes of `i`.
 fn flow(i: u32) -> NewFlow {
     let [_, _, a, b] = i.to_be_bytes();
-    let client = Ipv4Addr::new(198, 18, a, b);
-    let orig = FlowKey::new(Proto::TCP, client, 40000 + (i % 7) as u16, Ipv4Addr::new(198, 19, 255, 1), 80);
-    let reply =
-        FlowKey::new(Proto::TCP, Ipv4Addr::new(198, 19, 0, (i % 3) as u8 + 1), 8080, client, 40000 + (i % 7) as u16);
+    let port = 40000 + (i % 7) as u16;
+    let endpoint = (i % 3) as u16 + 1;
+    let (orig, reply) = match i % 5 {
+        0 => {
+            let client = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i as u16);
+            let vip = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1);
+            let pod = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, endpoint);
+            (FlowKey::new(Proto::TCP, client, port, vip, 80), FlowKey::new(Proto::TCP, pod, 8080, client, port))
+        }
+        1 => {
+            let client = Ipv4Addr::new(198, 18, a, b);
+            let stand_in = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, i as u16);
+            let pod = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, endpoint);
+            let vip = Ipv4Addr::new(198, 19, 255, 1);
+            (FlowKey::new(Proto::TCP, client, port, vip, 80), FlowKey::new(Proto::TCP, pod, 8080, stand_in, port))
+        }
+        _ => {
+            let client = Ipv4Addr::new(198, 18, a, b);
+            let vip = Ipv4Addr::new(198, 19, 255, 1);
+            let pod = Ipv4Addr::new(198, 19, 0, endpoint as u8);
+            (FlowKey::new(Proto::TCP, client, port, vip, 80), FlowKey::new(Proto::TCP, pod, 8080, client, port))
+        }
+    };
     NewFlow { orig, reply, backend: i, service: i % 11, state: FlowState::Udp { replied: false } }
 }
 
 /// Which flow a key belongs to, recovered from the key alone.
 fn index_of(k: &FlowKey) -> u32 {
     let client = if k.dport == 80 { k.src } else { k.dst };
-    let [_, _, a, b] = client.as_v4().unwrap();
-    u32::from_be_bytes([0, 0, a, b])
+    u32::from(u16::from_be_bytes([client.0[14], client.0[15]]))
 }
 
 struct Rng(u64);
