@@ -82,6 +82,20 @@ impl Incremental {
     }
 }
 
+/// `checksum` updated by one delta already summed as `~m + m'` (RFC 1624
+/// eqn. 3), for the per-packet rewrite: the same result as [`Incremental`]
+/// with one [`Incremental::add`], in two end-around-carry steps (a sum of
+/// two 16-bit words and a delta below 2^31 folds to 16 bits in two:
+/// `< 2^32` → `<= 0x1fffe` → `<= 0xffff`).
+#[inline(always)]
+pub fn update(checksum: u16, delta: u32) -> u16 {
+    debug_assert!(delta < 1 << 31);
+    let s = u32::from(!checksum) + delta;
+    let s = (s & 0xffff) + (s >> 16);
+    let s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +106,14 @@ mod tests {
     }
 
     proptest! {
+        /// The two-step update equals the general one.
+        #[test]
+        fn update_equals_incremental(checksum: u16, delta in 0u32..1 << 31) {
+            let mut general = Incremental::new(checksum);
+            general.add(u64::from(delta));
+            prop_assert_eq!(update(checksum, delta), general.finish());
+        }
+
         /// Incremental update equals full recomputation, for any data and
         /// any word-aligned change; the updated packet always verifies.
         #[test]

@@ -109,14 +109,12 @@ fn replace_at<const N: usize>(buf: &mut [u8], at: usize, new: &[u8; N]) -> u64 {
 /// checksum of zero means "none" and stays zero; a computed zero is sent
 /// as all ones (RFC 768).
 #[inline(always)]
-fn update_l4_checksum(c: &mut [u8], proto: Proto, v6: bool, delta: u64) {
+fn update_l4_checksum(c: &mut [u8], proto: Proto, v6: bool, delta: u32) {
     let old = u16::from_be_bytes([c[0], c[1]]);
     if proto == Proto::UDP && !v6 && old == 0 {
         return;
     }
-    let mut sum = Incremental::new(old);
-    sum.add(delta);
-    let mut v = sum.finish();
+    let mut v = checksum::update(old, delta);
     if proto == Proto::UDP && v == 0 {
         v = 0xffff;
     }
@@ -145,7 +143,9 @@ fn translate_n<const N: usize>(
     ip.add(addr_delta);
     let port_delta = replace_at(buf, l4, ports);
     if let Some(at) = l4_checksum_at(proto, l4, end) {
-        update_l4_checksum(&mut buf[at..at + 2], proto, v6, addr_delta + port_delta);
+        // Folding the delta first leaves the one's-complement sum as it was.
+        let delta = u32::from(checksum::fold(addr_delta + port_delta));
+        update_l4_checksum(&mut buf[at..at + 2], proto, v6, delta);
     }
     ip
 }
@@ -205,7 +205,7 @@ fn rewrite_fixed<const N: usize, const H: usize>(
     ports.copy_from_slice(new_ports);
     let l4_sum_at = if p.proto == Proto::TCP { 16 } else { 6 };
     if let Some(c) = seg.get_mut(l4_sum_at..l4_sum_at + 2) {
-        update_l4_checksum(c, p.proto, v6, u64::from(l4_delta));
+        update_l4_checksum(c, p.proto, v6, u32::from(l4_delta));
     }
     finish_ip::<N, H>(ip, ttl_at, p.ttl, addr_delta);
 }
@@ -217,9 +217,8 @@ fn rewrite_fixed<const N: usize, const H: usize>(
 fn finish_ip<const N: usize, const H: usize>(ip: &mut [u8; H], ttl_at: usize, ttl: u8, addr_delta: u16) {
     ip[ttl_at] = ttl - 1;
     if N == 4 {
-        let mut c = Incremental::new(u16::from_be_bytes([ip[10], ip[11]]));
-        c.add(u64::from(addr_delta) + 0xfeff);
-        ip[10..12].copy_from_slice(&c.finish().to_be_bytes());
+        let c = checksum::update(u16::from_be_bytes([ip[10], ip[11]]), u32::from(addr_delta) + 0xfeff);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
     }
 }
 
