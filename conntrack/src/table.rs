@@ -356,8 +356,11 @@ pub struct FlowView {
     pub dir: Dir,
     pub backend: u32,
     pub service: u32,
-    /// The other direction's tuple, as words ([`FlowKey::to_words`]).
+    /// The other direction's tuple, as words ([`FlowKey::to_words`]),
+    /// word 4 as the slot stores it: the service in place of the protocol.
     peer: [u64; 5],
+    /// The protocol of both directions.
+    proto: u8,
     nat_delta: u32,
     slot: u32,
     generation: u32,
@@ -367,7 +370,14 @@ pub struct FlowView {
 impl FlowView {
     /// The other direction's tuple.
     pub fn peer(&self) -> FlowKey {
-        FlowKey::from_words(&self.peer)
+        FlowKey::from_words(&self.peer_words())
+    }
+
+    /// The other direction's tuple as words, the protocol restored.
+    fn peer_words(&self) -> [u64; 5] {
+        let mut p = self.peer;
+        p[4] = (p[4] & PORTS_MASK) | u64::from(self.proto) << 32;
+        p
     }
 
     /// The tuple a packet of this direction must carry after NAT.
@@ -1003,7 +1013,8 @@ impl FlowTable {
     fn view(i: usize, m: Meta, r: &Record) -> FlowView {
         FlowView {
             dir: m.dir(),
-            peer: r.peer_words(),
+            peer: r.peer,
+            proto: (r.key[4] >> 32) as u8,
             nat_delta: r.nat_delta,
             backend: r.backend,
             service: r.service(),
@@ -1358,7 +1369,14 @@ impl FlowTable {
         self.slots[oc.slot].meta.store(full.0, Release);
         Ok(Inserted::New(FlowView {
             dir: Dir::Original,
-            peer: r.words,
+            peer: [
+                r.words[0],
+                r.words[1],
+                r.words[2],
+                r.words[3],
+                (r.words[4] & PORTS_MASK) | u64::from(flow.service) << 32,
+            ],
+            proto: flow.orig.proto.0,
             nat_delta: orig_delta,
             backend: flow.backend,
             service: flow.service,
@@ -1516,7 +1534,7 @@ impl FlowTable {
         // The peer must still be this flow's other half.
         let pm = Meta(peer.meta.load(Acquire));
         let pr = self.read_record(p, pm)?;
-        if pm.kind() != KIND_FULL || pr.key != v.peer {
+        if pm.kind() != KIND_FULL || pr.key != v.peer_words() {
             return None;
         }
         let (auth, mirror) = match v.dir {
