@@ -107,7 +107,7 @@ impl Meta {
     fn dir(self) -> Dir {
         if (self.0 >> 56) & 1 == 1 { Dir::Reply } else { Dir::Original }
     }
-    /// Whether the slot is compact (IPv4 key and peer, all on its first
+    /// Whether the slot is compact (IPv4 key and peer, all in the slot's
     /// line) rather than wide. Set when the slot is published `FULL`.
     fn compact(self) -> bool {
         self.0 & META_COMPACT != 0
@@ -214,8 +214,8 @@ unsafe impl AllZeroValid for Wide {}
 unsafe impl AllZeroValid for Slot {}
 
 /// One direction's packet and byte counters, kept apart from the slots
-/// (and only with [`Config::accounting`]), so that the slot's first line
-/// has room for a whole IPv4 flow.
+/// (and only with [`Config::accounting`]), so that the slot's line has
+/// room for a whole IPv4 flow.
 #[derive(Default)]
 #[repr(C, align(16))]
 struct Counters {
@@ -256,7 +256,6 @@ struct Record {
 }
 
 const PORTS_MASK: u64 = 0xffff_ffff;
-const PROTO_MASK: u64 = 0xff << 32;
 
 impl Record {
     fn service(&self) -> u32 {
@@ -264,10 +263,23 @@ impl Record {
     }
     /// The peer key with its protocol restored from our own key.
     fn peer_words(&self) -> [u64; 5] {
-        let mut p = self.peer;
-        p[4] = (p[4] & PORTS_MASK) | (self.key[4] & PROTO_MASK);
-        p
+        with_proto(self.peer, (self.key[4] >> 32) as u8)
     }
+}
+
+/// A peer key's word 4 as a slot stores it: its ports, and the service in
+/// place of the protocol (which both directions share).
+#[inline(always)]
+fn stored_ports(word4: u64, service: u32) -> u64 {
+    (word4 & PORTS_MASK) | u64::from(service) << 32
+}
+
+/// Peer words as a slot stores them ([`stored_ports`]) with the protocol
+/// `proto` put back in place of the service.
+#[inline(always)]
+fn with_proto(mut peer: [u64; 5], proto: u8) -> [u64; 5] {
+    peer[4] = (peer[4] & PORTS_MASK) | u64::from(proto) << 32;
+    peer
 }
 
 /// Table configuration.
@@ -375,9 +387,7 @@ impl FlowView {
 
     /// The other direction's tuple as words, the protocol restored.
     fn peer_words(&self) -> [u64; 5] {
-        let mut p = self.peer;
-        p[4] = (p[4] & PORTS_MASK) | u64::from(self.proto) << 32;
-        p
+        with_proto(self.peer, self.proto)
     }
 
     /// The tuple a packet of this direction must carry after NAT.
@@ -871,8 +881,8 @@ impl FlowTable {
 
     /// Stage two of a batched lookup: reads the key's hints (which
     /// [`FlowTable::prefetch`] started loading) and starts loading the first
-    /// slot whose tag matches, the one a lookup will read (its first line;
-    /// both for a key with an IPv6 address). When no tag
+    /// slot whose tag matches, the one a lookup will read (with its [`Wide`]
+    /// entry for a key with an IPv6 address). When no tag
     /// matches, the key is most likely about to be inserted: its home slot
     /// (whose commit counter the insert updates) and the first free slot
     /// (which the insert claims) are loaded instead. A key whose probe is
@@ -986,9 +996,9 @@ impl FlowTable {
 
     /// The probe's read of slot `s` (whose [`Wide`] entry is `x`), seen
     /// with meta `m`: its record if its key is `w`, `Some(None)` if it
-    /// holds another key, `None` if a writer changed it meanwhile. The key is compared as it is read, and the
-    /// rest read only on a match, so that a probe keeps one word of the
-    /// key's comparison live instead of five. A compact slot holds only IPv4
+    /// holds another key, `None` if a writer changed it meanwhile. The key
+    /// is compared as it is read, and the rest read only on a match, so that
+    /// a probe keeps one word of the key's comparison live instead of five. A compact slot holds only IPv4
     /// keys, and a wide one only keys with an IPv6 address (or peer).
     #[inline(always)]
     fn read_if_key(s: &Slot, x: &Wide, m: Meta, w: &[u64; 5]) -> Option<Option<Record>> {
@@ -1220,7 +1230,7 @@ impl FlowTable {
             }
         }
         s.key_ports.store(half.key[4], Relaxed);
-        s.peer_ports.store((half.peer[4] & PORTS_MASK) | u64::from(flow.service) << 32, Relaxed);
+        s.peer_ports.store(stored_ports(half.peer[4], flow.service), Relaxed);
         s.nat_delta.store(half.nat_delta, Relaxed);
         s.peer_slot.store(half.peer_slot as u32, Relaxed);
         s.backend.store(flow.backend, Relaxed);
@@ -1369,13 +1379,7 @@ impl FlowTable {
         self.slots[oc.slot].meta.store(full.0, Release);
         Ok(Inserted::New(FlowView {
             dir: Dir::Original,
-            peer: [
-                r.words[0],
-                r.words[1],
-                r.words[2],
-                r.words[3],
-                (r.words[4] & PORTS_MASK) | u64::from(flow.service) << 32,
-            ],
+            peer: [r.words[0], r.words[1], r.words[2], r.words[3], stored_ports(r.words[4], flow.service)],
             proto: flow.orig.proto.0,
             nat_delta: orig_delta,
             backend: flow.backend,
