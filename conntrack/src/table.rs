@@ -1052,6 +1052,16 @@ impl FlowTable {
     /// gives the same answer; a wrong one costs one slot's read.
     #[inline]
     pub fn lookup_candidate(&self, h: &KeyHash, c: Candidate) -> Option<FlowView> {
+        // Written as two calls (the same code as one body with an early
+        // return): the compiler then keeps the fast path's view in
+        // registers, 13 instructions fewer per established packet.
+        self.lookup_at(h, c).or_else(|| self.lookup_hashed(h))
+    }
+
+    /// The flow direction in slot `c`, if it holds the key `h`; `None`
+    /// says nothing about the rest of the table.
+    #[inline(always)]
+    fn lookup_at(&self, h: &KeyHash, c: Candidate) -> Option<FlowView> {
         if c != Candidate::ABSENT
             && let Some(i) = c.0.checked_sub(1)
             && let (Some(s), Some(x)) = (self.slots.get(i as usize), self.wide.get(i as usize))
@@ -1059,7 +1069,7 @@ impl FlowTable {
         {
             return Some(Self::view(i as usize, m, &r));
         }
-        self.lookup_hashed(h)
+        None
     }
 
     #[inline]
@@ -1526,28 +1536,35 @@ impl FlowTable {
         if next == cur {
             return Some(cur.state());
         }
-        Some(self.advance_state(v, flags).unwrap_or(next).state())
+        let ours = (v.slot as usize, v.peer_slot as usize, v.dir);
+        Some(self.advance_state(ours, v.peer_words(), flags).unwrap_or(next).state())
     }
 
     /// Applies a transition on the authoritative (original) slot and mirrors
-    /// it to the other one.
-    fn advance_state(&self, v: &FlowView, flags: u8) -> Option<StateWord> {
-        let own = &self.slots[v.slot as usize];
-        let p = v.peer_slot as usize;
+    /// it to the other one. `(slot, peer_slot, dir)` are a view's, and
+    /// `peer_key` its peer's key words.
+    ///
+    /// Out of line, and given no reference to the view: a view the caller
+    /// has in registers stays there. (With `&FlowView` here, the fast path
+    /// kept every established packet's view in memory for this rare call:
+    /// about 20 stores and the loads after them, 30 instructions of 508.)
+    #[inline(never)]
+    fn advance_state(&self, (slot, p, dir): (usize, usize, Dir), peer_key: [u64; 5], flags: u8) -> Option<StateWord> {
+        let own = &self.slots[slot];
         let peer = self.slots.get(p)?;
         // The peer must still be this flow's other half.
         let pm = Meta(peer.meta.load(Acquire));
         let pr = self.read_record(p, pm)?;
-        if pm.kind() != KIND_FULL || pr.key != v.peer_words() {
+        if pm.kind() != KIND_FULL || pr.key != peer_key {
             return None;
         }
-        let (auth, mirror) = match v.dir {
+        let (auth, mirror) = match dir {
             Dir::Original => (own, peer),
             Dir::Reply => (peer, own),
         };
         let mut cur = auth.state.load(Acquire);
         loop {
-            let next = advance(StateWord(cur), v.dir, flags).0;
+            let next = advance(StateWord(cur), dir, flags).0;
             if next == cur {
                 break;
             }
