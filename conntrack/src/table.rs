@@ -15,9 +15,11 @@
 //! The arrays have `2.5 ×` capacity entries, so the load never exceeds 0.8.
 //!
 //! Beside it, a compact array of 4-byte hints, one per slot (tag, occupied
-//! bit, overflow count): 10 MB per million flows, so it stays in the last
-//! level cache. Probes walk the hints and read a slot only when its tag
-//! matches, so a miss costs no slot access and a hit costs one.
+//! bit, overflow count): 10 MB per million flows, so a random hint line
+//! costs less than a slot's (though with 1M flows on the Zen 4 host of
+//! bench/README.md it still comes from memory, not the last level cache).
+//! Probes walk the hints and read a slot only when its tag matches, so a
+//! miss costs no slot access and a hit costs one.
 //!
 //! # Protocol
 //! - `meta` (per slot) = generation (32 bits) | tag (16 hash bits) | kind
@@ -998,8 +1000,9 @@ impl FlowTable {
     /// with meta `m`: its record if its key is `w`, `Some(None)` if it
     /// holds another key, `None` if a writer changed it meanwhile. The key
     /// is compared as it is read, and the rest read only on a match, so that
-    /// a probe keeps one word of the key's comparison live instead of five. A compact slot holds only IPv4
-    /// keys, and a wide one only keys with an IPv6 address (or peer).
+    /// a probe keeps one word of the key's comparison live instead of five.
+    /// A compact slot holds only IPv4 keys, and a wide one only keys with an
+    /// IPv6 address (or peer).
     #[inline(always)]
     fn read_if_key(s: &Slot, x: &Wide, m: Meta, w: &[u64; 5]) -> Option<Option<Record>> {
         let ports = s.key_ports.load(Relaxed) ^ w[4];
@@ -1536,20 +1539,20 @@ impl FlowTable {
         if next == cur {
             return Some(cur.state());
         }
-        let ours = (v.slot as usize, v.peer_slot as usize, v.dir);
-        Some(self.advance_state(ours, v.peer_words(), flags).unwrap_or(next).state())
+        let after = self.advance_state(v.slot as usize, v.peer_slot as usize, v.dir, v.peer_words(), flags);
+        Some(after.unwrap_or(next).state())
     }
 
     /// Applies a transition on the authoritative (original) slot and mirrors
-    /// it to the other one. `(slot, peer_slot, dir)` are a view's, and
-    /// `peer_key` its peer's key words.
+    /// it to the other one. `slot`, `p` (its peer slot) and `dir` are a
+    /// view's, and `peer_key` its peer's key words.
     ///
     /// Out of line, and given no reference to the view: a view the caller
     /// has in registers stays there. (With `&FlowView` here, the fast path
     /// kept every established packet's view in memory for this rare call:
     /// about 20 stores and the loads after them, 30 instructions of 508.)
     #[inline(never)]
-    fn advance_state(&self, (slot, p, dir): (usize, usize, Dir), peer_key: [u64; 5], flags: u8) -> Option<StateWord> {
+    fn advance_state(&self, slot: usize, p: usize, dir: Dir, peer_key: [u64; 5], flags: u8) -> Option<StateWord> {
         let own = &self.slots[slot];
         let peer = self.slots.get(p)?;
         // The peer must still be this flow's other half.
