@@ -340,6 +340,8 @@ pub struct FirstPacket {
 struct InsertArgs<'a> {
     flow: &'a NewFlow,
     orig: &'a KeyHash,
+    /// The hash of `flow.reply`, when the caller has it.
+    reply: Option<&'a KeyHash>,
     now: u32,
     first: Option<FirstPacket>,
     next_reply_port: &'a mut dyn FnMut() -> Option<u16>,
@@ -1061,6 +1063,15 @@ impl FlowTable {
         self.lookup_at(h, c).or_else(|| self.lookup_hashed(h))
     }
 
+    /// [`FlowTable::lookup_candidate`] that takes [`Candidate::ABSENT`] at
+    /// its word: `None` without a walk of the key's chain. For a caller
+    /// that read the candidate after the flows it must find were stored
+    /// (see the fast path's batch); a flow stored since is not found.
+    #[inline]
+    pub fn lookup_unless_absent(&self, h: &KeyHash, c: Candidate) -> Option<FlowView> {
+        self.lookup_at(h, c).or_else(|| if c == Candidate::ABSENT { None } else { self.lookup_hashed(h) })
+    }
+
     /// The flow direction in slot `c`, if it holds the key `h`; `None`
     /// says nothing about the rest of the table.
     #[inline(always)]
@@ -1272,7 +1283,7 @@ impl FlowTable {
         if let Some((i, m, r)) = self.find(&o.words, o.hash) {
             return Ok(Inserted::Existing(Self::view(i, m, &r)));
         }
-        self.insert_absent(InsertArgs { flow, orig: &o, now, first: None, next_reply_port: &mut || None })
+        self.insert_absent(InsertArgs { flow, orig: &o, reply: None, now, first: None, next_reply_port: &mut || None })
     }
 
     /// [`FlowTable::insert`] for a caller whose lookup of `flow.orig` has
@@ -1305,13 +1316,42 @@ impl FlowTable {
         flow: &NewFlow,
         now: u32,
         first: FirstPacket,
+        next_reply_port: impl FnMut() -> Option<u16>,
+    ) -> Result<Inserted, InsertError> {
+        let (orig, reply) = (self.hash(&flow.orig), self.hash(&flow.reply));
+        self.insert_missed_hashed(flow, [&orig, &reply], now, first, next_reply_port)
+    }
+
+    /// [`FlowTable::insert_missed`] with the hashes of `flow.orig` and
+    /// `flow.reply` from [`FlowTable::hash`] of this table, which a batch
+    /// has computed already to prefetch (a new flow's two hashes are about
+    /// 80 instructions). Hashes of other tuples, or from another table,
+    /// would store the flow where lookups do not find it (checked in debug
+    /// builds only).
+    ///
+    /// # Errors
+    /// As [`FlowTable::insert`].
+    pub fn insert_missed_hashed(
+        &self,
+        flow: &NewFlow,
+        [orig, reply]: [&KeyHash; 2],
+        now: u32,
+        first: FirstPacket,
         mut next_reply_port: impl FnMut() -> Option<u16>,
     ) -> Result<Inserted, InsertError> {
         if flow.orig == flow.reply || flow.orig.proto != flow.reply.proto {
             return Err(InsertError::InvalidTuple);
         }
-        let orig = self.hash(&flow.orig);
-        let args = InsertArgs { flow, orig: &orig, now, first: Some(first), next_reply_port: &mut next_reply_port };
+        debug_assert!(orig.words == flow.orig.to_words() && orig.hash == self.hash_words(&orig.words));
+        debug_assert!(reply.words == flow.reply.to_words() && reply.hash == self.hash_words(&reply.words));
+        let args = InsertArgs {
+            flow,
+            orig,
+            reply: Some(reply),
+            now,
+            first: Some(first),
+            next_reply_port: &mut next_reply_port,
+        };
         let result = self.insert_absent(args);
         if let Ok(Inserted::Existing(v)) = &result {
             self.touch(v, now, first.bytes, first.tcp_flags);
@@ -1329,7 +1369,7 @@ impl FlowTable {
     }
 
     fn insert_reserved(&self, args: InsertArgs<'_>) -> Result<Inserted, InsertError> {
-        let InsertArgs { flow, orig: o, now, first, next_reply_port } = args;
+        let InsertArgs { flow, orig: o, reply: mut reply_hash, now, first, next_reply_port } = args;
         let oc = match self.claim(&o.words, o.hash, Dir::Original, None)? {
             ClaimResult::Found(v) => return Ok(Inserted::Existing(v)),
             ClaimResult::Claimed(c) => c,
@@ -1340,8 +1380,11 @@ impl FlowTable {
         let mut reply = flow.reply;
         let mut claimed = None;
         for _ in 0..=u16::MAX {
+            // The first try is `flow.reply` itself, whose hash the caller
+            // may have given; later tries have other ports.
+            let given = reply_hash.take();
             if reply != flow.orig {
-                let r = self.hash(&reply);
+                let r = given.copied().unwrap_or_else(|| self.hash(&reply));
                 match self.claim(&r.words, r.hash, Dir::Reply, Some(oc.slot)) {
                     Ok(ClaimResult::Claimed(c)) => {
                         claimed = Some((r, c));

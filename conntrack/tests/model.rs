@@ -297,7 +297,7 @@ fn insert_after_a_miss_is_still_insert_if_absent() {
 /// A lookup that starts at `prefetch_slot`'s candidate gives the answer of
 /// a plain lookup whatever the candidate: its own key's slot, another
 /// key's, none, one from another (larger) table, one from before the key
-/// was removed.
+/// was removed. `lookup_unless_absent` gives it too, except from `ABSENT`.
 #[test]
 fn a_lookup_from_any_candidate_answers_as_a_plain_lookup() {
     let t = FlowTable::new(Config { capacity: 64, seed: Some(3), ..Config::default() }).unwrap();
@@ -333,6 +333,10 @@ fn a_lookup_from_any_candidate_answers_as_a_plain_lookup() {
             let plain = t.lookup(k);
             for c in &candidates {
                 assert_eq!(t.lookup_candidate(&t.hash(k), *c), plain, "{k:?} from {c:?}");
+                // Taken at its word, `ABSENT` finds nothing; any other
+                // candidate answers as a plain lookup.
+                let unless_absent = if *c == Candidate::ABSENT { None } else { plain };
+                assert_eq!(t.lookup_unless_absent(&t.hash(k), *c), unless_absent, "{k:?} from {c:?}");
             }
         }
     };

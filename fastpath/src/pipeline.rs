@@ -397,8 +397,17 @@ pub fn process_batch(
             // The established flow's packet, the bulk of all traffic, is
             // handled here; everything else is out of line, so that this
             // loop keeps its values in registers.
+            //
+            // A key whose chain ended without its tag when the second pass
+            // read its hints (`ABSENT`) is not looked up again: a flow is
+            // stored before its first packet is forwarded, so a later
+            // packet of it (either direction) finds it hinted. Only a flow
+            // that another worker is storing at this very moment is
+            // missed, and the insert-if-absent finds it then (as when two
+            // workers take the same new flow at once). Walking the chain
+            // again cost every new flow about 70 instructions.
             let look = match &parsed[i] {
-                Ok(p) if hashed & 1 << i != 0 => match t.conntrack.lookup_candidate(&hashes[i], candidates[i]) {
+                Ok(p) if hashed & 1 << i != 0 => match t.conntrack.lookup_unless_absent(&hashes[i], candidates[i]) {
                     Some(view) => {
                         let v = tracked(f, p, &view, t, counters, now);
                         verdicts[i] = counters.account(v);
@@ -454,7 +463,10 @@ pub fn process_batch(
         }
         for i in bits(to_insert) {
             if let (Some(f), Ok(p), Some(plan)) = (frames.get_mut(i), &parsed[i], &planned[i]) {
-                let v = insert_planned(f, p, plan, t, counters, now);
+                // A planned flow's original tuple is its frame's key, hashed
+                // in the first pass if the frame was hashed there.
+                let orig = if hashed & 1 << i != 0 { hashes[i] } else { t.conntrack.hash(&plan.flow.orig) };
+                let v = insert_planned(f, p, plan, [&orig, &reply_hashes[i]], t, counters, now);
                 verdicts[i] = counters.account(v);
             }
         }
@@ -480,7 +492,10 @@ pub fn process(f: &mut Frame<'_>, t: &Tables<'_>, w: &mut WorkerState, now: u32)
     let mut plan = None;
     let v = match (first_look(f, &p, t, c, now, &mut plan), &p, &plan) {
         (Some(v), _, _) => v,
-        (None, Ok(p), Some(plan)) => insert_planned(f, p, plan, t, c, now),
+        (None, Ok(p), Some(plan)) => {
+            let hashes = [plan.flow.orig, plan.flow.reply].map(|k| t.conntrack.hash(&k));
+            insert_planned(f, p, plan, [&hashes[0], &hashes[1]], t, c, now)
+        }
         // No verdict means a plan, and a plan comes only from a parsed frame.
         (None, _, _) => Verdict::Pass,
     };
@@ -706,6 +721,7 @@ fn insert_planned(
     f: &mut Frame<'_>,
     p: &Parsed,
     plan: &Planned,
+    hashes: [&KeyHash; 2],
     t: &Tables<'_>,
     c: &mut Counters,
     now: u32,
@@ -718,7 +734,7 @@ fn insert_planned(
         taken += 1;
         search.next_port(p.sport).then_some(search.flow.reply.dport)
     };
-    let inserted = t.conntrack.insert_missed(&plan.flow, now, first, next_port);
+    let inserted = t.conntrack.insert_missed_hashed(&plan.flow, hashes, now, first, next_port);
     c.snat_port_retries += taken;
     let view = match inserted {
         Ok(Inserted::New(v)) => {
