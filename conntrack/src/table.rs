@@ -501,23 +501,51 @@ fn pack_deltas(address_lanes: u64, ports: u64) -> u32 {
 /// carrying `orig` is rewritten to the reverse of `reply`, and the other
 /// way round. For IPv4-mapped addresses the 12 prefix bytes are equal on
 /// both sides, so the 16-byte delta is the 4-byte one (both are congruent
-/// modulo 0xffff and zero together).
+/// modulo 0xffff and zero together); [`nat_deltas_v4`] is this function
+/// for packed IPv4 keys.
+#[inline]
+fn nat_deltas(orig: &[u64; 5], reply: &[u64; 5]) -> (u32, u32) {
+    // The original direction's rewrite: source becomes the reply's
+    // destination, destination the reply's source, and the ports swap.
+    let src = address_delta([orig[0], orig[1]], [reply[2], reply[3]]);
+    let dst = address_delta([orig[2], orig[3]], [reply[0], reply[1]]);
+    finish_deltas(src, dst, orig[4], reply[4])
+}
+
+/// [`nat_deltas`] from the packed addresses ([`pack_v4`]) of a flow whose
+/// keys are both IPv4-mapped, bit for bit the same result: in
+/// [`address_delta`] the prefix lanes of the old and the new address
+/// cancel, leaving `ADDRESS_ONES` minus the old address's two lanes plus
+/// the new one's.
+#[inline(always)]
+fn nat_deltas_v4(orig: u64, reply: u64, orig_ports: u64, reply_ports: u64) -> (u32, u32) {
+    // The two lanes of a 4-byte address.
+    let lanes = |a: u64| (a & 0xffff) + (a >> 16);
+    let delta = |old: u64, new: u64| {
+        if old == new { (0, 0) } else { (ADDRESS_ONES - lanes(old) + lanes(new), 1) }
+    };
+    // Each half of a packed word holds one address; with the reply's
+    // halves swapped, the same half of `new` holds its replacement.
+    let new = reply.rotate_left(32);
+    let low = delta(orig & 0xffff_ffff, new & 0xffff_ffff);
+    let high = delta(orig >> 32, new >> 32);
+    finish_deltas(low, high, orig_ports, reply_ports)
+}
+
+/// The rest of [`nat_deltas`] from the two address deltas (raw lanes, and
+/// whether the address changed; in either order) and both keys' word 4.
 ///
 /// The reply direction undoes the original one field by field (its source
 /// change is the inverse of the original destination change, and so on),
 /// and a changed field's delta plus its inverse's is exactly twice the
 /// field's `~m` sum, so the reply's raw deltas follow from the original's.
-#[inline]
-fn nat_deltas(orig: &[u64; 5], reply: &[u64; 5]) -> (u32, u32) {
-    // The original direction's rewrite: source becomes the reply's
-    // destination, destination the reply's source, and the ports swap.
-    let (src, src_changed) = address_delta([orig[0], orig[1]], [reply[2], reply[3]]);
-    let (dst, dst_changed) = address_delta([orig[2], orig[3]], [reply[0], reply[1]]);
-    let lanes = src + dst;
-    let reply_lanes = 2 * ADDRESS_ONES * (src_changed + dst_changed) - lanes;
+#[inline(always)]
+fn finish_deltas(src: (u64, u64), dst: (u64, u64), orig_ports: u64, reply_ports: u64) -> (u32, u32) {
+    let lanes = src.0 + dst.0;
+    let reply_lanes = 2 * ADDRESS_ONES * (src.1 + dst.1) - lanes;
     // Ports are numbers in the key: already the packet's big-endian words.
-    let (sport, dport) = (orig[4] & 0xffff, (orig[4] >> 16) & 0xffff);
-    let (new_sport, new_dport) = ((reply[4] >> 16) & 0xffff, reply[4] & 0xffff);
+    let (sport, dport) = (orig_ports & 0xffff, (orig_ports >> 16) & 0xffff);
+    let (new_sport, new_dport) = ((reply_ports >> 16) & 0xffff, reply_ports & 0xffff);
     let (ports, reply_ports) = if (sport, dport) == (new_sport, new_dport) {
         (0, 0)
     } else {
@@ -1414,8 +1442,11 @@ impl FlowTable {
                 (packets, bytes) = (1, p.bytes);
             }
         }
-        let (orig_delta, reply_delta) = nat_deltas(&o.words, &r.words);
         let packed = pack_v4(&o.words).zip(pack_v4(&r.words));
+        let (orig_delta, reply_delta) = match packed {
+            Some((po, pr)) => nat_deltas_v4(po, pr, o.words[4], r.words[4]),
+            None => nat_deltas(&o.words, &r.words),
+        };
         let compact = packed.is_some();
         let orig =
             Half { key: &o.words, peer: &r.words, packed, nat_delta: orig_delta, peer_slot: rc.slot, packets, bytes };
@@ -1817,6 +1848,26 @@ mod tests {
             if let Some(packed) = pack_v4(&w) {
                 prop_assert_eq!(unpack_v4(packed), [w[0], w[1], w[2], w[3]]);
             }
+        }
+    }
+
+    proptest! {
+        /// The packed IPv4 deltas are bit for bit the 16-byte ones, with
+        /// each address and the ports changed or not (`same` picks which
+        /// fields the rewrite leaves alone).
+        #[test]
+        fn packed_ipv4_deltas_equal_the_wide_ones(a: [u32; 4], p: [u16; 4], same: [bool; 3]) {
+            let ip = |x: u32| Ipv4Addr::from(x);
+            let orig = FlowKey::new(Proto::TCP, ip(a[0]), p[0], ip(a[1]), p[1]);
+            // The original is rewritten to the reply's reverse: reply.dst
+            // replaces orig.src, reply.src replaces orig.dst.
+            let new_src = if same[0] { a[0] } else { a[2] };
+            let new_dst = if same[1] { a[1] } else { a[3] };
+            let (new_sport, new_dport) = if same[2] { (p[0], p[1]) } else { (p[2], p[3]) };
+            let reply = FlowKey::new(Proto::TCP, ip(new_dst), new_dport, ip(new_src), new_sport);
+            let (o, r) = (orig.to_words(), reply.to_words());
+            let (po, pr) = (pack_v4(&o).unwrap(), pack_v4(&r).unwrap());
+            prop_assert_eq!(nat_deltas_v4(po, pr, o[4], r[4]), nat_deltas(&o, &r));
         }
     }
 
