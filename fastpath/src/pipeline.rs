@@ -577,13 +577,7 @@ fn untracked(
     plan: &mut Option<Planned>,
 ) -> Option<Verdict> {
     let service = looked_up.unwrap_or_else(|| t.services.find(&p.dst, p.proto, p.dport));
-    match plan_new_flow(f, p, service, t, c, now) {
-        Ok(planned) => {
-            *plan = Some(planned);
-            None
-        }
-        Err(v) => Some(v),
-    }
+    plan_new_flow(f, p, service, t, c, now, plan)
 }
 
 /// Applies a flow's translation to a packet of it and accounts for it.
@@ -627,6 +621,8 @@ fn classify<'a>(services: &ServiceTable, svc: &'a ServicePort, kind: FrontendKin
     Class { from_pod, external, policy, set }
 }
 
+/// Decides a new flow: its plan, written into `plan` (and `None`
+/// returned), or the packet's verdict.
 fn plan_new_flow(
     f: &mut Frame<'_>,
     p: &Parsed,
@@ -634,27 +630,28 @@ fn plan_new_flow(
     t: &Tables<'_>,
     c: &mut Counters,
     now: u32,
-) -> Result<Planned, Verdict> {
+    plan: &mut Option<Planned>,
+) -> Option<Verdict> {
     let services = t.services;
     let Some((svc, kind)) = service.and_then(|found| Some((services.get(found)?, found.kind))) else {
-        return Err(Verdict::Pass);
+        return Some(Verdict::Pass);
     };
     let key = &key_of(p);
     if kind == FrontendKind::LoadBalancer
         && !svc.source_ranges.is_empty()
         && !svc.source_ranges.iter().any(|c| c.contains(&p.src))
     {
-        return Err(c.drop(DropReason::SourceRange));
+        return Some(c.drop(DropReason::SourceRange));
     }
     let Class { from_pod, external, policy, set } = classify(services, svc, kind, &p.src);
     if set.is_empty() {
         if !svc.cluster.is_empty() || !svc.local.is_empty() {
-            return Err(c.drop(DropReason::NoLocalEndpoints));
+            return Some(c.drop(DropReason::NoLocalEndpoints));
         }
-        return Err(reject(f, p, c));
+        return Some(reject(f, p, c));
     }
     if p.ttl <= 1 {
-        return Err(c.drop(DropReason::TtlExpired));
+        return Some(c.drop(DropReason::TtlExpired));
     }
     let fh = flow_hash(key);
     let picked = match svc.affinity_timeout {
@@ -669,10 +666,10 @@ fn plan_new_flow(
         None => set.pick(fh),
     };
     let Some(ep) = picked.copied() else {
-        return Err(reject(f, p, c));
+        return Some(reject(f, p, c));
     };
     if ep.addr.is_v4() == p.v6 {
-        return Err(c.drop(DropReason::InvalidTuple));
+        return Some(c.drop(DropReason::InvalidTuple));
     }
     // Masquerade: Cluster policy for external traffic, hairpin (a pod
     // reaching itself), and a ClusterIP reached from outside the pod CIDRs
@@ -685,7 +682,7 @@ fn plan_new_flow(
     let (reply_dst, keep_port) = if masquerade {
         match node.snat_for(&ep.addr) {
             Some(a) => (a, false),
-            None => return Err(c.drop(DropReason::NoSnatAddress)),
+            None => return Some(c.drop(DropReason::NoSnatAddress)),
         }
     } else {
         (p.src, true)
@@ -710,7 +707,12 @@ fn plan_new_flow(
     };
     let reply =
         FlowKey { proto: p.proto, src: ep.addr, sport: ep.port, dst: reply_dst, dport: search.port(p.sport, 0) };
-    Ok(Planned { flow: NewFlow { orig: *key, reply, backend: ep.id, service: svc.id, state }, search, attempt: 0 })
+    *plan = Some(Planned {
+        flow: NewFlow { orig: *key, reply, backend: ep.id, service: svc.id, state },
+        search,
+        attempt: 0,
+    });
+    None
 }
 
 /// Stores a planned flow and forwards its first packet. The SNAT port
@@ -728,11 +730,11 @@ fn insert_planned(
 ) -> Verdict {
     // The table records the packet on the flow it stores or finds.
     let first = FirstPacket { bytes: (p.end - p.l3) as u64, tcp_flags: p.tcp_flags };
-    let mut search = *plan;
+    let (search, mut attempt) = (plan.search, plan.attempt);
     let mut taken = 0;
     let next_port = || {
         taken += 1;
-        search.next_port(p.sport).then_some(search.flow.reply.dport)
+        next_attempt(&mut attempt).map(|a| search.port(p.sport, a))
     };
     let inserted = t.conntrack.insert_missed_hashed(&plan.flow, hashes, now, first, next_port);
     c.snat_port_retries += taken;
@@ -765,13 +767,23 @@ impl Planned {
     /// after [`SNAT_TRIES`] ports.
     #[inline]
     fn next_port(&mut self, sport: u16) -> bool {
-        if self.attempt + 1 >= SNAT_TRIES {
+        let Some(attempt) = next_attempt(&mut self.attempt) else {
             return false;
-        }
-        self.attempt += 1;
-        self.flow.reply.dport = self.search.port(sport, self.attempt);
+        };
+        self.flow.reply.dport = self.search.port(sport, attempt);
         true
     }
+}
+
+/// The SNAT search's attempt after `attempt`, counted in it; `None`
+/// (unchanged) after [`SNAT_TRIES`] ports.
+#[inline]
+fn next_attempt(attempt: &mut u16) -> Option<u16> {
+    if *attempt + 1 >= SNAT_TRIES {
+        return None;
+    }
+    *attempt += 1;
+    Some(*attempt)
 }
 
 /// Where the SNAT port allocator looks: the client's own port first when
