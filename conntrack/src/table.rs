@@ -649,6 +649,10 @@ struct SharedStats {
 pub struct KeyHash {
     words: [u64; 5],
     hash: u64,
+    /// Both addresses in one word ([`pack_v4`]) for an IPv4 key: found
+    /// once here, where the hash needs it, not again by every stage that
+    /// reads the key (the slot prefetch, the compare, the insert).
+    packed: Option<u64>,
 }
 
 /// The slot where [`FlowTable::prefetch_slot`] found a key's tag, for
@@ -849,17 +853,40 @@ impl FlowTable {
 
     #[inline]
     fn hash_words(&self, w: &[u64; 5]) -> u64 {
+        self.hash_parts(w, pack_v4(w))
+    }
+
+    /// The hash of key words `w`, whose addresses pack to `packed` if both
+    /// are IPv4. An IPv4 key is hashed from its packed addresses and its
+    /// ports word, two multiplies instead of three; every key of the table
+    /// is hashed here, so the two forms never meet. Neither multiply can
+    /// lose the whole key: if the first one's factors cancel (one address
+    /// pair or port word, found only with the seed), the second still
+    /// mixes both words.
+    #[inline(always)]
+    fn hash_parts(&self, w: &[u64; 5], packed: Option<u64>) -> u64 {
         let s = &self.seed;
-        let a = fold(w[0] ^ s[0], w[1] ^ s[1]);
-        let b = fold(w[2] ^ s[2], w[3] ^ s[3]);
-        fold(a ^ s[5], fold(w[4] ^ s[4], b ^ s[5]))
+        match packed {
+            Some(p) => fold(fold(p ^ s[0], w[4] ^ s[1]) ^ s[5], p.rotate_left(32) ^ w[4] ^ s[2]),
+            None => {
+                let a = fold(w[0] ^ s[0], w[1] ^ s[1]);
+                let b = fold(w[2] ^ s[2], w[3] ^ s[3]);
+                fold(a ^ s[5], fold(w[4] ^ s[4], b ^ s[5]))
+            }
+        }
+    }
+
+    /// Hashes key words once, for [`FlowTable::prefetch`] and [`FlowTable::lookup_hashed`].
+    #[inline(always)]
+    fn key_hash(&self, words: [u64; 5]) -> KeyHash {
+        let packed = pack_v4(&words);
+        KeyHash { hash: self.hash_parts(&words, packed), words, packed }
     }
 
     /// Hashes a key once, for [`FlowTable::prefetch`] and [`FlowTable::lookup_hashed`].
     #[inline]
     pub fn hash(&self, key: &FlowKey) -> KeyHash {
-        let words = key.to_words();
-        KeyHash { hash: self.hash_words(&words), words }
+        self.key_hash(key.to_words())
     }
 
     #[inline]
@@ -935,14 +962,14 @@ impl FlowTable {
             let hint = self.probe_hint(i).0.load(Relaxed);
             if hint & !HINT_OVERFLOW == hinted {
                 prefetch_line(std::ptr::from_ref(self.probe_slot(i)).cast());
-                if pack_v4(&h.words).is_none() {
+                if h.packed.is_none() {
                     prefetch_line(std::ptr::from_ref(self.probe_wide(i)).cast());
                 }
                 // `i < n <= u32::MAX` (`MAX_CAPACITY`), so `i + 1` fits.
                 return Candidate(i as u32 + 1);
             }
             if hint & HINT_OVERFLOW == 0 {
-                self.prefetch_free(home, pack_v4(&h.words).is_none());
+                self.prefetch_free(home, h.packed.is_none());
                 return Candidate::ABSENT;
             }
             i = self.next(i);
@@ -1034,10 +1061,11 @@ impl FlowTable {
     /// A compact slot holds only IPv4 keys, and a wide one only keys with an
     /// IPv6 address (or peer).
     #[inline(always)]
-    fn read_if_key(s: &Slot, x: &Wide, m: Meta, w: &[u64; 5]) -> Option<Option<Record>> {
+    fn read_if_key(s: &Slot, x: &Wide, m: Meta, h: &KeyHash) -> Option<Option<Record>> {
+        let w = &h.words;
         let ports = s.key_ports.load(Relaxed) ^ w[4];
         let diff = if m.compact() {
-            pack_v4(w).map_or(1, |packed| ports | (s.key_v4.load(Relaxed) ^ packed))
+            h.packed.map_or(1, |packed| ports | (s.key_v4.load(Relaxed) ^ packed))
         } else {
             x.key_addrs.iter().zip(w).fold(ports, |acc, (k, word)| acc | (k.load(Relaxed) ^ word))
         };
@@ -1076,7 +1104,7 @@ impl FlowTable {
     /// [`FlowTable::lookup`] with a hash from [`FlowTable::hash`].
     #[inline]
     pub fn lookup_hashed(&self, h: &KeyHash) -> Option<FlowView> {
-        self.probe(&h.words, h.hash, |i, m, r| Self::view(i, m, &r))
+        self.probe(h, |i, m, r| Self::view(i, m, &r))
     }
 
     /// [`FlowTable::lookup_hashed`] that reads the slot `c` (from
@@ -1107,7 +1135,7 @@ impl FlowTable {
         if c != Candidate::ABSENT
             && let Some(i) = c.0.checked_sub(1)
             && let (Some(s), Some(x)) = (self.slots.get(i as usize), self.wide.get(i as usize))
-            && let Some((m, r)) = Self::read_candidate(s, x, tag_of(h.hash), &h.words)
+            && let Some((m, r)) = Self::read_candidate(s, x, tag_of(h.hash), h)
         {
             return Some(Self::view(i as usize, m, &r));
         }
@@ -1115,8 +1143,8 @@ impl FlowTable {
     }
 
     #[inline]
-    fn find(&self, w: &[u64; 5], hash: u64) -> Option<(usize, Meta, Record)> {
-        self.probe(w, hash, |i, m, r| (i, m, r))
+    fn find(&self, h: &KeyHash) -> Option<(usize, Meta, Record)> {
+        self.probe(h, |i, m, r| (i, m, r))
     }
 
     /// The probe of every lookup: walks the hints from the key's home and
@@ -1126,14 +1154,14 @@ impl FlowTable {
     /// path's lookup builds its view directly; a probe returning the whole
     /// record through memory cost it about 40 instructions).
     #[inline(always)]
-    fn probe<T>(&self, w: &[u64; 5], hash: u64, hit: impl Fn(usize, Meta, Record) -> T) -> Option<T> {
-        let tag = tag_of(hash);
+    fn probe<T>(&self, h: &KeyHash, hit: impl Fn(usize, Meta, Record) -> T) -> Option<T> {
+        let tag = tag_of(h.hash);
         let hinted = HINT_OCCUPIED | u32::from(tag) << 16;
-        let mut i = self.home(hash);
+        let mut i = self.home(h.hash);
         for _ in 0..MAX_PROBE {
             let hint = self.probe_hint(i).0.load(Acquire);
             if hint & !HINT_OVERFLOW == hinted
-                && let Some((m, r)) = Self::read_candidate(self.probe_slot(i), self.probe_wide(i), tag, w)
+                && let Some((m, r)) = Self::read_candidate(self.probe_slot(i), self.probe_wide(i), tag, h)
             {
                 return Some(hit(i, m, r));
             }
@@ -1146,16 +1174,16 @@ impl FlowTable {
     }
 
     /// The record of slot `s` (whose [`Wide`] entry is `x`) if it holds the
-    /// key `w` (whose tag is `tag`), read again for as long as a writer
+    /// key `h` (whose tag is `tag`), read again for as long as a writer
     /// changes it under us.
     #[inline(always)]
-    fn read_candidate(s: &Slot, x: &Wide, tag: u16, w: &[u64; 5]) -> Option<(Meta, Record)> {
+    fn read_candidate(s: &Slot, x: &Wide, tag: u16, h: &KeyHash) -> Option<(Meta, Record)> {
         loop {
             let m = Meta(s.meta.load(Acquire));
             if m.kind() != KIND_FULL || m.tag() != tag {
                 return None;
             }
-            match Self::read_if_key(s, x, m, w) {
+            match Self::read_if_key(s, x, m, h) {
                 Some(Some(r)) => return Some((m, r)),
                 Some(None) => return None,
                 None => continue, // a writer changed the slot under us: read again
@@ -1315,7 +1343,7 @@ impl FlowTable {
             return Err(InsertError::InvalidTuple);
         }
         let o = self.hash(&flow.orig);
-        if let Some((i, m, r)) = self.find(&o.words, o.hash) {
+        if let Some((i, m, r)) = self.find(&o) {
             return Ok(Inserted::Existing(Self::view(i, m, &r)));
         }
         self.insert_absent(InsertArgs { flow, orig: &o, reply: None, now, first: None, next_reply_port: &mut || None })
@@ -1449,7 +1477,7 @@ impl FlowTable {
                 (packets, bytes) = (1, p.bytes);
             }
         }
-        let packed = pack_v4(&o.words).zip(pack_v4(&r.words));
+        let packed = o.packed.zip(r.packed);
         let (orig_delta, reply_delta) = match packed {
             Some((po, pr)) => nat_deltas_v4(po, pr, o.words[4], r.words[4]),
             None => nat_deltas(&o.words, &r.words),
@@ -1572,7 +1600,7 @@ impl FlowTable {
     pub fn remove(&self, key: &FlowKey) -> bool {
         loop {
             let h = self.hash(key);
-            let Some((i, m, r)) = self.find(&h.words, h.hash) else {
+            let Some((i, m, r)) = self.find(&h) else {
                 return false;
             };
             let (oi, om) = match m.dir() {
@@ -1778,12 +1806,13 @@ impl FlowTable {
             if !seen.insert(r.key) {
                 return Err(format!("key {:?} stored twice", FlowKey::from_words(&r.key)));
             }
-            let hash = self.hash_words(&r.key);
+            let key_hash = self.key_hash(r.key);
+            let hash = key_hash.hash;
             let hint = self.hints[i].0.load(Acquire);
             if m.tag() != tag_of(hash) || hint & !HINT_OVERFLOW != HINT_OCCUPIED | u32::from(tag_of(hash)) << 16 {
                 return Err(format!("slot {i}: tag or hint does not match its key"));
             }
-            match self.find(&r.key, hash) {
+            match self.find(&key_hash) {
                 Some((j, _, _)) if j == i => {}
                 other => return Err(format!("slot {i}: lookup finds {:?}", other.map(|o| o.0))),
             }
@@ -1919,8 +1948,8 @@ mod tests {
         let slot = &table.slots[table.lookup(&v4.orig).unwrap().slot as usize];
         let meta = Meta(slot.meta.load(Relaxed));
         let wide = &table.wide[table.lookup(&v4.orig).unwrap().slot as usize];
-        assert!(matches!(FlowTable::read_if_key(slot, wide, meta, &lookalike.to_words()), Some(None)));
-        assert!(matches!(FlowTable::read_if_key(slot, wide, meta, &v4.orig.to_words()), Some(Some(_))));
+        assert!(matches!(FlowTable::read_if_key(slot, wide, meta, &table.hash(&lookalike)), Some(None)));
+        assert!(matches!(FlowTable::read_if_key(slot, wide, meta, &table.hash(&v4.orig)), Some(Some(_))));
         let mut flows = table.flows();
         flows.sort_by_key(|f| f.orig.sport);
         assert_eq!(
@@ -1931,5 +1960,35 @@ mod tests {
         assert!(table.remove(&v4.reply) && table.remove(&mixed.orig));
         table.check_invariants().unwrap();
         assert!(table.is_empty());
+    }
+
+    /// An IPv4 key's hash (from its packed addresses) spreads keys that
+    /// differ in one field only over homes and tags as random values
+    /// would, and is the hash every path computes (`hash_words`).
+    #[test]
+    fn ipv4_keys_that_differ_in_one_field_spread_over_homes_and_tags() {
+        let table = FlowTable::new(Config { capacity: 1 << 14, seed: Some(7), ..Config::default() }).unwrap();
+        let (client, vip) = (Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 19, 0, 1));
+        let by_port = (0..8192u16).map(|p| FlowKey::new(Proto::TCP, client, 1024 + p, vip, 80));
+        let by_client = (0..8192u32).map(|c| FlowKey::new(Proto::TCP, Ipv4Addr::from(0xC612_0000 + c), 40000, vip, 80));
+        let by_service =
+            (0..8192u32).map(|c| FlowKey::new(Proto::UDP, client, 40000, Ipv4Addr::from(0xC613_0000 + c), 53));
+        for (what, keys) in
+            [("port", by_port.collect::<Vec<_>>()), ("client", by_client.collect()), ("service", by_service.collect())]
+        {
+            let mut homes = std::collections::HashSet::new();
+            let mut tags = std::collections::HashSet::new();
+            for k in &keys {
+                let h = table.hash(k);
+                assert!(h.packed.is_some());
+                assert_eq!(h.hash, table.hash_words(&k.to_words()));
+                homes.insert(table.home(h.hash));
+                tags.insert(tag_of(h.hash));
+            }
+            // 8,192 random values: about 7,440 distinct of 40,960 homes,
+            // and about 7,260 distinct of 32,768 tags.
+            assert!(homes.len() > 7_200, "{what}: {} distinct homes of {}", homes.len(), table.n);
+            assert!(tags.len() > 7_000, "{what}: {} distinct tags", tags.len());
+        }
     }
 }
