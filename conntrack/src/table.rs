@@ -889,6 +889,18 @@ impl FlowTable {
         self.key_hash(key.to_words())
     }
 
+    /// The hash of `h`'s key with its destination port replaced by `dport`
+    /// (the SNAT search's next reply tuple), from the words in `h`: the
+    /// tuple is not read back from where a caller has just stored the new
+    /// port (a load of the ports that spans that store waits for it to
+    /// reach the cache, behind a batch's misses).
+    #[inline]
+    pub fn hash_with_dport(&self, h: &KeyHash, dport: u16) -> KeyHash {
+        let mut words = h.words;
+        words[4] = (words[4] & !0xffff_0000) | u64::from(dport) << 16;
+        KeyHash { hash: self.hash_parts(&words, h.packed), words, packed: h.packed }
+    }
+
     #[inline]
     fn home(&self, hash: u64) -> usize {
         ((u128::from(hash) * self.n as u128) >> 64) as usize
@@ -1432,22 +1444,20 @@ impl FlowTable {
     }
 
     fn insert_reserved(&self, args: InsertArgs<'_>) -> Result<Inserted, InsertError> {
-        let InsertArgs { flow, orig: o, reply: mut reply_hash, now, first, next_reply_port } = args;
+        let InsertArgs { flow, orig: o, reply: reply_hash, now, first, next_reply_port } = args;
         let oc = match self.claim(&o.words, o.hash, Dir::Original, None)? {
             ClaimResult::Found(v) => return Ok(Inserted::Existing(v)),
             ClaimResult::Claimed(c) => c,
         };
         // The original tuple stays claimed while the reply's port moves; a
         // port whose reply tuple would be the original tuple is skipped. At
-        // most one try per port.
-        let mut reply = flow.reply;
+        // most one try per port. The first try is `flow.reply` itself,
+        // whose hash the caller may have given; later tries have other
+        // ports, hashed from the words of the one before.
+        let mut r = reply_hash.copied().unwrap_or_else(|| self.hash(&flow.reply));
         let mut claimed = None;
         for _ in 0..=u16::MAX {
-            // The first try is `flow.reply` itself, whose hash the caller
-            // may have given; later tries have other ports.
-            let given = reply_hash.take();
-            if reply != flow.orig {
-                let r = given.copied().unwrap_or_else(|| self.hash(&reply));
+            if !same_key(&r.words, &o.words) {
                 match self.claim(&r.words, r.hash, Dir::Reply, Some(oc.slot)) {
                     Ok(ClaimResult::Claimed(c)) => {
                         claimed = Some((r, c));
@@ -1461,7 +1471,7 @@ impl FlowTable {
                 }
             }
             match next_reply_port() {
-                Some(port) => reply.dport = port,
+                Some(port) => r = self.hash_with_dport(&r, port),
                 None => break,
             }
         }
@@ -1960,6 +1970,29 @@ mod tests {
         assert!(table.remove(&v4.reply) && table.remove(&mixed.orig));
         table.check_invariants().unwrap();
         assert!(table.is_empty());
+    }
+
+    /// The next SNAT port's reply tuple hashed from the words of the one
+    /// before is the tuple's own hash, for IPv4 and IPv6 keys.
+    #[test]
+    fn hash_with_dport_is_the_hash_of_the_tuple_with_that_port() {
+        let table = FlowTable::new(Config { capacity: 64, seed: Some(7), ..Config::default() }).unwrap();
+        let v6: Ipv6Addr = "2001:db8::5".parse().unwrap();
+        let keys = [
+            FlowKey::new(Proto::TCP, Ipv4Addr::new(198, 19, 0, 9), 8080, Ipv4Addr::new(198, 18, 0, 1), 1024),
+            FlowKey::new(Proto::UDP, v6, 53, "2001:db8::1".parse::<Ipv6Addr>().unwrap(), 65535),
+        ];
+        for key in keys {
+            for port in [0, 1, 1025, 40000, 65535] {
+                let moved = table.hash_with_dport(&table.hash(&key), port);
+                let own = table.hash(&FlowKey { dport: port, ..key });
+                assert_eq!(
+                    (moved.words, moved.hash, moved.packed),
+                    (own.words, own.hash, own.packed),
+                    "{key:?} to {port}"
+                );
+            }
+        }
     }
 
     /// An IPv4 key's hash (from its packed addresses) spreads keys that

@@ -423,12 +423,22 @@ pub fn process_batch(
             match look {
                 Some(v) => verdicts[i] = counters.account(v),
                 None => {
-                    if let Some(plan) = &planned[i] {
-                        reply_hashes[i] = t.conntrack.hash(&plan.flow.reply);
-                        t.conntrack.prefetch_insert(&reply_hashes[i]);
+                    if planned[i].is_some() {
                         to_insert |= 1 << i;
                     }
                 }
+            }
+        }
+        // The reply tuples are hashed after the loop above, not as each
+        // plan is written: read straight after the out-of-line decision
+        // stored it, the tuple's ports (stored as two halves, loaded as one
+        // word) waited for those stores to reach the cache, which behind
+        // the batch's misses took long (new flows 1.09x faster with 1M
+        // flows this way, 1.10x with 10,000 Services).
+        for i in bits(to_insert) {
+            if let Some(plan) = &planned[i] {
+                reply_hashes[i] = t.conntrack.hash(&plan.flow.reply);
+                t.conntrack.prefetch_insert(&reply_hashes[i]);
             }
         }
         // Read the reply tuples' hints and prefetch the free slots their
@@ -448,9 +458,9 @@ pub fn process_batch(
                     continue;
                 }
                 if let (Ok(p), Some(plan)) = (&parsed[i], &mut planned[i])
-                    && plan.next_port(p.sport)
+                    && let Some(port) = plan.next_port(p.sport)
                 {
-                    reply_hashes[i] = t.conntrack.hash(&plan.flow.reply);
+                    reply_hashes[i] = t.conntrack.hash_with_dport(&reply_hashes[i], port);
                     t.conntrack.prefetch_insert(&reply_hashes[i]);
                     counters.snat_port_retries += 1;
                     moved |= 1 << i;
@@ -763,15 +773,14 @@ struct Planned {
 }
 
 impl Planned {
-    /// Moves the reply tuple to the search's next port; false (unchanged)
-    /// after [`SNAT_TRIES`] ports.
+    /// Moves the reply tuple to the search's next port and returns it;
+    /// `None` (unchanged) after [`SNAT_TRIES`] ports.
     #[inline]
-    fn next_port(&mut self, sport: u16) -> bool {
-        let Some(attempt) = next_attempt(&mut self.attempt) else {
-            return false;
-        };
-        self.flow.reply.dport = self.search.port(sport, attempt);
-        true
+    fn next_port(&mut self, sport: u16) -> Option<u16> {
+        let attempt = next_attempt(&mut self.attempt)?;
+        let port = self.search.port(sport, attempt);
+        self.flow.reply.dport = port;
+        Some(port)
     }
 }
 
