@@ -104,13 +104,22 @@ fn packet(i: usize, n_services: usize) -> [u8; FRAME] {
     v.try_into().expect("64-byte frame")
 }
 
+/// A frame buffer as an AF_XDP ring delivers one: a 2,048-byte UMEM chunk
+/// whose frame starts on a cache line (the kernel puts it 256 bytes into a
+/// page-aligned chunk). Plain `[u8; 2048]` elements of a `Vec` start
+/// wherever the allocator put the vector, and a 64-byte frame then spans
+/// two lines.
+#[repr(C, align(64))]
+struct Chunk([u8; 2048]);
+
 /// Runs `packets` through the pipeline in batches; returns (Mpps, verdict check).
-fn run(packets: &[[u8; FRAME]], t: &Tables<'_>, worker: &mut WorkerState, bufs: &mut [[u8; 2048]]) -> f64 {
+fn run(packets: &[[u8; FRAME]], t: &Tables<'_>, worker: &mut WorkerState, bufs: &mut [Chunk]) -> f64 {
     let mut verdicts = [Verdict::Pass; BATCH];
     let start = Instant::now();
     for chunk in packets.chunks(BATCH) {
         let mut it = bufs.iter_mut();
-        let mut frames: [Frame<'_>; BATCH] = std::array::from_fn(|_| Frame { buf: it.next().expect("BATCH"), len: 0 });
+        let mut frames: [Frame<'_>; BATCH] =
+            std::array::from_fn(|_| Frame { buf: &mut it.next().expect("BATCH").0, len: 0 });
         for (f, p) in frames.iter_mut().zip(chunk) {
             f.buf[..FRAME].copy_from_slice(p);
             f.len = FRAME;
@@ -131,7 +140,7 @@ unsafe impl AllZeroValid for Line {}
 
 /// The memory floor (see the module doc): `lines_per_packet` random lines
 /// of `table` read and written per packet. Returns Mpps.
-fn memory_floor(packets: &[[u8; FRAME]], lines: &[Line], lines_per_packet: usize, bufs: &mut [[u8; 2048]]) -> f64 {
+fn memory_floor(packets: &[[u8; FRAME]], lines: &[Line], lines_per_packet: usize, bufs: &mut [Chunk]) -> f64 {
     let n = lines.len() as u128;
     let mut picked = [0usize; 2 * BATCH];
     let start = Instant::now();
@@ -142,12 +151,12 @@ fn memory_floor(packets: &[[u8; FRAME]], lines: &[Line], lines_per_packet: usize
         // flight that wait was most of this loop's time (37 ns a packet on
         // the Zen 3 host against 10 ns when refilled first).
         for (buf, p) in bufs.iter_mut().zip(chunk) {
-            buf[..FRAME].copy_from_slice(p);
+            buf.0[..FRAME].copy_from_slice(p);
         }
         for ((buf, _), pick) in bufs.iter_mut().zip(chunk).zip(picked.chunks_mut(2)) {
             // The IPv4 addresses and the ports: the flow's identity.
-            let addrs = u64::from_le_bytes(buf[26..34].try_into().expect("8 bytes"));
-            let ports = u64::from(u32::from_le_bytes(buf[34..38].try_into().expect("4 bytes")));
+            let addrs = u64::from_le_bytes(buf.0[26..34].try_into().expect("8 bytes"));
+            let ports = u64::from(u32::from_le_bytes(buf.0[34..38].try_into().expect("4 bytes")));
             let h = (u128::from(addrs ^ 0xa076_1d64_78bd_642f) * u128::from(ports ^ 0xe703_7ed1_a0b4_28db)) as u64;
             let h2 = h.rotate_left(32).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             pick[0] = ((u128::from(h) * n) >> 64) as usize;
@@ -208,7 +217,7 @@ pub fn run_bench(args: &Args) -> Result<(), String> {
         .map(|(&(_, flows), pk)| (0..established_packets).map(|_| pk[rng.below(flows)]).collect())
         .collect();
     let affinity = AffinityTable::new(1024);
-    let mut bufs = vec![[0u8; 2048]; BATCH];
+    let mut bufs: Vec<Chunk> = (0..BATCH).map(|_| Chunk([0; 2048])).collect();
     let mut new_mpps = vec![Vec::new(); cases.len()];
     let mut est_mpps = vec![Vec::new(); cases.len()];
     // One random line per packet (established), two (new flows).
