@@ -713,7 +713,9 @@ fn plan_new_flow(
         lo,
         span,
         start: (fh % u64::from(span)) as u32,
-        stride: SNAT_STRIDES[(fh >> 60) as usize] % span,
+        // Not reduced here (see `SNAT_STRIDES`): one division fewer on the
+        // way from a new flow's decision to its reply tuple's prefetch.
+        stride: SNAT_STRIDES[(fh >> 60) as usize],
     };
     let reply =
         FlowKey { proto: p.proto, src: ep.addr, sport: ep.port, dst: reply_dst, dport: search.port(p.sport, 0) };
@@ -814,8 +816,10 @@ struct PortSearch {
     stride: u32,
 }
 
-/// The SNAT search's strides (before reduction modulo the span): primes
-/// above 65,536, so that each is coprime with every span of ports.
+/// The SNAT search's strides: primes above 65,536, so that each is
+/// coprime with every span of ports. They are not reduced modulo the span
+/// (the port is: `start + attempt × stride`, below 2³² for the
+/// [`SNAT_TRIES`] attempts, is taken modulo the span).
 const SNAT_STRIDES: [u32; 16] = [
     65_537, 65_539, 65_543, 65_551, 65_557, 65_563, 65_579, 65_581, 65_587, 65_599, 65_609, 65_617, 65_629, 65_633,
     65_647, 65_651,
@@ -827,10 +831,11 @@ impl PortSearch {
     fn port(&self, sport: u16, attempt: u16) -> u16 {
         // Without masquerade the client's port is kept unless its reply
         // tuple clashes (then it is remapped, as Linux's NAT does).
-        if self.keep_port && attempt == 0 {
-            sport
-        } else {
-            self.lo.wrapping_add(((self.start + u32::from(attempt) * self.stride) % self.span) as u16)
+        match attempt {
+            0 if self.keep_port => sport,
+            0 => self.lo.wrapping_add(self.start as u16),
+            // At most 65,535 + 63 × 65,651: no overflow.
+            _ => self.lo.wrapping_add(((self.start + u32::from(attempt) * self.stride) % self.span) as u16),
         }
     }
 }
