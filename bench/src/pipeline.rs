@@ -149,7 +149,7 @@ fn memory_floor(packets: &[[u8; FRAME]], lines: &[Line], lines_per_packet: usize
         // straight after its copy waits for the copy's stores (its 8-byte
         // address load spans two of them), and with a batch of misses in
         // flight that wait was most of this loop's time (37 ns a packet on
-        // the Zen 3 host against 10 ns when refilled first).
+        // the Zen 3 host against 16.6 ns when refilled first; bench/README.md).
         for (buf, p) in bufs.iter_mut().zip(chunk) {
             buf.0[..FRAME].copy_from_slice(p);
         }
