@@ -6,6 +6,8 @@
 //! - `pipeline`: the packet pipeline in memory on one core (established and
 //!   new-flow packets, 1 against 10,000 Services).
 //! - `control`: translation and publication at 10,000 Services.
+//! - `host`: what the machine's memory allows a flow table (load latency by
+//!   working set, a random line's cost, whether it hides behind computation).
 //! - `e2e`: the gateway on veths against kube-proxy's iptables and nftables
 //!   rules, plain routing and a bare AF_XDP reflector (needs root).
 
@@ -14,6 +16,7 @@ mod chart;
 mod conntrack;
 mod control;
 mod e2e;
+mod host;
 mod pipeline;
 mod report;
 
@@ -37,6 +40,9 @@ enum Cmd {
     Pipeline(report::Args),
     /// Control plane: full sync and one EndpointSlice change at 10,000 Services.
     Control(report::Args),
+    /// This machine's memory: load latency by working set, a random line's cost,
+    /// and whether prefetched lines hide behind computation.
+    Host(report::Args),
     /// End to end on veths (root): xskgate vs kube-proxy's iptables and nftables rules,
     /// plain routing and an AF_XDP reflector; Mpps, latency, scaling, programming time.
     E2e(report::Args),
@@ -48,6 +54,7 @@ fn main() {
         Cmd::Conntrack(args) => conntrack::run(&args),
         Cmd::Pipeline(args) => pipeline::run_bench(&args),
         Cmd::Control(args) => control::run(&args),
+        Cmd::Host(args) => host::run(&args),
         Cmd::E2e(args) => e2e::run(&args),
     };
     if let Err(e) = result {
