@@ -4,7 +4,7 @@
 //! - **Load latency by working set**: a chain of dependent loads, each to a
 //!   random 64-byte line of an array of the given size (one random cycle
 //!   through all its lines), in huge pages where the kernel gives them, as
-//!   the conntrack table is mapped ([`ZeroedArray`]). Where the latency
+//!   the conntrack table is mapped ([`map_lines`]). Where the latency
 //!   jumps is where this core's share of the caches ends.
 //! - **A random line's cost**: the same access pattern as a flow lookup
 //!   with the batch's prefetching: a read-modify-write of one random line
@@ -27,21 +27,12 @@
 //! The three modes alternate within each round and the median round is
 //! reported, as everywhere in this crate.
 
+use crate::pipeline::{Line, map_lines, million_flow_table_bytes};
 use crate::report::{Args, Rng, median, progress, r3};
 use serde_json::json;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
-use xskgate_conntrack::mem::{AllZeroValid, ZeroedArray};
-use xskgate_conntrack::{Config, FlowTable, prefetch_line};
-
-/// One 64-byte line.
-#[derive(Default)]
-#[repr(C, align(64))]
-struct Line([AtomicU64; 8]);
-
-// SAFETY: atomics of integers only; all-zero is a valid value.
-unsafe impl AllZeroValid for Line {}
+use xskgate_conntrack::prefetch_line;
 
 /// How many items ahead a line is prefetched: at a few tens of
 /// nanoseconds an item, well over a microsecond, longer than any DRAM
@@ -52,9 +43,9 @@ const PREFETCH_AHEAD: usize = 32;
 /// was written on, near the pipeline's cache-resident established packet.
 const WORK_ROUNDS: u32 = 20;
 
-/// Working-set sizes of the latency measurement, in KiB (the last one is
-/// replaced by the 1M-flow conntrack table's size).
-const LATENCY_KIB: [usize; 5] = [256, 4 << 10, 16 << 10, 64 << 10, 0];
+/// Working-set sizes of the latency measurement in bytes, before the
+/// 1M-flow conntrack table's own size.
+const LATENCY_BYTES: [usize; 4] = [256 << 10, 4 << 20, 16 << 20, 64 << 20];
 
 /// Four independent dependency chains of shifts, adds, xors and a multiply
 /// per round, seeded by `x`: computation with the instruction-level
@@ -92,8 +83,8 @@ enum Mode {
 fn per_item(mode: Mode, lines: &[Line], picks: &[u32]) -> f64 {
     let mut acc = 0u64;
     let start = Instant::now();
+    let with_line = mode != Mode::Work;
     for (j, &pick) in picks.iter().enumerate() {
-        let with_line = mode != Mode::Work;
         if with_line && let Some(&ahead) = picks.get(j + PREFETCH_AHEAD) {
             prefetch_line(lines[ahead as usize].0.as_ptr().cast());
         }
@@ -136,17 +127,11 @@ pub fn run(args: &Args) -> Result<(), String> {
     let rounds = if args.quick { 2 } else { 5 };
     let items = if args.quick { 1_000_000 } else { 4_000_000 };
     let loads = if args.quick { 300_000 } else { 2_000_000 };
-    // The 1M-flow conntrack table's size (as the pipeline benchmark's).
-    let flows = 1usize << 20;
-    let table_bytes = FlowTable::new(Config { capacity: flows + flows / 4, ..Config::default() })
-        .map_err(|e| e.to_string())?
-        .memory_bytes();
-    let map =
-        |bytes: usize| ZeroedArray::<Line>::new(bytes.div_ceil(64)).map_err(|e| format!("mapping {bytes} bytes: {e}"));
-    let table = map(table_bytes)?;
+    let table_bytes = million_flow_table_bytes()?;
+    let table = map_lines(table_bytes)?;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let picks: Vec<u32> = (0..items).map(|_| rng.below(table.len()) as u32).collect();
-    let sizes: Vec<usize> = LATENCY_KIB.iter().map(|&k| if k == 0 { table_bytes } else { k << 10 }).collect();
+    let sizes: Vec<usize> = LATENCY_BYTES.into_iter().chain([table_bytes]).collect();
     let mut latency = vec![Vec::new(); sizes.len()];
     let (mut work_ns, mut line_ns, mut both_ns) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
@@ -155,10 +140,10 @@ pub fn run(args: &Args) -> Result<(), String> {
         line_ns.push(per_item(Mode::Line, &table, &picks));
         both_ns.push(per_item(Mode::Both, &table, &picks));
         progress(&format!("round {}/{rounds}: load latency by working set", round + 1));
-        for (k, &bytes) in sizes.iter().enumerate() {
-            let lines = if bytes == table_bytes { None } else { Some(map(bytes)?) };
-            latency[k].push(chase(lines.as_deref().unwrap_or(&table), loads, &mut rng));
+        for (k, &bytes) in LATENCY_BYTES.iter().enumerate() {
+            latency[k].push(chase(&map_lines(bytes)?, loads, &mut rng));
         }
+        latency[LATENCY_BYTES.len()].push(chase(&table, loads, &mut rng));
     }
     let latency: Vec<f64> = latency.into_iter().map(median).collect();
     let (work, line, both) = (median(work_ns), median(line_ns), median(both_ns));

@@ -129,14 +129,27 @@ fn run(packets: &[[u8; FRAME]], t: &Tables<'_>, worker: &mut WorkerState, bufs: 
     packets.len() as f64 / start.elapsed().as_secs_f64() / 1e6
 }
 
-/// One 64-byte line of the floor's table, which is mapped as the
-/// conntrack table's memory is ([`ZeroedArray`]: huge pages, faulted in).
+/// One 64-byte line of the floor's table (and of `host`'s arrays), which
+/// is mapped as the conntrack table's memory is ([`ZeroedArray`]: huge
+/// pages, faulted in).
 #[derive(Default)]
 #[repr(C, align(64))]
-struct Line([AtomicU64; 8]);
+pub(crate) struct Line(pub(crate) [AtomicU64; 8]);
 
 // SAFETY: atomics of integers only; all-zero is a valid value.
 unsafe impl AllZeroValid for Line {}
+
+/// `bytes` (rounded up to whole lines) mapped as [`Line`]s.
+pub(crate) fn map_lines(bytes: usize) -> Result<ZeroedArray<Line>, String> {
+    ZeroedArray::new(bytes.div_ceil(64)).map_err(|e| format!("mapping {bytes} bytes: {e}"))
+}
+
+/// The memory of the conntrack table that holds the measured 1M flows.
+pub(crate) fn million_flow_table_bytes() -> Result<usize, String> {
+    Ok(FlowTable::new(Config { capacity: FLOWS + FLOWS / 4, ..Config::default() })
+        .map_err(|e| e.to_string())?
+        .memory_bytes())
+}
 
 /// The memory floor (see the module doc): `lines_per_packet` random lines
 /// of `table` read and written per packet. Returns Mpps.
@@ -223,11 +236,8 @@ pub fn run_bench(args: &Args) -> Result<(), String> {
     // One random line per packet (established), two (new flows).
     let mut floor_mpps = [Vec::new(), Vec::new()];
     let mut clock = Vec::new();
-    let table_bytes = FlowTable::new(Config { capacity: FLOWS + FLOWS / 4, ..Config::default() })
-        .map_err(|e| e.to_string())?
-        .memory_bytes();
-    let floor_table = ZeroedArray::<Line>::new(table_bytes.div_ceil(64))
-        .map_err(|e| format!("memory floor: mapping {table_bytes} bytes: {e}"))?;
+    let table_bytes = million_flow_table_bytes()?;
+    let floor_table = map_lines(table_bytes).map_err(|e| format!("memory floor: {e}"))?;
     for round in 0..rounds {
         clock.push(clock_ghz());
         progress(&format!("round {}/{rounds}: memory floor, {} MB", round + 1, table_bytes >> 20));
