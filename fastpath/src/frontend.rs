@@ -12,8 +12,28 @@
 //! Lookups read only; inserts and removals happen while the control plane
 //! builds a table, never on the fast path. Nothing here is unsafe.
 
-use crate::service::FrontendKind;
 use xskgate_conntrack::{Addr, Proto, prefetch_line};
+
+/// How a frontend is reached; decides the traffic class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+impl FrontendKind {
+    /// The name used in `xskgate table --json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+            FrontendKind::ExternalIp => "ExternalIP",
+        }
+    }
+}
 
 /// `index` of an empty entry.
 const EMPTY: u32 = u32::MAX;

@@ -8,7 +8,9 @@
 //! - [`affinity`]: `sessionAffinity: ClientIP`, shared and lock-free.
 //! - [`nat`]: in-place DNAT/SNAT, ICMP error translation, generated rejects.
 //! - [`pipeline`]: `process_batch(frames, tables, worker, now)`, the pure
-//!   function the AF_XDP loop calls, with verdicts and drop reasons.
+//!   function the AF_XDP loop calls: a packet's stages and a batch's passes.
+//! - [`verdict`]: what the pipeline decides per frame (`Verdict`, with a
+//!   `DropReason` an operator can see) and a worker's `Counters`.
 //! - [`io`]: the XDP steering program, AF_XDP sockets and workers, the FIB.
 
 pub mod affinity;
@@ -19,14 +21,13 @@ pub mod maglev;
 pub mod nat;
 pub mod pipeline;
 pub mod service;
+pub mod verdict;
 pub mod wire;
 
 pub use affinity::AffinityTable;
-pub use pipeline::{
-    BATCH, Counters, DropReason, Frame, ServiceCounters, Tables, Verdict, WorkerState, flush_udp_flows_to, process,
-    process_batch,
-};
+pub use pipeline::{BATCH, Frame, Tables, WorkerState, flush_udp_flows_to, process, process_batch};
 pub use service::{
     BuildError, Cidr, Endpoint, EndpointSet, Found, Frontend, FrontendKind, NodeConfig, PortChange, ServicePort,
     ServicePortName, ServiceTable, ServiceTableBuilder, ServiceTableHandle, TrafficPolicy,
 };
+pub use verdict::{Counters, DropReason, MAX_SERVICE_IDS, ServiceCounters, Verdict};

@@ -3,28 +3,57 @@
 //! returns a [`Verdict`] per frame. The AF_XDP loop only moves descriptors
 //! around it; tests and benchmarks call it directly.
 //!
-//! For each frame: parse (malformed → `Drop(malformed)`); an ICMP error about
-//! a tracked flow is translated; a packet of a tracked flow (either
-//! direction) is rewritten by its conntrack entry; a packet to a service
-//! frontend starts a flow exactly as kube-proxy decides it (traffic class,
-//! source ranges, the class's endpoint set and policy, ClientIP affinity,
-//! Maglev, masquerade); anything else is passed to the kernel.
+//! # A packet's path
 //!
-//! The batch is processed in passes, so that the memory misses of a batch
-//! overlap: parse, hash and prefetch every frame's conntrack hint; prefetch
-//! the slot each hint points to, which the lookup then reads first (or, for
-//! a key not there, the slots an insert will touch); decide every frame,
-//! forwarding tracked flows and planning new ones (endpoint, SNAT
-//! candidate), whose reply tuples' hints and home slots are prefetched;
-//! read those hints, moving a new flow whose reply tuple looks taken to the
-//! next SNAT port (and prefetching again), and prefetch the free slots the
-//! inserts will claim; then store the new flows and forward their packets.
-//! No allocation, no lock, no system call: counters live in the caller's
-//! [`WorkerState`], tables are read-only or lock-free.
+//! Each stage is a function below, named as `explain` names it:
+//! 1. **parse** ([`wire`]): malformed → `Drop(malformed)`, a fragment →
+//!    `Drop(fragment)`, not IP → `Pass`;
+//! 2. **conntrack**: a packet of a tracked flow (either direction) is
+//!    rewritten by its entry and forwarded ([`tracked`]); an ICMP error
+//!    about a tracked flow is translated for the other side ([`icmp_error`]);
+//! 3. **frontend**: the Service port of (destination, protocol, port), or
+//!    `Pass` when there is none;
+//! 4. **source ranges** ([`source_allowed`]): `loadBalancerSourceRanges`;
+//! 5. **traffic class and policy** ([`classify`]): external or internal,
+//!    and the policy's endpoint set (Cluster or Local);
+//! 6. **endpoint set**: empty → `Drop(no_local_endpoints)` if endpoints
+//!    exist elsewhere, else a reject ([`no_endpoint`]);
+//! 7. **endpoint choice** ([`pick_endpoint`]): ClientIP affinity, then Maglev;
+//! 8. **masquerade** ([`masquerade_rule`]): whether the source is rewritten
+//!    to the node's SNAT address, and which kube-proxy rule says so;
+//! 9. **store** ([`insert_planned`]): the flow's two tuples, its reply tuple
+//!    moved over SNAT ports until one is free;
+//! 10. **rewrite** ([`nat`]): DNAT/SNAT in place → `Forward { next_hop }`.
+//!
+//! # A batch's passes
+//!
+//! A batch runs these stages in passes over all of its frames, so that the
+//! memory misses of its frames overlap instead of following one another
+//! (with 1M flows and 10,000 Services nearly every link below is a cache
+//! miss). Each pass is a method of [`BatchScratch`] that says which of the
+//! batch's arrays it reads and writes; a `u64` mask (bit i = frame i) says
+//! which frames a pass concerns:
+//! 1. [`BatchScratch::parse`]: frames → `parsed`, `hashes`; mask `hashed`;
+//! 2. [`BatchScratch::probe_conntrack`]: → `candidates`; mask `absent`;
+//! 3. [`BatchScratch::find_frontends`]: → `found`; mask `likely_new`;
+//! 4. [`BatchScratch::prefetch_endpoints`]: → `flow_hashes`;
+//! 5. [`BatchScratch::decide`]: verdicts of tracked and finished frames,
+//!    `planned` for new flows; mask `to_insert`;
+//! 6. [`BatchScratch::prefetch_replies`]: → `reply_hashes`;
+//! 7. [`BatchScratch::store`]: the new flows' verdicts.
+//!
+//! Passes 1–4 and 6 only load memory early: they change no table and no
+//! verdict, so a frame's verdict is what [`process`] (the stages above,
+//! one frame at a time) gives it. No allocation, no lock, no system call:
+//! counters live in the caller's [`WorkerState`], tables are read-only or
+//! lock-free.
 
 use crate::affinity::AffinityTable;
 use crate::nat;
-use crate::service::{EndpointSet, Found, FrontendKind, ServicePort, ServiceTable, TrafficPolicy};
+use crate::service::{
+    Endpoint, EndpointSet, Found, FrontendKind, NodeConfig, ServicePort, ServiceTable, TrafficPolicy,
+};
+use crate::verdict::{Counters, DropReason, Verdict};
 use crate::wire::{self, Inner, L4, Parsed, Unparsed};
 use xskgate_conntrack::{
     Addr, Candidate, FirstPacket, FlowKey, FlowState, FlowTable, FlowView, InsertError, Inserted, KeyHash, NewFlow,
@@ -33,9 +62,6 @@ use xskgate_conntrack::{
 
 /// Frames per batch (the AF_XDP ring batch).
 pub const BATCH: usize = 64;
-
-/// Service ids at or above this share the last per-service counter.
-pub const MAX_SERVICE_IDS: usize = 1 << 16;
 
 /// How many SNAT ports a new flow tries before giving up.
 pub const SNAT_TRIES: u16 = 64;
@@ -51,153 +77,6 @@ pub struct Frame<'a> {
     pub len: usize,
 }
 
-/// What the I/O layer does with a frame after the pipeline.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// Send it on towards `next_hop` (the IP destination after NAT); the I/O
-    /// layer resolves the route and neighbour and rewrites the L2 header.
-    Forward { next_hop: Addr },
-    /// Not ours: give it to the kernel's stack.
-    Pass,
-    /// Dropped, for a reason an operator can see.
-    Drop(DropReason),
-    /// A reject was generated in place (MACs swapped): send it back out of
-    /// the interface it came in on.
-    Reply,
-}
-
-macro_rules! reasons {
-    ($($variant:ident => $name:literal, $doc:literal;)*) => {
-        /// Why a frame was dropped. Every reason has a stable snake_case name
-        /// used in metrics and logs.
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-        pub enum DropReason { $(#[doc = $doc] $variant,)* }
-
-        impl DropReason {
-            pub const ALL: &[DropReason] = &[$(DropReason::$variant,)*];
-            pub const COUNT: usize = DropReason::ALL.len();
-            pub fn name(self) -> &'static str {
-                match self { $(DropReason::$variant => $name,)* }
-            }
-            /// What the reason means, for metric help texts and docs.
-            pub fn description(self) -> &'static str {
-                match self { $(DropReason::$variant => $doc,)* }
-            }
-        }
-    };
-}
-
-reasons! {
-    Malformed => "malformed", "Truncated or inconsistent headers.";
-    Fragment => "fragment", "An IP fragment: ports are not in every fragment, so it cannot be matched to a flow.";
-    NoLocalEndpoints => "no_local_endpoints", "Traffic policy Local and no usable endpoint on this node (kube-proxy's KUBE-MARK-DROP).";
-    NoEndpoints => "no_endpoints", "No usable endpoint anywhere, and the packet may not be answered with a reject (a RST or an ICMP error).";
-    SourceRange => "source_range", "The client is outside the Service's loadBalancerSourceRanges.";
-    TtlExpired => "ttl_expired", "TTL or hop limit would reach zero.";
-    ConntrackFull => "conntrack_full", "The conntrack table is full (after early drop).";
-    ConntrackContended => "conntrack_contended", "Another worker held the flow's conntrack slot too long.";
-    SnatExhausted => "snat_exhausted", "No free SNAT port for the new flow's reply tuple.";
-    NoSnatAddress => "no_snat_address", "Masquerade needed but no SNAT address of the packet's family is configured.";
-    InvalidTuple => "invalid_tuple", "NAT would give an impossible tuple (address family mismatch, reply equals original).";
-}
-
-/// Packets and bytes of one service port.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ServiceCounters {
-    pub packets: u64,
-    pub bytes: u64,
-}
-
-/// One worker's counters; a reader sums them over workers.
-#[derive(Clone, Debug)]
-pub struct Counters {
-    pub forwarded: u64,
-    pub passed: u64,
-    /// Rejects generated in place (TCP RST, ICMP port unreachable).
-    pub rejected: u64,
-    pub flows_created: u64,
-    /// SNAT ports new flows passed over because their reply tuple was
-    /// taken (seen by the batch before the insert, or by the insert). A
-    /// rising rate warns of SNAT port exhaustion before `snat_exhausted`
-    /// drops begin.
-    pub snat_port_retries: u64,
-    pub icmp_errors_translated: u64,
-    pub drops: [u64; DropReason::COUNT],
-    /// Indexed by service port id (ids ≥ [`MAX_SERVICE_IDS`] share the last).
-    pub per_service: Box<[ServiceCounters; MAX_SERVICE_IDS]>,
-    /// Every entry of `per_service` from this index on is zero (the
-    /// pipeline raises it as it counts), so copies and sums stop there.
-    pub services_used: usize,
-}
-
-impl Default for Counters {
-    fn default() -> Counters {
-        Counters {
-            forwarded: 0,
-            passed: 0,
-            rejected: 0,
-            flows_created: 0,
-            snat_port_retries: 0,
-            icmp_errors_translated: 0,
-            drops: [0; DropReason::COUNT],
-            per_service: vec![ServiceCounters::default(); MAX_SERVICE_IDS]
-                .into_boxed_slice()
-                .try_into()
-                .expect("MAX_SERVICE_IDS entries"),
-            services_used: 0,
-        }
-    }
-}
-
-impl Counters {
-    pub fn drop_count(&self, r: DropReason) -> u64 {
-        self.drops[r as usize]
-    }
-
-    pub fn service(&self, id: u32) -> ServiceCounters {
-        self.per_service[(id as usize).min(MAX_SERVICE_IDS - 1)]
-    }
-
-    /// Adds another worker's counters into these.
-    pub fn add(&mut self, o: &Counters) {
-        self.forwarded += o.forwarded;
-        self.passed += o.passed;
-        self.rejected += o.rejected;
-        self.flows_created += o.flows_created;
-        self.snat_port_retries += o.snat_port_retries;
-        self.icmp_errors_translated += o.icmp_errors_translated;
-        for (a, b) in self.drops.iter_mut().zip(o.drops.iter()) {
-            *a += b;
-        }
-        let used = o.services_used.min(o.per_service.len());
-        for (a, b) in self.per_service.iter_mut().zip(&o.per_service[..used]) {
-            a.packets += b.packets;
-            a.bytes += b.bytes;
-        }
-        self.services_used = self.services_used.max(used);
-    }
-
-    /// Makes these counters equal to `o` without copying the per-service
-    /// entries past the ones in use (a worker publishes its counters every
-    /// 100 ms; the whole array is 1 MiB).
-    pub fn copy_from(&mut self, o: &Counters) {
-        self.forwarded = o.forwarded;
-        self.passed = o.passed;
-        self.rejected = o.rejected;
-        self.flows_created = o.flows_created;
-        self.snat_port_retries = o.snat_port_retries;
-        self.icmp_errors_translated = o.icmp_errors_translated;
-        self.drops = o.drops;
-        let used = o.services_used.min(o.per_service.len()).min(self.per_service.len());
-        self.per_service[..used].copy_from_slice(&o.per_service[..used]);
-        let stale = self.services_used.min(self.per_service.len());
-        if stale > used {
-            self.per_service[used..stale].fill(ServiceCounters::default());
-        }
-        self.services_used = used;
-    }
-}
-
 /// Everything a worker owns: its counters and the scratch space of a
 /// batch. Allocated once.
 #[derive(Clone, Debug, Default)]
@@ -206,22 +85,31 @@ pub struct WorkerState {
     scratch: Box<BatchScratch>,
 }
 
-/// What a batch computes in one pass for the next: each frame's parse and
-/// its conntrack key's hash. Kept between batches so that a batch does not
-/// initialise 7 KB of stack.
+impl WorkerState {
+    pub fn new() -> WorkerState {
+        WorkerState::default()
+    }
+}
+
+/// What one pass of a batch computes for the next, per frame. Kept between
+/// batches so that a batch does not initialise 7 KB of stack. An entry is
+/// meaningful only for the frames of the mask its writer returned.
 #[derive(Clone, Debug)]
 struct BatchScratch {
+    /// Each frame's parse (every frame).
     parsed: [Result<Parsed, Unparsed>; BATCH],
+    /// The conntrack hash of each TCP or UDP frame's key (`hashed`).
     hashes: [KeyHash; BATCH],
-    /// Where each hashed frame's lookup reads first.
+    /// Where each hashed frame's lookup reads first (`hashed`).
     candidates: [Candidate; BATCH],
-    planned: [Option<Planned>; BATCH],
-    /// The service port of each frame that likely starts a flow.
+    /// The service port of each frame whose key was absent (`absent`).
     found: [Option<Found>; BATCH],
-    /// The hash of each planned flow's first reply tuple.
-    reply_hashes: [KeyHash; BATCH],
-    /// The [`flow_hash`] of each frame that likely starts a flow.
+    /// The [`flow_hash`] of each frame that likely starts a flow (`likely_new`).
     flow_hashes: [u64; BATCH],
+    /// Each new flow's plan (`to_insert`).
+    planned: [Option<Planned>; BATCH],
+    /// The hash of each planned flow's reply tuple (`to_insert`).
+    reply_hashes: [KeyHash; BATCH],
 }
 
 impl Default for BatchScratch {
@@ -230,48 +118,11 @@ impl Default for BatchScratch {
             parsed: [Err(Unparsed::NotIp); BATCH],
             hashes: [KeyHash::default(); BATCH],
             candidates: [Candidate::NONE; BATCH],
-            planned: [None; BATCH],
             found: [None; BATCH],
-            reply_hashes: [KeyHash::default(); BATCH],
             flow_hashes: [0; BATCH],
+            planned: [None; BATCH],
+            reply_hashes: [KeyHash::default(); BATCH],
         }
-    }
-}
-
-impl WorkerState {
-    pub fn new() -> WorkerState {
-        WorkerState::default()
-    }
-}
-
-impl Counters {
-    #[inline]
-    fn count_service(&mut self, id: u32, bytes: usize) {
-        let i = (id as usize).min(MAX_SERVICE_IDS - 1);
-        let c = &mut self.per_service[i];
-        c.packets += 1;
-        c.bytes += bytes as u64;
-        if i >= self.services_used {
-            self.services_used = i + 1;
-        }
-    }
-
-    #[inline]
-    fn drop(&mut self, r: DropReason) -> Verdict {
-        self.drops[r as usize] += 1;
-        Verdict::Drop(r)
-    }
-
-    /// Counts a final verdict (drops were counted with their reason).
-    #[inline]
-    fn account(&mut self, v: Verdict) -> Verdict {
-        match v {
-            Verdict::Forward { .. } => self.forwarded += 1,
-            Verdict::Pass => self.passed += 1,
-            Verdict::Reply => self.rejected += 1,
-            Verdict::Drop(_) => {}
-        }
-        v
     }
 }
 
@@ -310,8 +161,22 @@ pub fn process_batch(
     assert!(verdicts.len() >= frames.len(), "one verdict per frame");
     for (frames, verdicts) in frames.chunks_mut(BATCH).zip(verdicts.chunks_mut(BATCH)) {
         let WorkerState { counters, scratch } = &mut *w;
-        let BatchScratch { parsed, hashes, candidates, planned, found, reply_hashes, flow_hashes } = &mut **scratch;
-        // Bit i: frame i is TCP or UDP, and hashes[i] is its key's hash.
+        let hashed = scratch.parse(frames, t);
+        let absent = scratch.probe_conntrack(hashed, t);
+        let likely_new = scratch.find_frontends(absent, t);
+        scratch.prefetch_endpoints(likely_new, t);
+        let to_insert = scratch.decide(frames, hashed, t, counters, now, verdicts);
+        scratch.prefetch_replies(to_insert, t, counters);
+        scratch.store(frames, to_insert, hashed, t, counters, now, verdicts);
+    }
+}
+
+impl BatchScratch {
+    /// Pass 1, **parse**. Reads: every frame. Writes: `parsed[i]` of every
+    /// frame; `hashes[i]` of each TCP or UDP frame, whose conntrack hint is
+    /// prefetched. Returns those frames (`hashed`).
+    #[inline(always)]
+    fn parse(&mut self, frames: &[Frame<'_>], t: &Tables<'_>) -> u64 {
         let mut hashed = 0u64;
         for (i, f) in frames.iter().enumerate() {
             let frame = &f.buf[..f.len.min(f.buf.len())];
@@ -321,147 +186,182 @@ pub fn process_batch(
             let key = match wire::parse_common(frame) {
                 Some(p) => {
                     let key = key_of(&p);
-                    parsed[i] = Ok(p);
+                    self.parsed[i] = Ok(p);
                     Some(key)
                 }
                 None => {
-                    parsed[i] = wire::parse_general(frame);
-                    match &parsed[i] {
+                    self.parsed[i] = wire::parse_general(frame);
+                    match &self.parsed[i] {
                         Ok(p) if matches!(p.l4_kind, L4::Tcp | L4::Udp) => Some(key_of(p)),
                         _ => None,
                     }
                 }
             };
             if let Some(key) = key {
-                hashes[i] = t.conntrack.hash(&key);
-                t.conntrack.prefetch(&hashes[i]);
+                self.hashes[i] = t.conntrack.hash(&key);
+                t.conntrack.prefetch(&self.hashes[i]);
                 hashed |= 1 << i;
             }
         }
-        // A new flow's decision reads a chain of memory, each link found in
-        // the one before: frontend index entry, service port, Maglev entry,
-        // endpoint. With 10,000 Services each link is a cache miss; the
-        // passes below prefetch one link each for the whole batch, so the
-        // misses overlap instead of following one another per frame.
-        //
-        // Bit i: frame i's key was absent (its frontend entry is on its way).
+        hashed
+    }
+
+    /// Pass 2, **conntrack probe**. Reads: `hashes` (`hashed`), the hints
+    /// pass 1 prefetched. Writes: `candidates[i]`, whose slot is
+    /// prefetched. For a key whose chain ended without its tag
+    /// (`Candidate::ABSENT`: it starts a flow) the frontend index entry is
+    /// prefetched. Returns those frames (`absent`).
+    #[inline(always)]
+    fn probe_conntrack(&mut self, hashed: u64, t: &Tables<'_>) -> u64 {
         let mut absent = 0u64;
         for i in bits(hashed) {
-            candidates[i] = t.conntrack.prefetch_slot(&hashes[i]);
-            if candidates[i] == Candidate::ABSENT
-                && let Ok(p) = &parsed[i]
+            self.candidates[i] = t.conntrack.prefetch_slot(&self.hashes[i]);
+            if self.candidates[i] == Candidate::ABSENT
+                && let Ok(p) = &self.parsed[i]
             {
                 t.services.prefetch_frontend(&p.dst, p.proto, p.dport);
                 absent |= 1 << i;
             }
         }
-        // Bit i: frame i is to a service port, found[i], and its key was
-        // absent: it most likely starts a flow. (found[i] is set for every
-        // frame whose key was absent; the decision reads it. A key whose
-        // probe was too long to tell is looked up as usual: prefetching a
-        // decision for it would cost established flows memory traffic.)
+        absent
+    }
+
+    /// Pass 3, **frontend**. Reads: `parsed` (`absent`). Writes: `found[i]`
+    /// of every absent frame (pass 5 reads it); the service port of each
+    /// one to a Service is prefetched. Returns those (`likely_new`). A key
+    /// whose probe was too long to tell is looked up as usual in pass 5:
+    /// prefetching a decision for it would cost established flows memory
+    /// traffic.
+    #[inline(always)]
+    fn find_frontends(&mut self, absent: u64, t: &Tables<'_>) -> u64 {
         let mut likely_new = 0u64;
         for i in bits(absent) {
-            if let Ok(p) = &parsed[i] {
-                found[i] = t.services.find(&p.dst, p.proto, p.dport);
-                if let Some(service) = found[i] {
+            if let Ok(p) = &self.parsed[i] {
+                self.found[i] = t.services.find(&p.dst, p.proto, p.dport);
+                if let Some(service) = self.found[i] {
                     t.services.prefetch(service);
                     likely_new |= 1 << i;
                 }
             }
         }
-        // The Maglev entry the flow's hash picks in its class's endpoint
-        // set, then the endpoint that entry names.
+        likely_new
+    }
+
+    /// Pass 4, **endpoint prefetch**. Reads: `parsed`, `found`
+    /// (`likely_new`). Writes: `flow_hashes[i]`. Prefetches the Maglev entry
+    /// the flow's hash picks in its class's endpoint set, then, once that
+    /// entry is on its way, the endpoint it names.
+    #[inline(always)]
+    fn prefetch_endpoints(&mut self, likely_new: u64, t: &Tables<'_>) {
         // Bit i: frame i's class uses the Local endpoint set.
         let mut local = 0u64;
         for i in bits(likely_new) {
-            if let Ok(p) = &parsed[i]
-                && let Some(found) = found[i]
+            if let Ok(p) = &self.parsed[i]
+                && let Some(found) = self.found[i]
                 && let Some(svc) = t.services.get(found)
             {
-                flow_hashes[i] = flow_hash(&key_of(p));
+                self.flow_hashes[i] = flow_hash(&key_of(p));
                 let class = classify(t.services, svc, found.kind, &p.src);
-                class.set.prefetch_pick(flow_hashes[i]);
+                class.set.prefetch_pick(self.flow_hashes[i]);
                 local |= u64::from(class.policy == TrafficPolicy::Local) << i;
             }
         }
         for i in bits(likely_new) {
-            if let Some(svc) = found[i].and_then(|found| t.services.get(found)) {
+            if let Some(svc) = self.found[i].and_then(|found| t.services.get(found)) {
                 let set = if local & 1 << i != 0 { &svc.local } else { &svc.cluster };
-                set.prefetch_endpoint(flow_hashes[i]);
+                set.prefetch_endpoint(self.flow_hashes[i]);
             }
         }
-        // Bit i: frame i starts a flow, planned in planned[i].
+    }
+
+    /// Pass 5, **decide**. Reads: every frame, `parsed`, and for `hashed`
+    /// frames `hashes`, `candidates` and `found`. Writes: the verdict of
+    /// every frame that does not start a flow (a tracked flow's packet is
+    /// rewritten and forwarded here), and `planned[i]` of each that does.
+    /// Returns those (`to_insert`).
+    #[inline(always)]
+    fn decide(
+        &mut self,
+        frames: &mut [Frame<'_>],
+        hashed: u64,
+        t: &Tables<'_>,
+        counters: &mut Counters,
+        now: u32,
+        verdicts: &mut [Verdict],
+    ) -> u64 {
         let mut to_insert = 0u64;
         for (i, f) in frames.iter_mut().enumerate() {
             // The established flow's packet, the bulk of all traffic, is
             // handled here; everything else is out of line, so that this
             // loop keeps its values in registers.
             //
-            // A key whose chain ended without its tag when the second pass
-            // read its hints (`ABSENT`) is not looked up again: a flow is
-            // stored before its first packet is forwarded, so a later
+            // A key found `ABSENT` by pass 2 is not looked up again: a flow
+            // is stored before its first packet is forwarded, so a later
             // packet of it (either direction) finds it hinted. Only a flow
             // that another worker is storing at this very moment is
             // missed, and the insert-if-absent finds it then (as when two
-            // workers take the same new flow at once). Walking the chain
-            // again cost every new flow about 70 instructions.
-            let look = match &parsed[i] {
-                Ok(p) if hashed & 1 << i != 0 => match t.conntrack.lookup_unless_absent(&hashes[i], candidates[i]) {
-                    Some(view) => {
-                        let v = tracked(f, p, &view, t, counters, now);
-                        verdicts[i] = counters.account(v);
-                        continue;
+            // workers take the same new flow at once).
+            let look = match &self.parsed[i] {
+                Ok(p) if hashed & 1 << i != 0 => {
+                    match t.conntrack.lookup_unless_absent(&self.hashes[i], self.candidates[i]) {
+                        Some(view) => {
+                            let v = tracked(f, p, &view, t, counters, now);
+                            verdicts[i] = counters.account(v);
+                            continue;
+                        }
+                        None => {
+                            let looked_up = (self.candidates[i] == Candidate::ABSENT).then_some(self.found[i]);
+                            untracked(f, p, looked_up, t, counters, now, &mut self.planned[i])
+                        }
                     }
-                    None => {
-                        let looked_up = (candidates[i] == Candidate::ABSENT).then_some(found[i]);
-                        untracked(f, p, looked_up, t, counters, now, &mut planned[i])
-                    }
-                },
-                p => first_look(f, p, t, counters, now, &mut planned[i]),
+                }
+                p => first_look(f, p, t, counters, now, &mut self.planned[i]),
             };
             match look {
                 Some(v) => verdicts[i] = counters.account(v),
                 None => {
-                    if planned[i].is_some() {
+                    if self.planned[i].is_some() {
                         to_insert |= 1 << i;
                     }
                 }
             }
         }
-        // The reply tuples are hashed after the loop above, not as each
-        // plan is written: read straight after the out-of-line decision
-        // stored it, the tuple's ports (stored as two halves, loaded as one
-        // word) waited for those stores to reach the cache, which behind
-        // the batch's misses took long (new flows 1.09x faster with 1M
-        // flows this way, 1.10x with 10,000 Services).
+        to_insert
+    }
+
+    /// Pass 6, **reply prefetch**. Reads: `planned` (`to_insert`). Writes:
+    /// `reply_hashes[i]`, whose hint and insert slots are prefetched. A
+    /// reply tuple whose tag is hinted already is most likely another
+    /// flow's (its SNAT port is taken): such a flow moves to the search's
+    /// next port here (`planned[i]` changes), while that tuple's memory can
+    /// still be prefetched, instead of finding out in the insert with
+    /// nothing prefetched (with half an endpoint's SNAT ports in use that
+    /// was most of a new flow's cost). The insert still checks for real.
+    #[inline(always)]
+    fn prefetch_replies(&mut self, to_insert: u64, t: &Tables<'_>, counters: &mut Counters) {
+        // Hashed here, not as pass 5 writes each plan: read straight after
+        // the out-of-line decision stored it, the tuple's ports (stored as
+        // two halves, loaded as one word) wait for those stores to reach
+        // the cache, which behind the batch's misses takes long.
         for i in bits(to_insert) {
-            if let Some(plan) = &planned[i] {
-                reply_hashes[i] = t.conntrack.hash(&plan.flow.reply);
-                t.conntrack.prefetch_insert(&reply_hashes[i]);
+            if let Some(plan) = &self.planned[i] {
+                self.reply_hashes[i] = t.conntrack.hash(&plan.flow.reply);
+                t.conntrack.prefetch_insert(&self.reply_hashes[i]);
             }
         }
-        // Read the reply tuples' hints and prefetch the free slots their
-        // inserts will claim. A reply tuple whose tag is hinted already is
-        // most likely another flow's (its SNAT port is taken): such a flow
-        // moves to the allocator's next port here, while that tuple's
-        // memory can still be prefetched, instead of finding out in the
-        // insert with nothing prefetched (with half an endpoint's SNAT
-        // ports in use that was most of a new flow's cost). The insert
-        // still checks for real.
         let mut check = to_insert;
         for round in 0..=SNAT_PRECHECK_ROUNDS {
             let mut moved = 0u64;
             for i in bits(check) {
-                let likely_taken = t.conntrack.prefetch_slot(&reply_hashes[i]).has_slot();
+                let likely_taken = t.conntrack.prefetch_slot(&self.reply_hashes[i]).has_slot();
                 if !likely_taken || round == SNAT_PRECHECK_ROUNDS {
                     continue;
                 }
-                if let (Ok(p), Some(plan)) = (&parsed[i], &mut planned[i])
+                if let (Ok(p), Some(plan)) = (&self.parsed[i], &mut self.planned[i])
                     && let Some(port) = plan.next_port(p.sport)
                 {
-                    reply_hashes[i] = t.conntrack.hash_with_dport(&reply_hashes[i], port);
-                    t.conntrack.prefetch_insert(&reply_hashes[i]);
+                    self.reply_hashes[i] = t.conntrack.hash_with_dport(&self.reply_hashes[i], port);
+                    t.conntrack.prefetch_insert(&self.reply_hashes[i]);
                     counters.snat_port_retries += 1;
                     moved |= 1 << i;
                 }
@@ -471,12 +371,29 @@ pub fn process_batch(
                 break;
             }
         }
+    }
+
+    /// Pass 7, **store**. Reads: `parsed`, `planned`, `reply_hashes`
+    /// (`to_insert`), `hashes` (`hashed`). Stores each planned flow and
+    /// forwards its first packet; writes its verdict.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn store(
+        &self,
+        frames: &mut [Frame<'_>],
+        to_insert: u64,
+        hashed: u64,
+        t: &Tables<'_>,
+        counters: &mut Counters,
+        now: u32,
+        verdicts: &mut [Verdict],
+    ) {
         for i in bits(to_insert) {
-            if let (Some(f), Ok(p), Some(plan)) = (frames.get_mut(i), &parsed[i], &planned[i]) {
+            if let (Some(f), Ok(p), Some(plan)) = (frames.get_mut(i), &self.parsed[i], &self.planned[i]) {
                 // A planned flow's original tuple is its frame's key, hashed
-                // in the first pass if the frame was hashed there.
-                let orig = if hashed & 1 << i != 0 { hashes[i] } else { t.conntrack.hash(&plan.flow.orig) };
-                let v = insert_planned(f, p, plan, [&orig, &reply_hashes[i]], t, counters, now);
+                // in pass 1 if the frame was hashed there.
+                let orig = if hashed & 1 << i != 0 { self.hashes[i] } else { t.conntrack.hash(&plan.flow.orig) };
+                let v = insert_planned(f, p, plan, [&orig, &self.reply_hashes[i]], t, counters, now);
                 verdicts[i] = counters.account(v);
             }
         }
@@ -494,8 +411,8 @@ fn bits(mut mask: u64) -> impl Iterator<Item = usize> {
     })
 }
 
-/// Processes one frame (what [`process_batch`] does per frame, without the
-/// batch's prefetching).
+/// Processes one frame: the stages of the module doc, without the batch's
+/// prefetching (the same verdict as [`process_batch`]).
 pub fn process(f: &mut Frame<'_>, t: &Tables<'_>, w: &mut WorkerState, now: u32) -> Verdict {
     let p = wire::parse(&f.buf[..f.len.min(f.buf.len())]);
     let c = &mut w.counters;
@@ -517,11 +434,12 @@ fn key_of(p: &Parsed) -> FlowKey {
     FlowKey { src: p.src, dst: p.dst, sport: p.sport, dport: p.dport, proto: p.proto }
 }
 
-/// The first look at a frame: its verdict, or (`None`) a new flow planned
-/// into `plan` for the caller to store. A batch stores its new flows after
-/// it has looked at every frame, so that their reply tuples' memory is on
-/// its way. (The plan is written in place: returning it would make every
-/// tracked packet's result as large as a plan.)
+/// Stages 1–2 for a frame the batch did not look up: its verdict, or
+/// (`None`) a new flow planned into `plan` for the caller to store. A batch
+/// stores its new flows after it has looked at every frame, so that their
+/// reply tuples' memory is on its way. (The plan is written in place:
+/// returning it would make every tracked packet's result as large as a
+/// plan.)
 #[inline(never)]
 fn first_look(
     f: &mut Frame<'_>,
@@ -533,7 +451,12 @@ fn first_look(
 ) -> Option<Verdict> {
     let v = match p {
         Ok(p) => match p.l4_kind {
-            L4::Tcp | L4::Udp => return flow_packet(f, p, t, c, now, plan),
+            L4::Tcp | L4::Udp => {
+                return match t.conntrack.lookup(&key_of(p)) {
+                    Some(view) => Some(tracked(f, p, &view, t, c, now)),
+                    None => untracked(f, p, None, t, c, now, plan),
+                };
+            }
             L4::IcmpError => match wire::icmp_inner(f.buf, p) {
                 Some(inner) => icmp_error(f, p, &inner, t, c),
                 None => Verdict::Pass,
@@ -547,35 +470,20 @@ fn first_look(
     Some(v)
 }
 
-/// A TCP or UDP packet outside a batch's fast loop (which looks up its
-/// hashed frames itself): its flow's translation, or a new flow's plan.
-#[inline]
-fn flow_packet(
-    f: &mut Frame<'_>,
-    p: &Parsed,
-    t: &Tables<'_>,
-    c: &mut Counters,
-    now: u32,
-    plan: &mut Option<Planned>,
-) -> Option<Verdict> {
-    match t.conntrack.lookup(&key_of(p)) {
-        Some(view) => Some(tracked(f, p, &view, t, c, now)),
-        None => untracked(f, p, None, t, c, now, plan),
-    }
-}
-
-/// A packet of the tracked flow direction `view`.
+/// Stage 2, a packet of the tracked flow direction `view`: rewritten by
+/// its entry, which records it.
 #[inline(always)]
 fn tracked(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, t: &Tables<'_>, c: &mut Counters, now: u32) -> Verdict {
     if p.ttl <= 1 {
         return c.drop(DropReason::TtlExpired);
     }
-    forward(f, p, view, t, c, now)
+    t.conntrack.touch(view, now, (p.end - p.l3) as u64, p.tcp_flags);
+    rewrite(f, p, view, c)
 }
 
-/// A TCP or UDP packet of no tracked flow: a new flow's plan (`None`,
-/// written into `plan`), or its verdict. `looked_up` is the frame's
-/// service port if the batch has looked it up already.
+/// A TCP or UDP packet of no tracked flow: stage 3 (its frontend, unless
+/// the batch has looked it up already: `looked_up`), then the new flow's
+/// decision.
 #[inline(never)]
 fn untracked(
     f: &mut Frame<'_>,
@@ -590,20 +498,23 @@ fn untracked(
     plan_new_flow(f, p, service, t, c, now, plan)
 }
 
-/// Applies a flow's translation to a packet of it and accounts for it.
-#[inline(always)]
-fn forward(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, t: &Tables<'_>, c: &mut Counters, now: u32) -> Verdict {
-    t.conntrack.touch(view, now, (p.end - p.l3) as u64, p.tcp_flags);
-    rewrite(f, p, view, c)
-}
-
-/// Rewrites a packet of a flow that has recorded it already and counts it
-/// for its service.
+/// Stage 10: rewrites a packet of a flow that has recorded it already and
+/// counts it for its service.
 #[inline(always)]
 fn rewrite(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, c: &mut Counters) -> Verdict {
     nat::rewrite(f.buf, p, view);
     c.count_service(view.service, p.end - p.l3);
     Verdict::Forward { next_hop: view.rewrite_dst() }
+}
+
+/// Stage 4: whether `loadBalancerSourceRanges` lets the client in. They
+/// apply to the LoadBalancer frontends only, as kube-proxy's
+/// KUBE-FW chain does; none means everyone.
+#[inline]
+fn source_allowed(svc: &ServicePort, kind: FrontendKind, src: &Addr) -> bool {
+    kind != FrontendKind::LoadBalancer
+        || svc.source_ranges.is_empty()
+        || svc.source_ranges.iter().any(|c| c.contains(src))
 }
 
 /// A new flow's traffic class and the endpoint set its policy allows.
@@ -615,10 +526,10 @@ struct Class<'a> {
     set: &'a EndpointSet,
 }
 
-/// Traffic class: a ClusterIP is internal; an external address reached
-/// from a pod is internal too (kube-proxy: "Redirect pods trying to reach
-/// external loadbalancer VIP to clusterIP"). The class's policy picks the
-/// endpoint set.
+/// Stage 5, traffic class: a ClusterIP is internal; an external address
+/// reached from a pod is internal too (kube-proxy: "Redirect pods trying to
+/// reach external loadbalancer VIP to clusterIP"). The class's policy picks
+/// the endpoint set.
 #[inline]
 fn classify<'a>(services: &ServiceTable, svc: &'a ServicePort, kind: FrontendKind, src: &Addr) -> Class<'a> {
     let from_pod = services.is_pod(src);
@@ -631,7 +542,86 @@ fn classify<'a>(services: &ServiceTable, svc: &'a ServicePort, kind: FrontendKin
     Class { from_pod, external, policy, set }
 }
 
-/// Decides a new flow: its plan, written into `plan` (and `None`
+/// Stage 6, an empty endpoint set: kube-proxy's KUBE-MARK-DROP when the
+/// Service has endpoints the policy excludes (Local, none on this node),
+/// else its REJECT (no endpoint anywhere).
+fn no_endpoint(f: &mut Frame<'_>, p: &Parsed, svc: &ServicePort, c: &mut Counters) -> Verdict {
+    if !svc.cluster.is_empty() || !svc.local.is_empty() {
+        return c.drop(DropReason::NoLocalEndpoints);
+    }
+    reject(f, p, c)
+}
+
+/// Stage 7, the endpoint: with `sessionAffinity: ClientIP` the client's
+/// recorded endpoint while it is still in the set, else Maglev's pick for
+/// the flow's hash (recorded for the client). `None` if the set has none.
+#[inline]
+fn pick_endpoint(
+    svc: &ServicePort,
+    set: &EndpointSet,
+    src: &Addr,
+    flow_hash: u64,
+    affinity: &AffinityTable,
+    now: u32,
+) -> Option<Endpoint> {
+    let Some(timeout) = svc.affinity_timeout else {
+        return set.pick(flow_hash).copied();
+    };
+    let sticky = affinity.get(svc.id, src, now, timeout).and_then(|id| set.by_id(id));
+    let ep = sticky.or_else(|| set.pick(flow_hash))?;
+    affinity.record(svc.id, src, ep.id, now);
+    Some(*ep)
+}
+
+/// Why a new flow's source is rewritten to the node's SNAT address
+/// (kube-proxy's KUBE-MARK-MASQ rules).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MasqueradeRule {
+    /// The client is the endpoint itself (hairpin).
+    Hairpin,
+    /// External traffic under policy Cluster (the second hop must return
+    /// through this node).
+    ExternalCluster,
+    /// A ClusterIP reached from outside the pod CIDRs (`! -s clusterCIDR`).
+    ClusterIpFromOutside,
+}
+
+/// Stage 8: the rule that masquerades this flow, or `None` (the client's
+/// address is kept).
+#[inline]
+fn masquerade_rule(
+    node: &NodeConfig,
+    kind: FrontendKind,
+    class: &Class<'_>,
+    src: &Addr,
+    endpoint: &Addr,
+) -> Option<MasqueradeRule> {
+    if src == endpoint {
+        Some(MasqueradeRule::Hairpin)
+    } else if class.external && class.policy == TrafficPolicy::Cluster {
+        Some(MasqueradeRule::ExternalCluster)
+    } else if kind == FrontendKind::ClusterIp && !class.from_pod && !node.pod_cidrs.is_empty() {
+        Some(MasqueradeRule::ClusterIpFromOutside)
+    } else {
+        None
+    }
+}
+
+/// The conntrack state a flow starts in.
+#[inline]
+fn initial_state(p: &Parsed) -> FlowState {
+    match p.proto {
+        Proto::TCP if p.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN => {
+            FlowState::Tcp(TcpState::SynSent)
+        }
+        // A mid-stream segment (e.g. after a gateway restart) is picked up
+        // as established, as Linux's nf_conntrack_tcp_loose does.
+        Proto::TCP => FlowState::Tcp(TcpState::Established),
+        _ => FlowState::Udp { replied: false },
+    }
+}
+
+/// Stages 4–8 for a new flow: its plan, written into `plan` (and `None`
 /// returned), or the packet's verdict.
 fn plan_new_flow(
     f: &mut Frame<'_>,
@@ -646,89 +636,45 @@ fn plan_new_flow(
     let Some((svc, kind)) = service.and_then(|found| Some((services.get(found)?, found.kind))) else {
         return Some(Verdict::Pass);
     };
-    let key = &key_of(p);
-    if kind == FrontendKind::LoadBalancer
-        && !svc.source_ranges.is_empty()
-        && !svc.source_ranges.iter().any(|c| c.contains(&p.src))
-    {
+    if !source_allowed(svc, kind, &p.src) {
         return Some(c.drop(DropReason::SourceRange));
     }
-    let Class { from_pod, external, policy, set } = classify(services, svc, kind, &p.src);
-    if set.is_empty() {
-        if !svc.cluster.is_empty() || !svc.local.is_empty() {
-            return Some(c.drop(DropReason::NoLocalEndpoints));
-        }
-        return Some(reject(f, p, c));
+    let class = classify(services, svc, kind, &p.src);
+    if class.set.is_empty() {
+        return Some(no_endpoint(f, p, svc, c));
     }
     if p.ttl <= 1 {
         return Some(c.drop(DropReason::TtlExpired));
     }
-    let fh = flow_hash(key);
-    let picked = match svc.affinity_timeout {
-        Some(timeout) => {
-            let sticky = t.affinity.get(svc.id, &p.src, now, timeout).and_then(|id| set.by_id(id));
-            let ep = sticky.or_else(|| set.pick(fh));
-            if let Some(ep) = ep {
-                t.affinity.record(svc.id, &p.src, ep.id, now);
-            }
-            ep
-        }
-        None => set.pick(fh),
-    };
-    let Some(ep) = picked.copied() else {
+    let key = key_of(p);
+    let fh = flow_hash(&key);
+    let Some(ep) = pick_endpoint(svc, class.set, &p.src, fh, t.affinity, now) else {
         return Some(reject(f, p, c));
     };
     if ep.addr.is_v4() == p.v6 {
         return Some(c.drop(DropReason::InvalidTuple));
     }
-    // Masquerade: Cluster policy for external traffic, hairpin (a pod
-    // reaching itself), and a ClusterIP reached from outside the pod CIDRs
-    // (kube-proxy's `! -s clusterCIDR -j KUBE-MARK-MASQ`).
     let node = services.node();
-    let hairpin = p.src == ep.addr;
-    let masquerade = hairpin
-        || (external && policy == TrafficPolicy::Cluster)
-        || (kind == FrontendKind::ClusterIp && !from_pod && !node.pod_cidrs.is_empty());
-    let (reply_dst, keep_port) = if masquerade {
-        match node.snat_for(&ep.addr) {
+    let (reply_dst, keep_port) = match masquerade_rule(node, kind, &class, &p.src, &ep.addr) {
+        Some(_) => match node.snat_for(&ep.addr) {
             Some(a) => (a, false),
             None => return Some(c.drop(DropReason::NoSnatAddress)),
-        }
-    } else {
-        (p.src, true)
+        },
+        None => (p.src, true),
     };
-    let state = match p.proto {
-        Proto::TCP if p.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN => {
-            FlowState::Tcp(TcpState::SynSent)
-        }
-        // A mid-stream segment (e.g. after a gateway restart) is picked up
-        // as established, as Linux's nf_conntrack_tcp_loose does.
-        Proto::TCP => FlowState::Tcp(TcpState::Established),
-        _ => FlowState::Udp { replied: false },
-    };
-    let (lo, hi) = node.snat_ports;
-    let span = u32::from(hi.saturating_sub(lo)) + 1;
-    let search = PortSearch {
-        keep_port,
-        lo,
-        span,
-        start: (fh % u64::from(span)) as u32,
-        // Not reduced here (see `SNAT_STRIDES`): one division fewer on the
-        // way from a new flow's decision to its reply tuple's prefetch.
-        stride: SNAT_STRIDES[(fh >> 60) as usize],
-    };
+    let search = PortSearch::new(node.snat_ports, keep_port, fh);
     let reply =
         FlowKey { proto: p.proto, src: ep.addr, sport: ep.port, dst: reply_dst, dport: search.port(p.sport, 0) };
     *plan = Some(Planned {
-        flow: NewFlow { orig: *key, reply, backend: ep.id, service: svc.id, state },
+        flow: NewFlow { orig: key, reply, backend: ep.id, service: svc.id, state: initial_state(p) },
         search,
         attempt: 0,
     });
     None
 }
 
-/// Stores a planned flow and forwards its first packet. The SNAT port
-/// allocator: the reply tuple must be unique, so while it is taken the
+/// Stage 9, store: a planned flow's two tuples, and stage 10 for its
+/// first packet. The SNAT port allocator: the reply tuple must be unique, so while it is taken the
 /// table moves it to the search's next port, up to [`SNAT_TRIES`] ports in
 /// all (counting those the batch skipped before the insert).
 fn insert_planned(
@@ -826,6 +772,21 @@ const SNAT_STRIDES: [u32; 16] = [
 ];
 
 impl PortSearch {
+    /// The search of a flow with hash `flow_hash` over the SNAT `ports`
+    /// (`(lo, hi)`, inclusive); `keep_port` tries the client's own first.
+    #[inline]
+    fn new((lo, hi): (u16, u16), keep_port: bool, flow_hash: u64) -> PortSearch {
+        let span = u32::from(hi.saturating_sub(lo)) + 1;
+        PortSearch {
+            keep_port,
+            lo,
+            span,
+            start: (flow_hash % u64::from(span)) as u32,
+            // Not reduced here (see `SNAT_STRIDES`).
+            stride: SNAT_STRIDES[(flow_hash >> 60) as usize],
+        }
+    }
+
     /// The port of attempt `attempt` for a client port `sport`.
     #[inline]
     fn port(&self, sport: u16, attempt: u16) -> u16 {
@@ -840,7 +801,7 @@ impl PortSearch {
     }
 }
 
-/// kube-proxy's REJECT for a Service without endpoints: TCP RST or ICMP
+/// Stage 6's kube-proxy REJECT for a Service without endpoints: TCP RST or ICMP
 /// port unreachable, generated in place.
 fn reject(f: &mut Frame<'_>, p: &Parsed, c: &mut Counters) -> Verdict {
     let len = match p.proto {
@@ -856,8 +817,8 @@ fn reject(f: &mut Frame<'_>, p: &Parsed, c: &mut Counters) -> Verdict {
     }
 }
 
-/// An ICMP error about a packet of a tracked flow: translate it for the
-/// other side (outer destination and the embedded packet).
+/// Stage 2 for an ICMP error about a packet of a tracked flow: translate
+/// it for the other side (outer destination and the embedded packet).
 fn icmp_error(f: &mut Frame<'_>, p: &Parsed, inner: &Inner, t: &Tables<'_>, c: &mut Counters) -> Verdict {
     // The embedded packet went out after our NAT; the tuple of packets going
     // the other way is its reverse, and that is what conntrack knows.
@@ -914,39 +875,5 @@ mod tests {
         assert_eq!(bits(0).count(), 0);
         assert_eq!(bits(1 << 63 | 0b101).collect::<Vec<_>>(), [0, 2, 63]);
         assert_eq!(bits(u64::MAX).collect::<Vec<_>>(), (0..64).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn copies_and_sums_stop_at_the_services_in_use_and_lose_nothing() {
-        let mut w = WorkerState::new();
-        w.counters.count_service(3, 100);
-        w.counters.count_service(7, 50);
-        w.counters.count_service(7, 50);
-        w.counters.forwarded = 3;
-        assert_eq!(w.counters.services_used, 8);
-
-        let mut snapshot = Counters::default();
-        snapshot.copy_from(&w.counters);
-        assert_eq!(snapshot.service(3), ServiceCounters { packets: 1, bytes: 100 });
-        assert_eq!(snapshot.service(7), ServiceCounters { packets: 2, bytes: 100 });
-        assert_eq!(snapshot.forwarded, 3);
-        assert_eq!(snapshot.services_used, 8);
-
-        // A snapshot that held more services than the new source (a worker
-        // restarted) keeps nothing stale.
-        let fresh = WorkerState::new();
-        snapshot.copy_from(&fresh.counters);
-        assert_eq!(snapshot.service(7), ServiceCounters::default());
-        assert_eq!(snapshot.services_used, 0);
-
-        let mut sum = Counters::default();
-        sum.add(&w.counters);
-        sum.add(&w.counters);
-        assert_eq!(sum.service(7), ServiceCounters { packets: 4, bytes: 200 });
-        assert_eq!(sum.services_used, 8);
-        // Ids past the shared last entry count there.
-        w.counters.count_service(u32::MAX, 1);
-        assert_eq!(w.counters.services_used, MAX_SERVICE_IDS);
-        assert_eq!(w.counters.service(u32::MAX).packets, 1);
     }
 }

@@ -9,6 +9,7 @@
 //! that changes one Service reuses every other entry as is.
 
 use crate::frontend::FrontendIndex;
+pub use crate::frontend::FrontendKind;
 use crate::maglev::Maglev;
 use arc_swap::{ArcSwap, Guard};
 use std::collections::HashMap;
@@ -17,27 +18,6 @@ use std::sync::Arc;
 use xskgate_conntrack::{Addr, Proto};
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
-
-/// How a frontend is reached; decides the traffic class.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum FrontendKind {
-    ClusterIp,
-    NodePort,
-    LoadBalancer,
-    ExternalIp,
-}
-
-impl FrontendKind {
-    /// The name used in `xskgate table --json`.
-    pub fn name(self) -> &'static str {
-        match self {
-            FrontendKind::ClusterIp => "ClusterIP",
-            FrontendKind::NodePort => "NodePort",
-            FrontendKind::LoadBalancer => "LoadBalancer",
-            FrontendKind::ExternalIp => "ExternalIP",
-        }
-    }
-}
 
 /// `externalTrafficPolicy` / `internalTrafficPolicy`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

@@ -17,11 +17,12 @@
 //! to wake the fill ring when the kernel asks, and to sleep when idle.
 
 use super::route::Fib;
+use crate::AffinityTable;
 use crate::nat;
-use crate::pipeline::{self, BATCH, Frame, Tables, Verdict, WorkerState};
+use crate::pipeline::{self, BATCH, Frame, Tables, WorkerState};
 use crate::service::{ServiceTable, ServiceTableHandle};
+use crate::verdict::Verdict;
 use crate::wire;
-use crate::{AffinityTable, DropReason};
 use arc_swap::ArcSwap;
 use std::io::Write;
 use std::num::NonZeroU32;
@@ -83,7 +84,8 @@ io_counters! {
     rx_packets => "Frames received from the AF_XDP sockets.";
     tx_packets => "Frames handed to the AF_XDP TX rings.";
     copied_across => "Frames copied into another interface's UMEM to leave by it.";
-    routed_unchanged => "Steered frames the pipeline did not own, routed on without NAT.";
+    routed_unchanged => "Steered frames the pipeline passed (not a Service's), routed on without NAT as the kernel would.";
+    passed_ttl_expired => "Dropped: a steered frame the pipeline passed whose TTL or hop limit ran out.";
     no_route => "Dropped: no route to the next hop.";
     neighbor_queued => "Frames held until their next hop's MAC address was resolved (resolution requested).";
     no_neighbor => "Dropped: the next hop's MAC address was not resolved within 1 s, or too many frames were waiting.";
@@ -523,26 +525,10 @@ impl Worker {
             Verdict::Drop(_) => return Out::Free,
             Verdict::Reply => return Out::Tx { port: from, len: f.len },
             Verdict::Forward { next_hop } => next_hop,
-            Verdict::Pass => {
-                // Steered by the program but not the pipeline's: route it
-                // on unchanged, as the kernel would, unless it is for this
-                // node (the kernel's stack is out of reach from here).
-                let Ok(p) = wire::parse(&f.buf[..f.len]) else {
-                    self.io.steered_local += 1;
-                    return Out::Free;
-                };
-                if fib.is_local(&p.dst) || services.is_node_address(&p.dst) {
-                    self.io.steered_local += 1;
-                    return Out::Free;
-                }
-                if p.ttl <= 1 {
-                    self.state.counters.drops[DropReason::TtlExpired as usize] += 1;
-                    return Out::Free;
-                }
-                nat::route_unchanged(f.buf, &p);
-                self.io.routed_unchanged += 1;
-                p.dst
-            }
+            Verdict::Pass => match self.route_passed(f, fib, services) {
+                Some(dst) => dst,
+                None => return Out::Free,
+            },
         };
         let Some(hop) = fib.next_hop(&dst) else {
             self.io.no_route += 1;
@@ -559,6 +545,32 @@ impl Worker {
             return Out::Free;
         }
         self.l2(f.buf, f.len, hop.oif, &hop.via, fib)
+    }
+
+    /// A frame the pipeline passed: not a Service's, so the kernel's. It
+    /// reached a socket because the steering program matched its address
+    /// and port (a reply port, an address of a Service), and a frame taken
+    /// from a socket cannot be handed back to the kernel's stack, so it is
+    /// treated as the kernel's IP forwarding would treat it: for this node
+    /// it is discarded (`steered_local`), and so is one whose TTL ran out
+    /// (`passed_ttl_expired`); any other is routed on, unchanged but for
+    /// its TTL (`routed_unchanged`). Returns where it goes.
+    fn route_passed(&mut self, f: &mut Frame<'_>, fib: &Fib, services: &ServiceTable) -> Option<Addr> {
+        let Ok(p) = wire::parse(&f.buf[..f.len]) else {
+            self.io.steered_local += 1;
+            return None;
+        };
+        if fib.is_local(&p.dst) || services.is_node_address(&p.dst) {
+            self.io.steered_local += 1;
+            return None;
+        }
+        if p.ttl <= 1 {
+            self.io.passed_ttl_expired += 1;
+            return None;
+        }
+        nat::route_unchanged(f.buf, &p);
+        self.io.routed_unchanged += 1;
+        Some(p.dst)
     }
 
     /// Writes the Ethernet addresses for leaving by `oif` towards `via`.
