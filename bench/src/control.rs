@@ -16,7 +16,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
 use xskgate_conntrack::Addr;
-use xskgate_control::manifest::Object;
+use xskgate_control::object::Object;
 use xskgate_control::publish::Publisher;
 use xskgate_control::state::ClusterState;
 use xskgate_control::translate::NodeIdentity;

@@ -9,61 +9,74 @@
 //! goes away the watchers retry with back-off while the last published table
 //! stays in force; when it comes back they resume from the last
 //! resourceVersion, or relist if it expired (410 Gone).
+//!
+//! Events become [`Change`]s: a list is `Change::Kind`, an added, modified or
+//! deleted object a `Change::Edit` of one object.
 
-use crate::controller::Controller;
-use crate::manifest::Object;
-use crate::state::Kind;
+use crate::object::{Change, Kind, Object};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
-use std::time::Duration;
-use tracing::{info, warn};
+use std::path::{Path, PathBuf};
 
-/// One thing a watcher saw, in the source's terms.
-#[derive(Debug)]
-pub enum Change {
-    /// Every object of a kind (after `InitDone`).
-    Reset(Kind, Vec<Object>),
-    Apply(Object),
-    Delete(Kind, (String, String)),
-    /// A watcher error (connection lost, API error): logged, nothing lost.
-    Error(Kind, String),
+/// Why no Kubernetes client could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{}: {source}", path.display())]
+    Kubeconfig { path: PathBuf, source: kube::config::KubeconfigError },
+    #[error("no Kubernetes configuration: {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("cannot build a Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
 }
 
-fn key(meta: &kube::api::ObjectMeta) -> (String, String) {
-    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+/// A watcher's failure (connection lost, API error): the watcher retries
+/// with back-off; nothing already known is lost.
+#[derive(Debug, thiserror::Error)]
+#[error("watching {kind:?}s failed: {message}")]
+pub struct WatchError {
+    pub kind: Kind,
+    pub message: String,
 }
 
 /// Builds a client from a kubeconfig file, or infers one (in-cluster
 /// service account, else `$KUBECONFIG` / `~/.kube/config`).
 ///
 /// # Errors
-/// A message saying what could not be read or inferred.
-pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, String> {
+/// What could not be read or inferred.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
     let config = match kubeconfig {
         Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| format!("{}: {e}", path.display()))?
+            let at = |source| ClientError::Kubeconfig { path: path.to_path_buf(), source };
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(at)?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.map_err(at)?
         }
-        None => kube::Config::infer().await.map_err(|e| format!("no Kubernetes configuration: {e}"))?,
+        None => kube::Config::infer().await?,
     };
-    Client::try_from(config).map_err(|e| format!("cannot build a Kubernetes client: {e}"))
+    Ok(Client::try_from(config)?)
 }
 
-/// The merged stream of changes of the three watchers.
-pub fn changes(client: Client, node_name: &str) -> impl futures::Stream<Item = Change> + Send {
-    fn watch<K, F>(api: Api<K>, cfg: watcher::Config, kind: Kind, wrap: F) -> impl futures::Stream<Item = Change> + Send
+/// The merged stream of the three watchers' changes.
+pub fn changes(
+    client: Client,
+    node_name: &str,
+) -> impl futures::Stream<Item = Result<Change, WatchError>> + Send + use<> {
+    fn watch<K, F>(
+        api: Api<K>,
+        cfg: watcher::Config,
+        kind: Kind,
+        wrap: F,
+    ) -> impl futures::Stream<Item = Result<Change, WatchError>> + Send
     where
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
         F: Fn(K) -> Object + Send + 'static,
     {
         let mut buffer: Vec<Object> = Vec::new();
         watcher::watcher(api, cfg).default_backoff().filter_map(move |ev| {
+            let edit = |applied, deleted| Change::Edit { applied, deleted, warnings: Vec::new() };
             let out = match ev {
                 Ok(Event::Init) => {
                     buffer.clear();
@@ -73,10 +86,10 @@ pub fn changes(client: Client, node_name: &str) -> impl futures::Stream<Item = C
                     buffer.push(wrap(o));
                     None
                 }
-                Ok(Event::InitDone) => Some(Change::Reset(kind, std::mem::take(&mut buffer))),
-                Ok(Event::Apply(o)) => Some(Change::Apply(wrap(o))),
-                Ok(Event::Delete(o)) => Some(Change::Delete(kind, key(o.meta()))),
-                Err(e) => Some(Change::Error(kind, e.to_string())),
+                Ok(Event::InitDone) => Some(Ok(Change::Kind(kind, std::mem::take(&mut buffer)))),
+                Ok(Event::Apply(o)) => Some(Ok(edit(vec![wrap(o)], Vec::new()))),
+                Ok(Event::Delete(o)) => Some(Ok(edit(Vec::new(), vec![(kind, wrap(o).key())]))),
+                Err(e) => Some(Err(WatchError { kind, message: e.to_string() })),
             };
             futures::future::ready(out)
         })
@@ -98,28 +111,4 @@ pub fn changes(client: Client, node_name: &str) -> impl futures::Stream<Item = C
         |n| Object::Node(Box::new(n)),
     );
     futures::stream::select_all([services.boxed(), slices.boxed(), nodes.boxed()])
-}
-
-/// Feeds one change to the controller. Errors are logged at most once per
-/// kind every `quiet` (a dead API server must not flood the log).
-pub fn handle(c: &mut Controller, change: Change, last_error: &mut Option<std::time::Instant>, quiet: Duration) {
-    match change {
-        Change::Reset(kind, objects) => {
-            info!(?kind, objects = objects.len(), "resynced from the API server");
-            c.reset_kind(kind, objects);
-            *last_error = None;
-        }
-        Change::Apply(o) => {
-            c.apply(o);
-        }
-        Change::Delete(kind, k) => {
-            c.delete(kind, &k);
-        }
-        Change::Error(kind, e) => {
-            if last_error.is_none_or(|t| t.elapsed() >= quiet) {
-                warn!(?kind, error = %e, "watch failed; keeping the last table and retrying");
-                *last_error = Some(std::time::Instant::now());
-            }
-        }
-    }
 }

@@ -1,9 +1,12 @@
 //! xskgate's control plane: Kubernetes objects to the service table.
 //!
-//! - [`manifest`]: the manifest directory source (YAML/JSON, `kind: List`)
-//!   and its watcher.
-//! - [`controller`]: the control loop's state machine (reset, apply, delete).
-//! - [`kube_source`]: the Kubernetes API through kube-rs watchers.
+//! - [`object`]: the objects xskgate reads and a source's [`object::Change`].
+//! - [`source`]: where changes come from, one interface for both sources:
+//!   - [`manifest`]: the manifest directory (YAML/JSON, `kind: List`) and
+//!     its watcher;
+//!   - [`kube_source`]: the Kubernetes API through kube-rs watchers.
+//! - [`controller`]: the one control loop (`run` and `watch`) and its state
+//!   machine.
 //! - [`translate`]: one Service → its ports, as kube-proxy's
 //!   `CategorizeEndpoints` computes them (pure).
 //! - [`state`]: the known objects, the whole-table translation and the
@@ -27,8 +30,10 @@ pub mod manifest;
 pub mod metrics;
 pub mod netlink;
 pub mod node;
+pub mod object;
 pub mod publish;
 pub mod run;
+pub mod source;
 pub mod state;
 pub mod table_cmd;
 pub mod translate;

@@ -56,6 +56,10 @@ enum Cmd {
     Watch {
         #[command(flatten)]
         source: Source,
+        /// Also serve `/metrics` (the control plane's figures; the data path's
+        /// counters stay zero) on this address.
+        #[arg(long)]
+        metrics_bind_address: Option<std::net::SocketAddr>,
     },
     /// Run the gateway: the XDP steering program and AF_XDP workers on
     /// `--interfaces`, the health and metrics servers, and the control loop.
@@ -118,12 +122,23 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     })
 }
 
-fn parse_ports(s: &str) -> Result<(u16, u16), String> {
-    let (lo, hi) = s.split_once('-').ok_or_else(|| format!("--snat-ports {s:?}: expected LO-HI"))?;
-    let lo: u16 = lo.trim().parse().map_err(|e| format!("--snat-ports {s:?}: {e}"))?;
-    let hi: u16 = hi.trim().parse().map_err(|e| format!("--snat-ports {s:?}: {e}"))?;
+/// A `--snat-ports` value that is not a range.
+#[derive(Debug, thiserror::Error)]
+enum PortsError {
+    #[error("--snat-ports {0:?}: expected LO-HI")]
+    NotARange(String),
+    #[error("--snat-ports {text:?}: {source}")]
+    NotAPort { text: String, source: std::num::ParseIntError },
+    #[error("--snat-ports {0:?}: need 1 <= LO <= HI")]
+    Empty(String),
+}
+
+fn parse_ports(s: &str) -> Result<(u16, u16), PortsError> {
+    let (lo, hi) = s.split_once('-').ok_or_else(|| PortsError::NotARange(s.to_string()))?;
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|source| PortsError::NotAPort { text: s.to_string(), source });
+    let (lo, hi) = (port(lo)?, port(hi)?);
     if lo == 0 || lo > hi {
-        return Err(format!("--snat-ports {s:?}: need 1 <= LO <= HI"));
+        return Err(PortsError::Empty(s.to_string()));
     }
     Ok((lo, hi))
 }
@@ -142,7 +157,7 @@ fn main() -> ExitCode {
         Cmd::Table { manifests, node_name, zone, cluster_cidr, json } => {
             table(&manifests, node_name.as_deref(), zone.as_deref(), &cluster_cidr, json)
         }
-        Cmd::Watch { source: Source { manifests, kubeconfig, node_name, zone, poll_ms } } => {
+        Cmd::Watch { source: Source { manifests, kubeconfig, node_name, zone, poll_ms }, metrics_bind_address } => {
             let Some(name) = node::node_name(node_name.as_deref()) else {
                 eprintln!("xskgate: no node name: pass --node-name or set NODE_NAME");
                 return ExitCode::from(2);
@@ -151,7 +166,8 @@ fn main() -> ExitCode {
                 Ok(r) => r,
                 Err(code) => return code,
             };
-            runtime.block_on(watch(manifests, kubeconfig, name, zone, std::time::Duration::from_millis(poll_ms)))
+            let poll = std::time::Duration::from_millis(poll_ms);
+            runtime.block_on(watch(manifests, kubeconfig, name, zone, poll, metrics_bind_address))
         }
         Cmd::Run {
             source: Source { manifests, kubeconfig, node_name, zone, poll_ms },
@@ -221,50 +237,52 @@ async fn watch(
     name: String,
     zone: Option<String>,
     poll: std::time::Duration,
+    metrics_bind: Option<std::net::SocketAddr>,
 ) -> ExitCode {
-    use xskgate_control::{controller::Controller, kube_source, manifest::DirWatcher, publish::Publisher};
+    use std::sync::Arc;
+    use xskgate_control::controller::{ControlLoop, Controller};
+    use xskgate_control::health::ProxyHealth;
+    use xskgate_control::metrics::{self, ControlMetrics, Sources};
+    use xskgate_control::{publish::Publisher, source};
     use xskgate_fastpath::{NodeConfig, ServiceTable, ServiceTableHandle};
-    let handle = std::sync::Arc::new(ServiceTableHandle::new(ServiceTable::default()));
-    let mut c = Controller::new(Publisher::new(handle, None, NodeConfig::default()), name.clone(), zone);
-    tracing::info!(node = %name, source = ?manifests.as_ref().or(kubeconfig.as_ref()), "watching; Ctrl-C to stop");
-    if let Some(dir) = manifests {
-        let mut w = DirWatcher::new(&dir);
-        let mut failed = false;
-        loop {
-            match w.poll() {
-                Ok(Some(loaded)) => {
-                    c.reset(loaded);
-                    failed = false;
+    let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
+    let control_metrics = Arc::new(ControlMetrics::default());
+    let _metrics = match metrics_bind {
+        Some(bind) => {
+            let sources = Sources { control: control_metrics.clone(), services: handle.clone(), data_path: None };
+            match metrics::serve(bind, sources).await {
+                Ok((addr, task)) => {
+                    tracing::info!(metrics = %addr, "serving /metrics");
+                    Some(task)
                 }
-                Ok(None) => {}
-                Err(e) if !failed => {
-                    warn!("cannot read {}: {e}; keeping the last table", dir.display());
-                    failed = true;
+                Err(e) => {
+                    eprintln!("xskgate: cannot listen on --metrics-bind-address {bind}: {e}");
+                    return ExitCode::FAILURE;
                 }
-                Err(_) => {}
-            }
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
-                _ = tokio::time::sleep(poll) => {}
             }
         }
-    }
-    let client = match kube_source::client(kubeconfig.as_deref()).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("xskgate: {e}");
-            return ExitCode::FAILURE;
-        }
+        None => None,
     };
-    let stream = kube_source::changes(client, &name);
-    futures::pin_mut!(stream);
-    let mut last_error = None;
+    let source = match &manifests {
+        Some(dir) => source::Source::manifests(dir, poll),
+        None => match source::Source::kubernetes(kubeconfig.as_deref(), &name).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("xskgate: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let controller = Controller::new(Publisher::new(handle, None, NodeConfig::default()), name.clone(), zone);
+    let health = Arc::new(ProxyHealth::new(std::time::Duration::from_secs(60)));
+    let mut control = ControlLoop::new(source, controller, control_metrics, health);
+    tracing::info!(node = %name, source = control.source_name(), "watching; Ctrl-C to stop");
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
-            change = futures::StreamExt::next(&mut stream) => match change {
-                Some(change) => kube_source::handle(&mut c, change, &mut last_error, std::time::Duration::from_secs(30)),
-                None => return ExitCode::FAILURE,
+            out = control.step() => if out.is_none() {
+                eprintln!("xskgate: the {} source ended", control.source_name());
+                return ExitCode::FAILURE;
             },
         }
     }

@@ -8,56 +8,11 @@
 //! is skipped with a warning that names the file and the object, and
 //! everything else is kept.
 
-use crate::state::{Key, Kind};
+use crate::object::{Change, Key, Kind, Loaded, Object};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
-
-/// An object xskgate reads.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Object {
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    Node(Box<Node>),
-}
-
-impl Object {
-    pub fn kind(&self) -> Kind {
-        match self {
-            Object::Service(_) => Kind::Service,
-            Object::EndpointSlice(_) => Kind::EndpointSlice,
-            Object::Node(_) => Kind::Node,
-        }
-    }
-
-    /// Its key as the cluster state files it (a Node's is `("", name)`).
-    pub fn key(&self) -> Key {
-        match self {
-            Object::Service(o) => crate::state::key(&o.metadata),
-            Object::EndpointSlice(o) => crate::state::key(&o.metadata),
-            Object::Node(o) => (String::new(), o.metadata.name.clone().unwrap_or_default()),
-        }
-    }
-}
-
-/// What changed in a watched directory.
-#[derive(Debug)]
-pub enum Update {
-    /// Everything (the first poll, or a change that cannot be told object
-    /// by object, such as an object defined in two files).
-    Full(Loaded),
-    /// Objects added or changed, and objects gone, with the warnings of the
-    /// files read again.
-    Changes { applied: Vec<Object>, deleted: Vec<(Kind, Key)>, warnings: Vec<String> },
-}
-
-/// Objects read from one source, and what was skipped.
-#[derive(Debug, Default)]
-pub struct Loaded {
-    pub objects: Vec<Object>,
-    pub warnings: Vec<String>,
-}
 
 fn describe(v: &serde_json::Value) -> String {
     let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("object");
@@ -287,16 +242,16 @@ impl DirWatcher {
     ///
     /// # Errors
     /// The directory cannot be read (the caller keeps what it has).
-    pub fn poll_changes(&mut self) -> std::io::Result<Option<Update>> {
+    pub fn poll_changes(&mut self) -> std::io::Result<Option<Change>> {
         if !self.primed {
-            return Ok(self.poll()?.map(Update::Full));
+            return Ok(self.poll()?.map(Change::All));
         }
         let before: std::collections::BTreeMap<(Kind, Key), Object> =
             self.files.values().flat_map(|(_, _, o)| o.iter()).map(|o| ((o.kind(), o.key()), o.clone())).collect();
         let defined_before: usize = self.files.values().map(|(_, _, o)| o.len()).sum();
         let Some(loaded) = self.poll()? else { return Ok(None) };
         if before.len() != defined_before || self.defined_twice() {
-            return Ok(Some(Update::Full(loaded)));
+            return Ok(Some(Change::All(loaded)));
         }
         let mut after = std::collections::BTreeMap::new();
         for o in loaded.objects {
@@ -304,7 +259,7 @@ impl DirWatcher {
         }
         let deleted = before.keys().filter(|k| !after.contains_key(k)).cloned().collect();
         let applied = after.into_iter().filter(|(k, o)| before.get(k) != Some(o)).map(|(_, o)| o).collect();
-        Ok(Some(Update::Changes { applied, deleted, warnings: loaded.warnings }))
+        Ok(Some(Change::Edit { applied, deleted, warnings: loaded.warnings }))
     }
 
     /// True if some object is defined in more than one place.

@@ -12,7 +12,7 @@ use hdrhistogram::Histogram;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use xskgate_conntrack::FlowTable;
 use xskgate_fastpath::io::steer::SteerStats;
 use xskgate_fastpath::io::xsk::{IoCounters, WorkerSnapshot};
@@ -71,15 +71,60 @@ pub struct ControlMetrics {
     pub endpoint_changes: AtomicU64,
     pub last_sync_unix_seconds: AtomicU64,
     pub steering_errors: AtomicU64,
+    /// When the change being applied was received (network programming
+    /// latency counts from here).
+    received: Mutex<Option<Instant>>,
+}
+
+impl ControlMetrics {
+    /// A change was received at `at`.
+    pub fn set_received(&self, at: Instant) {
+        *self.received.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(at);
+    }
+
+    /// Time since the change being applied was received (zero before any).
+    pub fn since_received(&self) -> Duration {
+        self.received.lock().unwrap_or_else(std::sync::PoisonError::into_inner).map(|t| t.elapsed()).unwrap_or_default()
+    }
 }
 
 /// Everything `/metrics` reads.
 pub struct Sources {
     pub control: Arc<ControlMetrics>,
+    pub services: Arc<xskgate_fastpath::ServiceTableHandle>,
+    /// `None` without a data path (`xskgate watch`): the pipeline's and the
+    /// I/O layer's counters are then all zero.
+    pub data_path: Option<DataPathSources>,
+}
+
+/// What `/metrics` reads of a running data path.
+pub struct DataPathSources {
     pub workers: Vec<Arc<Mutex<WorkerSnapshot>>>,
     pub conntrack: Arc<FlowTable>,
-    pub services: Arc<xskgate_fastpath::ServiceTableHandle>,
     pub steer: Arc<dyn Fn() -> SteerStats + Send + Sync>,
+}
+
+/// Serves `/metrics` (`render` of `sources`) on `bind` until the task is
+/// aborted; any other path answers 503. Returns the bound address.
+///
+/// # Errors
+/// The address cannot be bound.
+pub async fn serve(
+    bind: std::net::SocketAddr,
+    sources: Sources,
+) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(bind).await?;
+    let addr = listener.local_addr()?;
+    let sources = Arc::new(sources);
+    let task = crate::health::spawn_server_as(
+        listener,
+        "text/plain; version=0.0.4; charset=utf-8",
+        Arc::new(move |path: &str| match path.split('?').next() {
+            Some("/metrics") => (200, render(&sources)),
+            _ => (503, String::new()),
+        }),
+    );
+    Ok((addr, task))
 }
 
 fn counter(out: &mut String, name: &str, help: &str, v: u64) {
@@ -104,7 +149,7 @@ fn escape(s: &str) -> std::borrow::Cow<'_, str> {
 pub fn render(s: &Sources) -> String {
     let mut pipeline = Counters::default();
     let mut io = IoCounters::default();
-    for w in &s.workers {
+    for w in s.data_path.iter().flat_map(|d| &d.workers) {
         let w = w.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         pipeline.add(&w.pipeline);
         io.add(&w.io);
@@ -181,9 +226,10 @@ pub fn render(s: &Sources) -> String {
     let _ = writeln!(out, "# TYPE xskgate_worker_polls_total counter");
     let _ = writeln!(out, "xskgate_worker_polls_total{{state=\"busy\"}} {}", io.busy_polls);
     let _ = writeln!(out, "xskgate_worker_polls_total{{state=\"idle\"}} {}", io.idle_polls);
-    gauge(&mut out, "xskgate_conntrack_entries", "Flow directions in the conntrack table.", s.conntrack.len() as u64);
-    gauge(&mut out, "xskgate_conntrack_capacity", "Capacity of the conntrack table.", s.conntrack.capacity() as u64);
-    let st = (s.steer)();
+    let (entries, capacity) = s.data_path.as_ref().map_or((0, 0), |d| (d.conntrack.len(), d.conntrack.capacity()));
+    gauge(&mut out, "xskgate_conntrack_entries", "Flow directions in the conntrack table.", entries as u64);
+    gauge(&mut out, "xskgate_conntrack_capacity", "Capacity of the conntrack table.", capacity as u64);
+    let st = s.data_path.as_ref().map(|d| (d.steer)()).unwrap_or_default();
     let _ = writeln!(out, "# HELP xskgate_xdp_frames_total Frames seen by the XDP steering program, by decision.");
     let _ = writeln!(out, "# TYPE xskgate_xdp_frames_total counter");
     let _ = writeln!(out, "xskgate_xdp_frames_total{{decision=\"steered\"}} {}", st.steered);
@@ -230,10 +276,12 @@ mod tests {
         snap.pipeline.snat_port_retries = 5;
         let s = Sources {
             control,
-            workers: vec![Arc::new(Mutex::new(snap))],
-            conntrack,
             services: Arc::new(xskgate_fastpath::ServiceTableHandle::new(ServiceTable::default())),
-            steer: Arc::new(SteerStats::default),
+            data_path: Some(DataPathSources {
+                workers: vec![Arc::new(Mutex::new(snap))],
+                conntrack,
+                steer: Arc::new(SteerStats::default),
+            }),
         };
         let text = render(&s);
         assert!(text.contains("xskgate_drops_total{reason=\"no_local_endpoints\"} 7"), "{text}");

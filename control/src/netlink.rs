@@ -54,7 +54,7 @@ const EVENT_GROUPS: u32 = group(1) | group(3) | group(5) | group(7) | group(9) |
 /// Subscribes to link, address, route and neighbour notifications. The
 /// first dump should be taken after this returns, so no change falls
 /// between the dump and the subscription.
-pub fn events() -> Result<tokio::sync::mpsc::UnboundedReceiver<FibEvent>, String> {
+pub fn events() -> Result<tokio::sync::mpsc::UnboundedReceiver<FibEvent>, NetlinkError> {
     use netlink_sys::AsyncSocket;
     use rtnetlink::packet_core::NetlinkPayload;
     use rtnetlink::packet_route::RouteNetlinkMessage;
@@ -127,19 +127,27 @@ pub struct Mirror {
     handle: Handle,
 }
 
-fn err(what: &str, e: impl std::fmt::Display) -> String {
-    format!("rtnetlink {what}: {e}")
+/// An rtnetlink request that failed, and what it was.
+#[derive(Debug, thiserror::Error)]
+#[error("rtnetlink {what}: {source}")]
+pub struct NetlinkError {
+    pub what: String,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+fn err(what: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> NetlinkError {
+    NetlinkError { what: what.to_string(), source: e.into() }
 }
 
 impl Mirror {
     /// Opens the connection (its driver runs on the current tokio runtime).
-    pub fn new() -> Result<Mirror, String> {
+    pub fn new() -> Result<Mirror, NetlinkError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| err("socket", e))?;
         tokio::spawn(conn);
         Ok(Mirror { handle })
     }
 
-    pub async fn links(&self) -> Result<Vec<Link>, String> {
+    pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
         let mut out = Vec::new();
         let mut s = self.handle.link().get().execute();
         while let Some(m) = s.try_next().await.map_err(|e| err("link dump", e))? {
@@ -157,7 +165,7 @@ impl Mirror {
         Ok(out)
     }
 
-    pub async fn addresses(&self) -> Result<Vec<InterfaceAddress>, String> {
+    pub async fn addresses(&self) -> Result<Vec<InterfaceAddress>, NetlinkError> {
         let mut out = Vec::new();
         let mut s = self.handle.address().get().execute();
         while let Some(m) = s.try_next().await.map_err(|e| err("address dump", e))? {
@@ -180,7 +188,7 @@ impl Mirror {
         Ok(out)
     }
 
-    pub async fn routes(&self) -> Result<Vec<Route>, String> {
+    pub async fn routes(&self) -> Result<Vec<Route>, NetlinkError> {
         let mut out = Vec::new();
         for msg in [RouteMessageBuilder::<Ipv4Addr>::new().build(), RouteMessageBuilder::<Ipv6Addr>::new().build()] {
             let mut s = self.handle.route().get(msg).execute();
@@ -214,7 +222,7 @@ impl Mirror {
     }
 
     /// Neighbours with a usable MAC address.
-    pub async fn neighbours(&self) -> Result<Vec<(u32, Addr, [u8; 6])>, String> {
+    pub async fn neighbours(&self) -> Result<Vec<(u32, Addr, [u8; 6])>, NetlinkError> {
         let mut out = Vec::new();
         let mut s = self.handle.neighbours().get().execute();
         while let Some(m) = s.try_next().await.map_err(|e| err("neighbour dump", e))? {
@@ -224,7 +232,7 @@ impl Mirror {
     }
 
     /// The whole snapshot.
-    pub async fn fib(&self) -> Result<(Fib, Vec<InterfaceAddress>), String> {
+    pub async fn fib(&self) -> Result<(Fib, Vec<InterfaceAddress>), NetlinkError> {
         let links = self.links().await?;
         let addresses = self.addresses().await?;
         let routes = self.routes().await?;
@@ -235,7 +243,7 @@ impl Mirror {
 
     /// Asks the kernel to resolve `addr` on `ifindex` and keep it resolved
     /// (a `managed` neighbour entry).
-    pub async fn resolve(&self, ifindex: u32, addr: Addr) -> Result<(), String> {
+    pub async fn resolve(&self, ifindex: u32, addr: Addr) -> Result<(), NetlinkError> {
         let mut req = self
             .handle
             .neighbours()

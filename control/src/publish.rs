@@ -13,7 +13,8 @@
 //! endpoint (address, port) keep their id for the life of the process, so
 //! conntrack entries and per-service counters stay meaningful across tables.
 
-use crate::state::{ClusterState, Key};
+use crate::object::Key;
+use crate::state::ClusterState;
 use crate::translate::{EndpointInfo, FrontendEntry, NodeIdentity, PortEntry};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;

@@ -18,25 +18,24 @@
 //! hop a worker could not resolve is looked up and requested at once.
 //! SIGINT or SIGTERM stops the workers, detaches the program and exits 0.
 
-use crate::controller::Controller;
-use crate::health::{ProxyHealth, ServiceHealth, spawn_proxy_health, spawn_server_as, wanted};
-use crate::kube_source::{self, Change};
-use crate::manifest::{DirWatcher, Object, Update};
-use crate::metrics::{self, ControlMetrics, Sources};
-use crate::netlink::{InterfaceAddress, Mirror};
-use crate::publish::{Outcome, Publisher};
-use crate::state::Kind;
+use crate::controller::{ControlLoop, Controller};
+use crate::health::{ProxyHealth, ServiceHealth, spawn_proxy_health, wanted};
+use crate::kube_source::ClientError;
+use crate::metrics::{self, ControlMetrics, DataPathSources, Sources};
+use crate::netlink::{InterfaceAddress, Mirror, NetlinkError};
+use crate::publish::Publisher;
+use crate::source::Source;
 use arc_swap::ArcSwap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 use xskgate_conntrack::{Addr, FlowTable};
 use xskgate_fastpath::io::route::{Fib, NextHop};
-use xskgate_fastpath::io::steer::Steering;
-use xskgate_fastpath::io::xsk::{Port, Shared, Worker};
+use xskgate_fastpath::io::steer::{SteerError, Steering};
+use xskgate_fastpath::io::xsk::{IoError, Port, Shared, Worker};
 use xskgate_fastpath::{AffinityTable, Cidr, NodeConfig, ServiceTable, ServiceTableHandle};
 
 /// Everything `xskgate run` is told.
@@ -176,23 +175,48 @@ fn rx_queues(ifname: &str) -> u32 {
         .max(1)
 }
 
-fn pin_to(cpu: usize) -> Result<(), String> {
+fn pin_to(cpu: usize) -> std::io::Result<()> {
     // SAFETY: `set` is a zeroed cpu_set_t on the stack, passed with its size.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error().to_string());
+            return Err(std::io::Error::last_os_error());
         }
     }
     Ok(())
 }
 
-fn privilege_hint(e: &str) -> String {
+/// Why `xskgate run` could not start, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}{hint}", hint = privilege_hint(.0))]
+    Netlink(#[from] NetlinkError),
+    #[error("interface {name:?} does not exist here (interfaces: {})", have.join(", "))]
+    NoInterface { name: String, have: Vec<String> },
+    #[error("cannot allocate the conntrack table ({capacity} flows): {source}")]
+    Conntrack { capacity: usize, source: xskgate_conntrack::TableError },
+    #[error("{0}{hint}", hint = privilege_hint(.0))]
+    Steering(#[from] SteerError),
+    #[error("{0}{hint}", hint = privilege_hint(.0))]
+    Socket(#[from] IoError),
+    #[error("cannot start a worker thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot listen on --{flag} {addr}: {source}")]
+    Listen { flag: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("cannot install the SIGTERM handler: {0}")]
+    Signal(std::io::Error),
+    #[error(transparent)]
+    Kubernetes(#[from] ClientError),
+}
+
+/// What to add to a start-up error that looks like missing privileges.
+fn privilege_hint(e: &dyn std::fmt::Display) -> &'static str {
+    let e = e.to_string();
     if e.contains("Operation not permitted") || e.contains("EPERM") || e.contains("permission") {
-        format!("{e} (xskgate run needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW and CAP_SYS_ADMIN)")
+        " (xskgate run needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW and CAP_SYS_ADMIN)"
     } else {
-        e.to_string()
+        ""
     }
 }
 
@@ -226,20 +250,20 @@ impl DataPath {
 
 /// Runs the daemon until SIGINT/SIGTERM. Errors are start-up failures,
 /// worded for the operator.
-pub async fn run(cfg: RunConfig) -> Result<(), String> {
+pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let started = Instant::now();
     // Subscribe first, then dump: no change falls between the two.
-    let mut fib_events = crate::netlink::events().map_err(|e| privilege_hint(&e))?;
-    let mirror = Mirror::new().map_err(|e| privilege_hint(&e))?;
-    let (fib, addrs) = mirror.fib().await.map_err(|e| privilege_hint(&e))?;
+    let mut fib_events = crate::netlink::events()?;
+    let mirror = Mirror::new()?;
+    let (fib, addrs) = mirror.fib().await?;
     let mut ifindexes = Vec::new();
     for name in &cfg.interfaces {
         match fib.links().find(|l| &l.name == name) {
             Some(l) => ifindexes.push(l.ifindex),
             None => {
-                let mut have: Vec<&str> = fib.links().map(|l| l.name.as_str()).collect();
+                let mut have: Vec<String> = fib.links().map(|l| l.name.clone()).collect();
                 have.sort_unstable();
-                return Err(format!("interface {name:?} does not exist here (interfaces: {})", have.join(", ")));
+                return Err(RunError::NoInterface { name: name.clone(), have });
             }
         }
     }
@@ -257,22 +281,22 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
             capacity: cfg.conntrack_capacity,
             ..xskgate_conntrack::Config::default()
         })
-        .map_err(|e| format!("cannot allocate the conntrack table ({} flows): {e}", cfg.conntrack_capacity))?,
+        .map_err(|source| RunError::Conntrack { capacity: cfg.conntrack_capacity, source })?,
     );
     let affinity = Arc::new(AffinityTable::new(1 << 16));
     let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
     let fib_handle = Arc::new(ArcSwap::from_pointee(fib));
 
-    let mut steering = Steering::load().map_err(|e| privilege_hint(&e.to_string()))?;
+    let mut steering = Steering::load()?;
     for (slot, (name, ifindex)) in cfg.interfaces.iter().zip(&ifindexes).enumerate() {
-        steering.attach(name, *ifindex, slot as u32).map_err(|e| privilege_hint(&e.to_string()))?;
+        steering.attach(name, *ifindex, slot as u32)?;
     }
     let queues = cfg.interfaces.iter().map(|i| rx_queues(i)).max().unwrap_or(1);
     let mut per_queue: Vec<Vec<Port>> = (0..queues).map(|_| Vec::new()).collect();
     for (slot, (name, ifindex)) in cfg.interfaces.iter().zip(&ifindexes).enumerate() {
         for q in 0..rx_queues(name) {
-            let port = Port::open(name, *ifindex, q).map_err(|e| privilege_hint(&e.to_string()))?;
-            steering.add_socket(slot as u32, q, &port.fd()).map_err(|e| e.to_string())?;
+            let port = Port::open(name, *ifindex, q)?;
+            steering.add_socket(slot as u32, q, &port.fd())?;
             per_queue[q as usize].push(port);
         }
     }
@@ -310,7 +334,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
                 }
                 worker.run();
             })
-            .map_err(|e| format!("cannot start a worker thread: {e}"))?;
+            .map_err(RunError::Thread)?;
         workers.push(t);
     }
     let local: Vec<Addr> = addrs.iter().map(|a| Addr::from(a.addr)).collect();
@@ -320,39 +344,45 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
     let proxy_health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
     let (healthz_addr, _healthz) = spawn_proxy_health(cfg.healthz_bind, proxy_health.clone())
         .await
-        .map_err(|e| format!("cannot listen on --healthz-bind-address {}: {e}", cfg.healthz_bind))?;
-    let sources = Arc::new(Sources {
+        .map_err(|source| RunError::Listen { flag: "healthz-bind-address", addr: cfg.healthz_bind, source })?;
+    let sources = Sources {
         control: control_metrics.clone(),
-        workers: snapshots,
-        conntrack: conntrack.clone(),
         services: handle.clone(),
-        steer: {
-            let s = steering.clone();
-            Arc::new(move || s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).stats())
-        },
-    });
-    let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_bind)
-        .await
-        .map_err(|e| format!("cannot listen on --metrics-bind-address {}: {e}", cfg.metrics_bind))?;
-    let metrics_addr = metrics_listener.local_addr().map_err(|e| e.to_string())?;
-    let _metrics = spawn_server_as(
-        metrics_listener,
-        "text/plain; version=0.0.4; charset=utf-8",
-        Arc::new(move |path: &str| match path.split('?').next() {
-            Some("/metrics") => (200, metrics::render(&sources)),
-            _ => (503, String::new()),
+        data_path: Some(DataPathSources {
+            workers: snapshots,
+            conntrack: conntrack.clone(),
+            steer: {
+                let s = steering.clone();
+                Arc::new(move || s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).stats())
+            },
         }),
-    );
+    };
+    let (metrics_addr, _metrics) = metrics::serve(cfg.metrics_bind, sources)
+        .await
+        .map_err(|source| RunError::Listen { flag: "metrics-bind-address", addr: cfg.metrics_bind, source })?;
     let mut service_health = ServiceHealth::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), proxy_health.clone());
 
-    let publisher = Publisher::new(handle.clone(), Some(conntrack.clone()), node.clone());
-    let mut controller = Controller::new(publisher, cfg.node_name.clone(), cfg.zone.clone());
-    let mode = if cfg.manifests.is_some() { "manifests" } else { "kubernetes" };
+    let mut publisher = Publisher::new(handle.clone(), Some(conntrack.clone()), node.clone());
+    // The steering maps follow each publication at once (before the UDP
+    // flush); network programming ends there: the change is live.
+    {
+        let (steering, local, m) = (dp.steering.clone(), dp.local.clone(), control_metrics.clone());
+        publisher.on_publish(Box::new(move |table| {
+            program_steering(&steering, &local, table, &m);
+            m.network_programming.record(m.since_received());
+        }));
+    }
+    let source = match &cfg.manifests {
+        Some(dir) => Source::manifests(dir, cfg.poll),
+        None => Source::kubernetes(cfg.kubeconfig.as_deref(), &cfg.node_name).await?,
+    };
+    let controller = Controller::new(publisher, cfg.node_name.clone(), cfg.zone.clone());
+    let mut control = ControlLoop::new(source, controller, control_metrics.clone(), proxy_health.clone());
     info!(
         node = %cfg.node_name,
         interfaces = %cfg.interfaces.join(","),
         queues,
-        mode,
+        source = control.source_name(),
         node_addresses = %node.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
         snat_v4 = %node.snat_v4.map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
         snat_v6 = %node.snat_v6.map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
@@ -364,34 +394,8 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
         "xskgate running"
     );
 
-    // The steering maps follow each publication at once (before the UDP
-    // flush); network programming ends there: the change is live.
-    let received_at = Arc::new(Mutex::new(Instant::now()));
-    {
-        let (steering, local, m, received_at) =
-            (dp.steering.clone(), dp.local.clone(), control_metrics.clone(), received_at.clone());
-        controller.publisher_mut().on_publish(Box::new(move |table| {
-            program_steering(&steering, &local, table, &m);
-            let received = *received_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            m.network_programming.record(received.elapsed());
-        }));
-    }
-    let after_publish = |c: &Controller, out: &Outcome, received: Instant| {
-        if out.published {
-            control_metrics.publication.record(out.build_time);
-            control_metrics.sync_duration.record(received.elapsed());
-            control_metrics.service_changes.fetch_add(out.services_translated as u64, Ordering::Relaxed);
-            control_metrics.last_sync_unix_seconds.store(
-                SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                Ordering::Relaxed,
-            );
-        }
-        proxy_health.updated();
-        wanted(c.publisher().entries())
-    };
-
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
+    let mut sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut fib_tick = tokio::time::interval(Duration::from_millis(50));
     let mut fib_dirty = false;
     let mut fib_tick_count = 0u64;
@@ -400,82 +404,13 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
     let epoch = shared.epoch;
     let mut services_summary_logged = false;
 
-    // The source: a directory poller or the API's watch streams.
-    let mut dir = cfg.manifests.as_deref().map(DirWatcher::new);
-    let mut dir_failed = false;
-    let mut stream = match &cfg.kubeconfig {
-        Some(path) => {
-            let client = kube_source::client(Some(path)).await?;
-            Some(Box::pin(kube_source::changes(client, &cfg.node_name)))
-        }
-        None => None,
-    };
-    let mut last_error = None;
-    let mut source_tick = tokio::time::interval(cfg.poll);
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
-            _ = source_tick.tick(), if dir.is_some() => {
-                let w = dir.as_mut().expect("guarded");
-                match w.poll_changes() {
-                    Ok(Some(update)) => {
-                        let received = Instant::now();
-                        *received_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = received;
-                        proxy_health.queued();
-                        let objects = match &update {
-                            Update::Full(l) => &l.objects,
-                            Update::Changes { applied, .. } => applied,
-                        };
-                        for o in objects {
-                            if let Object::Node(n) = o && n.metadata.name.as_deref() == Some(cfg.node_name.as_str()) {
-                                proxy_health.sync_node(n.as_ref());
-                            }
-                        }
-                        let out = match update {
-                            Update::Full(loaded) => controller.reset(loaded),
-                            Update::Changes { applied, deleted, warnings } => {
-                                let slices = applied.iter().filter(|o| o.kind() == Kind::EndpointSlice).count()
-                                    + deleted.iter().filter(|(k, _)| *k == Kind::EndpointSlice).count();
-                                control_metrics.endpoint_changes.fetch_add(slices as u64, Ordering::Relaxed);
-                                controller.apply_all(applied, deleted, warnings)
-                            }
-                        };
-                        let want = after_publish(&controller, &out, received);
-                        service_health.sync(&want).await;
-                        if out.published {
-                            resolve_endpoints(&mirror, &fib_handle, &handle.load(), &ifindexes).await;
-                        }
-                        dir_failed = false;
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        if !dir_failed {
-                            warn!("cannot read the manifest directory: {e}; keeping the last table");
-                        }
-                        dir_failed = true;
-                    }
-                }
-            }
-            change = async { futures::StreamExt::next(stream.as_mut().expect("guarded")).await }, if stream.is_some() => {
-                let Some(change) = change else { error!("the Kubernetes watch ended"); break; };
-                let received = Instant::now();
-                *received_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = received;
-                match &change {
-                    Change::Apply(Object::EndpointSlice(_)) | Change::Delete(Kind::EndpointSlice, _) => {
-                        control_metrics.endpoint_changes.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Change::Apply(Object::Node(n)) => proxy_health.sync_node(n),
-                    _ => {}
-                }
-                if !matches!(change, Change::Error(..)) {
-                    proxy_health.queued();
-                }
-                let before = controller.publisher().generation();
-                kube_source::handle(&mut controller, change, &mut last_error, Duration::from_secs(30));
-                let out = Outcome { published: controller.publisher().generation() != before, ..Outcome::default() };
-                let want = after_publish(&controller, &out, received);
-                service_health.sync(&want).await;
+            out = control.step() => {
+                let Some(out) = out else { error!("the {} source ended", control.source_name()); break; };
+                service_health.sync(&wanted(control.controller().publisher().entries())).await;
                 if out.published {
                     resolve_endpoints(&mirror, &fib_handle, &handle.load(), &ifindexes).await;
                 }
@@ -534,7 +469,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), String> {
                 let now = epoch.elapsed().as_secs() as u32;
                 let budget = (conntrack.capacity() / 30).max(4096);
                 conntrack.sweep(now, &mut sweep_cursor, budget);
-                if !services_summary_logged && controller.publisher().generation() > 0 {
+                if !services_summary_logged && control.controller().publisher().generation() > 0 {
                     services_summary_logged = true;
                     info!(service_ports = handle.load().ports().len(), "first table published");
                 }

@@ -1,20 +1,13 @@
 //! The objects currently known (from a manifest directory or the API), the
 //! whole-table translation, and the node-name diagnosis.
 
-use crate::manifest::Object;
+use crate::object::{Key, Kind, Object, key};
 use crate::translate::{NodeIdentity, PortEntry, SERVICE_NAME_LABEL, Skip, translate_service};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use xskgate_fastpath::TrafficPolicy;
-
-/// (namespace, name).
-pub type Key = (String, String);
-
-pub(crate) fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
-    (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
-}
 
 /// Services, EndpointSlices and Nodes by namespace and name, with an index
 /// of slices by the Service they belong to. Every change reports the
@@ -25,14 +18,6 @@ pub struct ClusterState {
     slices: BTreeMap<Key, EndpointSlice>,
     nodes: BTreeMap<String, Node>,
     slices_of: BTreeMap<Key, BTreeSet<Key>>,
-}
-
-/// The kinds of object xskgate watches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    Service,
-    EndpointSlice,
-    Node,
 }
 
 /// The translated table and what was skipped on the way.

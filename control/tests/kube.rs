@@ -11,15 +11,18 @@
 
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 use xskgate_conntrack::{Addr, Proto};
-use xskgate_control::controller::Controller;
-use xskgate_control::kube_source;
+use xskgate_control::controller::{ControlLoop, Controller};
+use xskgate_control::health::ProxyHealth;
+use xskgate_control::metrics::ControlMetrics;
 use xskgate_control::publish::Publisher;
+use xskgate_control::source::Source;
 use xskgate_fastpath::{NodeConfig, ServiceTable, ServiceTableHandle};
 
 const SERVICES: &str = "/api/v1/services";
@@ -323,16 +326,11 @@ async fn watchers_follow_changes_survive_outages_and_relist_after_410() {
 
     let client = kube::Client::try_from(kube::Config::new(api.url.parse().unwrap())).unwrap();
     let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
-    let mut controller =
-        Controller::new(Publisher::new(handle.clone(), None, NodeConfig::default()), "gw1".into(), None);
-    let stream = kube_source::changes(client, "gw1");
-    let task = tokio::spawn(async move {
-        futures::pin_mut!(stream);
-        let mut last_error = None;
-        while let Some(change) = futures::StreamExt::next(&mut stream).await {
-            kube_source::handle(&mut controller, change, &mut last_error, Duration::from_secs(1));
-        }
-    });
+    let controller = Controller::new(Publisher::new(handle.clone(), None, NodeConfig::default()), "gw1".into(), None);
+    let metrics = Arc::new(ControlMetrics::default());
+    let health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
+    let mut control = ControlLoop::new(Source::from_client(client, "gw1"), controller, metrics.clone(), health);
+    let task = tokio::spawn(async move { while control.step().await.is_some() {} });
 
     // Initial list, then the watch.
     eventually("the initial list is published", || seen(&handle, [198, 18, 100, 30]) == Some((1, 2))).await;
@@ -356,6 +354,11 @@ async fn watchers_follow_changes_survive_outages_and_relist_after_410() {
     // A watch event: a second local endpoint.
     api.apply(slice("web", &[("198.19.1.200", "gw1"), ("198.19.1.201", "gw1"), ("198.19.2.200", "gw2")]));
     eventually("a watch event is published", || seen(&handle, [198, 18, 100, 30]) == Some((2, 3))).await;
+    // The loop recorded it as a sync: one EndpointSlice change, Services
+    // translated, a table built in a measurable time.
+    assert!(metrics.endpoint_changes.load(Ordering::Relaxed) >= 1);
+    assert!(metrics.service_changes.load(Ordering::Relaxed) >= 2, "the list and the event each translate web");
+    assert!(metrics.publication.count() >= 2 && metrics.publication.quantile(1.0) > 0.0);
 
     // The API server goes away: the last table stays in force.
     api.set_down(true);
@@ -383,9 +386,12 @@ async fn watchers_follow_changes_survive_outages_and_relist_after_410() {
 }
 
 /// `xskgate watch --kubeconfig` as an operator runs it: the real binary,
-/// a kubeconfig file, the stand-in API server.
+/// a kubeconfig file, the stand-in API server. After a change arrives
+/// through the watch, `/metrics` (read over HTTP) shows it as a sync: the
+/// table's build time is recorded and not zero, Services and an
+/// EndpointSlice were counted as changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn xskgate_watch_with_a_kubeconfig_publishes_and_follows() {
+async fn xskgate_watch_with_a_kubeconfig_publishes_follows_and_measures() {
     let api = ApiServer::start().await;
     api.apply(node("gw1", "zone-a"));
     api.apply(service("web", "198.19.128.30", "198.18.100.30", json!({})));
@@ -404,14 +410,17 @@ async fn xskgate_watch_with_a_kubeconfig_publishes_and_follows() {
     )
     .unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_xskgate"))
-        .args(["watch", "--node-name", "gw1", "--kubeconfig"])
+        .args(["watch", "--node-name", "gw1", "--metrics-bind-address", "127.0.0.1:0", "--kubeconfig"])
         .arg(&kubeconfig)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let mut published = 0;
+    let mut metrics_addr = None;
     let deadline = Instant::now() + Duration::from_secs(30);
     while published < 2 {
         let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
@@ -419,6 +428,10 @@ async fn xskgate_watch_with_a_kubeconfig_publishes_and_follows() {
             .expect("timed out")
             .unwrap()
             .expect("xskgate exited");
+        if line.contains("serving /metrics") {
+            let addr = line.split("metrics=").nth(1).and_then(|a| a.split_whitespace().next());
+            metrics_addr = Some(addr.expect("the log line names the address").to_string());
+        }
         if line.contains("published service table") {
             published += 1;
             if published == 1 {
@@ -427,6 +440,29 @@ async fn xskgate_watch_with_a_kubeconfig_publishes_and_follows() {
             }
         }
     }
+    let url = format!("http://{}/metrics", metrics_addr.expect("xskgate logged its /metrics address"));
+    let value = |text: &str, name: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '));
+        line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+    };
+    // The figures follow the log line by a moment: read until they show
+    // the second sync.
+    let text = loop {
+        let url = url.clone();
+        let text = tokio::task::spawn_blocking(move || ureq::get(&url).call()?.body_mut().read_to_string())
+            .await
+            .unwrap()
+            .expect("GET /metrics");
+        if value(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_total") >= 1.0 || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(value(&text, "xskgate_table_publication_seconds_count") >= 2.0, "{text}");
+    assert!(value(&text, "xskgate_table_publication_seconds_sum") > 0.0, "a build time of 0 is not a measurement");
+    assert!(value(&text, "kubeproxy_sync_proxy_rules_service_changes_total") >= 2.0, "{text}");
+    assert!(value(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_total") >= 1.0, "{text}");
+    assert!(value(&text, "kubeproxy_sync_proxy_rules_duration_seconds_count") >= 2.0, "{text}");
     child.kill().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -100,19 +100,16 @@ fn files_created_changed_broken_and_deleted_take_effect_live() {
 /// back to a full reload. The table ends the same as with full reloads.
 #[test]
 fn changes_are_reported_object_by_object() {
-    use xskgate_control::manifest::Update;
+    use xskgate_control::object::Change;
     let dir = TempDir::new();
     let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
     let mut c = Controller::new(Publisher::new(handle.clone(), None, NodeConfig::default()), "gw1".into(), None);
     let mut w = DirWatcher::new(&dir.0);
-    let apply = |c: &mut Controller, u: Update| match u {
-        Update::Full(l) => c.reset(l),
-        Update::Changes { applied, deleted, warnings } => c.apply_all(applied, deleted, warnings),
-    };
+    let apply = |c: &mut Controller, u: Change| c.handle(u);
     write(&dir.0, "a.yaml", &service("a", "198.19.128.1", &["198.19.1.1"]));
     write(&dir.0, "b.yaml", &service("b", "198.19.128.2", &["198.19.1.2"]));
     let first = w.poll_changes().unwrap().expect("the first poll loads everything");
-    assert!(matches!(first, Update::Full(_)));
+    assert!(matches!(first, Change::All(_)));
     apply(&mut c, first);
     assert_eq!(endpoints(&handle, [198, 19, 128, 1]), Some(1));
 
@@ -120,11 +117,11 @@ fn changes_are_reported_object_by_object() {
     write(&dir.0, "a.yaml", &service("a", "198.19.128.1", &["198.19.1.1", "198.19.1.11"]));
     let u = w.poll_changes().unwrap().expect("a change");
     match &u {
-        Update::Changes { applied, deleted, .. } => {
+        Change::Edit { applied, deleted, .. } => {
             assert_eq!(applied.len(), 1, "only the EndpointSlice changed: {applied:?}");
             assert!(deleted.is_empty());
         }
-        Update::Full(_) => panic!("an edit of one file is reported object by object"),
+        other => panic!("an edit of one file is reported object by object: {other:?}"),
     }
     let out = apply(&mut c, u);
     assert_eq!(out.services_translated, 1);
@@ -132,17 +129,17 @@ fn changes_are_reported_object_by_object() {
 
     std::fs::remove_file(dir.0.join("b.yaml")).unwrap();
     match w.poll_changes().unwrap().expect("a deletion") {
-        Update::Changes { applied, deleted, warnings } => {
+        Change::Edit { applied, deleted, warnings } => {
             assert!(applied.is_empty());
             assert_eq!(deleted.len(), 2, "the Service and its slice: {deleted:?}");
             c.apply_all(applied, deleted, warnings);
         }
-        Update::Full(_) => panic!("a deleted file is reported object by object"),
+        other => panic!("a deleted file is reported object by object: {other:?}"),
     }
     assert_eq!(endpoints(&handle, [198, 19, 128, 2]), None);
 
     // The same Service in two files: no object-by-object answer; full reload.
     write(&dir.0, "c.yaml", &service("a", "198.19.128.1", &["198.19.1.1"]));
-    assert!(matches!(w.poll_changes().unwrap(), Some(Update::Full(_))));
+    assert!(matches!(w.poll_changes().unwrap(), Some(Change::All(_))));
     assert_eq!(w.poll_changes().unwrap().map(|_| ()), None, "nothing changed since");
 }
