@@ -35,11 +35,11 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use xskgate_tests::{Topology, spawn_in_ns};
+use xskgate_tests::{Daemon, Topology, spawn_in_ns};
 
 const GEN: [u8; 4] = [198, 18, 0, 2];
 const VIP: [u8; 4] = [198, 18, 100, 10];
@@ -206,17 +206,6 @@ struct Load {
     max_packets: u64,
 }
 
-fn ipv4_checksum(h: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for c in h.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// A 64-byte (60 + FCS) Ethernet/IPv4/UDP frame; UDP checksum 0 (valid for
 /// IPv4 and kept zero by NAT); the payload carries a timestamp.
 fn write_frame(buf: &mut [u8], lab_macs: ([u8; 6], [u8; 6]), src: [u8; 4], sport: u16, l: &Load) -> usize {
@@ -233,7 +222,7 @@ fn write_frame(buf: &mut [u8], lab_macs: ([u8; 6], [u8; 6]), src: [u8; 4], sport
     h[9] = 17;
     h[12..16].copy_from_slice(&src);
     h[16..20].copy_from_slice(&l.dst);
-    let c = ipv4_checksum(h);
+    let c = xskgate_fastpath::checksum::finish(xskgate_fastpath::checksum::sum(h));
     h[10..12].copy_from_slice(&c.to_be_bytes());
     let u = &mut buf[34..42];
     u[0..2].copy_from_slice(&sport.to_be_bytes());
@@ -638,8 +627,13 @@ fn write_manifests(dir: &Path, svcs: &[SvcSpec], local: bool) -> Result<(), Stri
 /// A mode's gateway state; undone on drop.
 enum Gateway {
     Routing,
-    Kernel { flush: &'static str },
-    Xskgate(Child),
+    Kernel {
+        flush: &'static str,
+    },
+    /// Stopped when dropped.
+    Xskgate {
+        _daemon: Daemon,
+    },
     Reflector(Arc<AtomicBool>, Option<std::thread::JoinHandle<Result<u64, String>>>),
 }
 
@@ -680,30 +674,18 @@ impl Gateway {
                 let dir = lab.dir.join("manifests");
                 write_manifests(&dir, svcs, local)?;
                 let log = lab.dir.join("xskgate.log");
-                let err = std::fs::File::create(&log).map_err(|e| e.to_string())?;
                 let ifs = format!("{},{}", lab.t.if_name("g0"), lab.t.if_name("g1"));
-                let child = Command::new("ip")
-                    .args(["netns", "exec", &lab.t.ns_name("gw")])
-                    .arg(xskgate_binary()?)
-                    .args(["run", "--manifests", &dir.to_string_lossy(), "--node-name", "gw", "--interfaces", &ifs])
-                    .args(["--cluster-cidr", "198.19.0.0/16", "--cpus", "1", "--conntrack-max", "4194304"])
-                    .args(["--snat-ports", "1024-65535"])
-                    .stdout(Stdio::null())
-                    .stderr(err)
-                    .spawn()
-                    .map_err(|e| e.to_string())?;
-                let deadline = Instant::now() + Duration::from_secs(60);
-                loop {
-                    let text = std::fs::read_to_string(&log).unwrap_or_default();
-                    if text.contains("first table published") {
-                        break;
-                    }
-                    if Instant::now() > deadline || text.contains("xskgate:") {
-                        return Err(format!("xskgate did not start:\n{text}"));
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Ok(Gateway::Xskgate(child))
+                let manifests = dir.to_string_lossy();
+                let args = [
+                    ["--manifests", &manifests, "--node-name", "gw", "--interfaces", &ifs].as_slice(),
+                    &["--cluster-cidr", "198.19.0.0/16", "--cpus", "1", "--conntrack-max", "4194304"],
+                    &["--snat-ports", "1024-65535"],
+                ]
+                .concat();
+                let daemon =
+                    Daemon::start(&xskgate_binary()?, &lab.t.ns_name("gw"), &args, &log, Duration::from_secs(60))
+                        .map_err(|e| e.to_string())?;
+                Ok(Gateway::Xskgate { _daemon: daemon })
             }
             "reflector" => {
                 let stop = Arc::new(AtomicBool::new(false));
@@ -765,10 +747,7 @@ impl Drop for Gateway {
         match self {
             Gateway::Routing => {}
             Gateway::Kernel { .. } => {}
-            Gateway::Xskgate(child) => {
-                let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-                let _ = child.wait();
-            }
+            Gateway::Xskgate { .. } => {}
             Gateway::Reflector(stop, h) => {
                 stop.store(true, Ordering::Relaxed);
                 if let Some(h) = h.take() {

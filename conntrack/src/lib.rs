@@ -46,7 +46,7 @@ pub use key::{Addr, FlowKey, Proto};
 pub use state::{Dir, FlowState, TcpState, Timeouts, tcp_flags};
 pub use table::{
     Candidate, Config, FirstPacket, FlowInfo, FlowTable, FlowView, InsertError, Inserted, KeyHash, MAX_CAPACITY,
-    NewFlow, TableError, TableStats, prefetch_line,
+    NewFlow, TableError, TableStats, fold_checksum, prefetch_line,
 };
 
 /// Atomics and spin hints, swapped for loom's under `--cfg loom`.

@@ -477,12 +477,17 @@ fn address_delta(old: [u64; 2], new: [u64; 2]) -> (u64, u64) {
     }
 }
 
+/// Folds a 64-bit one's-complement accumulator to 16 bits (the Internet
+/// checksum's end-around carry; `xskgate_fastpath::checksum` uses it too).
 #[inline(always)]
-fn fold16(sum: u64) -> u64 {
+pub fn fold_checksum(sum: u64) -> u16 {
+    // Four end-around-carry steps, no loop: 2^32 and 2^16 are 1 modulo
+    // 0xffff, so each step keeps the value modulo 0xffff (and nonzero
+    // stays nonzero); the bounds are < 2^33, <= 0x2fffe, <= 0x10001, <= 0xffff.
     let s = (sum & 0xffff_ffff) + (sum >> 32);
     let s = (s & 0xffff) + (s >> 16);
     let s = (s & 0xffff) + (s >> 16);
-    (s & 0xffff) + (s >> 16)
+    ((s & 0xffff) + (s >> 16)) as u16
 }
 
 /// The folded deltas of one direction, packed as [`FlowView::checksum_deltas`]
@@ -490,9 +495,9 @@ fn fold16(sum: u64) -> u64 {
 /// the raw port delta (big-endian domain).
 #[inline(always)]
 fn pack_deltas(address_lanes: u64, ports: u64) -> u32 {
-    let folded = fold16(address_lanes) as u16;
+    let folded = fold_checksum(address_lanes);
     let addresses = if cfg!(target_endian = "little") { folded.swap_bytes() } else { folded };
-    let with_ports = fold16(u64::from(addresses) + ports);
+    let with_ports = fold_checksum(u64::from(addresses) + ports);
     u32::from(addresses) | (with_ports as u32) << 16
 }
 
@@ -574,18 +579,23 @@ impl Inserted {
 }
 
 /// Why an insert stored nothing. Each has a stable metric name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum InsertError {
     /// The table holds `capacity` flows (after early drop, if enabled).
+    #[error("conntrack_full")]
     Full,
     /// Another flow already owns the reply tuple: the SNAT allocator must
     /// pick another port.
+    #[error("conntrack_reply_taken")]
     ReplyTaken,
     /// Another worker kept a same-tag slot busy for [`SPIN_LIMIT`] spins.
+    #[error("conntrack_contended")]
     Contended,
     /// No free slot within [`MAX_PROBE`] of the key's home.
+    #[error("conntrack_probe_limit")]
     ProbeLimit,
     /// The reply tuple equals the original tuple, or their protocols differ.
+    #[error("conntrack_invalid_tuple")]
     InvalidTuple,
 }
 
@@ -600,14 +610,6 @@ impl InsertError {
         }
     }
 }
-
-impl std::fmt::Display for InsertError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::error::Error for InsertError {}
 
 /// A flow as diagnostics, flushes and tests see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -679,26 +681,17 @@ impl Candidate {
 }
 
 /// Why a table could not be created.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum TableError {
+    #[error("conntrack capacity must be at least 1 flow")]
     ZeroCapacity,
     /// Capacity beyond what 32-bit slot references can address.
+    #[error("conntrack capacity {0} is above the maximum of {MAX_CAPACITY} flows")]
     TooLarge(usize),
     /// The memory could not be mapped.
+    #[error("cannot allocate the conntrack table: {0}")]
     Memory(std::io::Error),
 }
-
-impl std::fmt::Display for TableError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            TableError::ZeroCapacity => write!(f, "conntrack capacity must be at least 1 flow"),
-            TableError::TooLarge(c) => write!(f, "conntrack capacity {c} is above the maximum of {MAX_CAPACITY} flows"),
-            TableError::Memory(e) => write!(f, "cannot allocate the conntrack table: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for TableError {}
 
 /// Largest capacity: slot numbers must fit in 32 bits.
 pub const MAX_CAPACITY: usize = (u32::MAX as usize / SLOTS_PER_FLOW_NUM) * SLOTS_PER_FLOW_DEN;

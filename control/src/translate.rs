@@ -144,12 +144,21 @@ fn port_u16(v: i32) -> Option<u16> {
     u16::try_from(v).ok().filter(|p| *p != 0)
 }
 
-fn proto_of(p: Option<&str>) -> Result<Proto, String> {
+/// A port's protocol that xskgate does not serve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("protocol SCTP is not supported by xskgate")]
+    Sctp,
+    #[error("unknown protocol {0:?}")]
+    Unknown(String),
+}
+
+fn proto_of(p: Option<&str>) -> Result<Proto, ProtocolError> {
     match p.unwrap_or("TCP") {
         "TCP" => Ok(Proto::TCP),
         "UDP" => Ok(Proto::UDP),
-        "SCTP" => Err("protocol SCTP is not supported by xskgate".into()),
-        other => Err(format!("unknown protocol {other:?}")),
+        "SCTP" => Err(ProtocolError::Sctp),
+        other => Err(ProtocolError::Unknown(other.to_string())),
     }
 }
 

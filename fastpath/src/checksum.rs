@@ -4,18 +4,9 @@
 //! RFC 1624 equation 3, `HC' = ~(~HC + ~m + m')`, which never produces the
 //! `-0` (0xffff → 0x0000) error of equation 2. Pure; never panics.
 
-/// Folds a 64-bit one's-complement accumulator to 16 bits.
-#[inline]
-pub fn fold(sum: u64) -> u16 {
-    // Four end-around-carry steps, no loop: 2^32 and 2^16 are 1 modulo
-    // 0xffff, so each step keeps the value modulo 0xffff (and nonzero
-    // stays nonzero); the bounds are < 2^33, <= 0x2fffe, <= 0x10001, <= 0xffff.
-    let s = (sum & 0xffff_ffff) + (sum >> 32);
-    let s = (s & 0xffff) + (s >> 16);
-    let s = (s & 0xffff) + (s >> 16);
-    let s = (s & 0xffff) + (s >> 16);
-    s as u16
-}
+/// Folds a 64-bit one's-complement accumulator to 16 bits (the conntrack
+/// table folds its precomputed NAT deltas with the same function).
+pub use xskgate_conntrack::fold_checksum as fold;
 
 /// One's-complement sum of `data` as big-endian words (odd byte padded).
 pub fn sum(data: &[u8]) -> u64 {

@@ -27,6 +27,16 @@ pub enum TrafficPolicy {
     Local,
 }
 
+impl TrafficPolicy {
+    /// The policy as the Service's spec spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrafficPolicy::Cluster => "Cluster",
+            TrafficPolicy::Local => "Local",
+        }
+    }
+}
+
 /// An address prefix, IPv4 or IPv6 (IPv4 held IPv4-mapped: prefix + 96).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Cidr {
@@ -37,10 +47,10 @@ pub struct Cidr {
 impl Cidr {
     /// # Errors
     /// A message when the prefix length is too long for the family.
-    pub fn new(ip: IpAddr, prefix_len: u8) -> Result<Cidr, String> {
+    pub fn new(ip: IpAddr, prefix_len: u8) -> Result<Cidr, CidrError> {
         let (max, shift) = if ip.is_ipv4() { (32, 96) } else { (128, 0) };
         if prefix_len > max {
-            return Err(format!("prefix length {prefix_len} is too long for {ip}"));
+            return Err(CidrError::PrefixTooLong { ip, prefix_len });
         }
         let bits = prefix_len + shift;
         let mut addr = Addr::from(ip);
@@ -72,16 +82,29 @@ impl Cidr {
     }
 }
 
+/// Why a CIDR is not one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("{text:?}: {source}")]
+    Address { text: String, source: std::net::AddrParseError },
+    #[error("{text:?}: bad prefix length: {source}")]
+    PrefixLength { text: String, source: std::num::ParseIntError },
+    #[error("prefix length {prefix_len} is too long for {ip}")]
+    PrefixTooLong { ip: IpAddr, prefix_len: u8 },
+}
+
 impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Cidr, String> {
+    type Err = CidrError;
+    fn from_str(s: &str) -> Result<Cidr, CidrError> {
         let (ip, len) = match s.split_once('/') {
             Some((ip, len)) => (ip, Some(len)),
             None => (s, None),
         };
-        let ip: IpAddr = ip.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
+        let ip: IpAddr = ip.trim().parse().map_err(|source| CidrError::Address { text: s.to_string(), source })?;
         let len = match len {
-            Some(l) => l.trim().parse::<u8>().map_err(|e| format!("{s:?}: bad prefix length: {e}"))?,
+            Some(l) => {
+                l.trim().parse::<u8>().map_err(|source| CidrError::PrefixLength { text: s.to_string(), source })?
+            }
             None if ip.is_ipv4() => 32,
             None => 128,
         };
@@ -274,37 +297,17 @@ impl Default for NodeConfig {
 }
 
 /// Why a service port was not added to a table.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BuildError {
     /// Another service port already owns this frontend.
-    FrontendConflict {
-        frontend: Frontend,
-        proto: Proto,
-        owner: ServicePortName,
-    },
+    #[error("{} {}:{}/{} is already served by {owner}", frontend.kind.name(), frontend.addr, frontend.port, proto.name())]
+    FrontendConflict { frontend: Frontend, proto: Proto, owner: ServicePortName },
+    #[error("protocol {} is not supported (TCP and UDP are)", .0.name())]
     UnsupportedProtocol(Proto),
     /// Two service ports with the same id (a control-plane bug).
+    #[error("service port id {0} is used twice")]
     DuplicateId(u32),
 }
-
-impl std::fmt::Display for BuildError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            BuildError::FrontendConflict { frontend, proto, owner } => write!(
-                f,
-                "{} {}:{}/{} is already served by {owner}",
-                frontend.kind.name(),
-                frontend.addr,
-                frontend.port,
-                proto.name()
-            ),
-            BuildError::UnsupportedProtocol(p) => write!(f, "protocol {} is not supported (TCP and UDP are)", p.name()),
-            BuildError::DuplicateId(id) => write!(f, "service port id {id} is used twice"),
-        }
-    }
-}
-
-impl std::error::Error for BuildError {}
 
 /// An immutable, published service table.
 #[derive(Debug, Default, Clone)]

@@ -145,16 +145,9 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Why the program could not be loaded or attached.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct SteerError(pub String);
-
-impl std::fmt::Display for SteerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for SteerError {}
 
 /// Counters of the program (summed over CPUs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

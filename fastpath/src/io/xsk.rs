@@ -53,16 +53,9 @@ const HELD_TIMEOUT: Duration = Duration::from_secs(1);
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
 /// Why a socket could not be opened.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct IoError(pub String);
-
-impl std::fmt::Display for IoError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for IoError {}
 
 macro_rules! io_counters {
     ($($field:ident => $doc:literal;)*) => {
