@@ -17,7 +17,6 @@
 //! `bytes_per_entry` is the growth of the resident set while N flows are
 //! inserted, divided by N: bytes per flow, both directions included.
 
-use crate::alloc_count::allocations;
 use crate::report::{Args, Rng, median, mops, progress, r3, rss_bytes};
 use serde_json::{Map, Value, json};
 use std::hint::black_box;
@@ -25,6 +24,7 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Instant;
 use xskgate_conntrack::{Candidate, Config, Dir, FlowKey, FlowState, FlowTable, Inserted, NewFlow, Proto};
+use xskgate_tests::alloc::allocations;
 
 type Words = [u64; 5];
 type Hasher = foldhash::fast::RandomState;

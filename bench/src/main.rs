@@ -11,7 +11,6 @@
 //! - `e2e`: the gateway on veths against kube-proxy's iptables and nftables
 //!   rules, plain routing and a bare AF_XDP reflector (needs root).
 
-mod alloc_count;
 mod chart;
 mod conntrack;
 mod control;
@@ -23,7 +22,7 @@ mod report;
 use clap::{Parser, Subcommand};
 
 #[global_allocator]
-static ALLOC: alloc_count::CountingAlloc = alloc_count::CountingAlloc;
+static ALLOC: xskgate_tests::alloc::CountingAlloc = xskgate_tests::alloc::CountingAlloc;
 
 #[derive(Parser)]
 #[command(name = "xskgate-bench", about = "xskgate benchmarks (ratios measured side by side in one run)")]

@@ -17,7 +17,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
-use xskgate_tests::reference::{Gw, LB_CLUSTER, LB_LOCAL, PodState, Reference, Tally, http_get, udp_flows};
+use xskgate_fastpath::TrafficPolicy;
+use xskgate_tests::reference::{
+    Gw, LB_CLUSTER, LB_LOCAL, PodState, Reference, ReferenceError, Tally, http_get, udp_flows,
+};
 
 /// UDP flows per (policy, gateway): 2 × 750 = 1,500 per policy, so each
 /// share is within about ±3 points of its expectation (3 standard deviations).
@@ -27,15 +30,37 @@ const FLOWS: usize = 750;
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
     pub case: String,
-    pub policy: &'static str,
+    #[serde(serialize_with = "policy_name")]
+    pub policy: TrafficPolicy,
     pub gateway: &'static str,
     pub reachable: bool,
-    /// "client", "gateway", or "none" when unreachable.
+    /// "client", "gateway", "none" when unreachable, or "mixed" when the
+    /// gateways of a "both" row disagree.
     pub source_seen: String,
     pub client_address: &'static str,
     pub gateway_address: &'static str,
     pub shares: BTreeMap<String, f64>,
     pub health_status: Option<u16>,
+}
+
+fn policy_name<S: serde::Serializer>(p: &TrafficPolicy, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(p.name())
+}
+
+/// The reference topology's Service of each policy: its LoadBalancer IP
+/// and UDP NodePort.
+fn lb_of(policy: TrafficPolicy) -> &'static str {
+    match policy {
+        TrafficPolicy::Local => LB_LOCAL,
+        TrafficPolicy::Cluster => LB_CLUSTER,
+    }
+}
+
+fn udp_node_port_of(policy: TrafficPolicy) -> u16 {
+    match policy {
+        TrafficPolicy::Local => 30053,
+        TrafficPolicy::Cluster => 30054,
+    }
 }
 
 #[derive(Serialize)]
@@ -70,11 +95,11 @@ fn ask_http(r: &Reference, lb: &str) -> Option<(String, String)> {
     Some((pod.to_string(), peer.ip().to_string()))
 }
 
-fn row(r: &Reference, case: &str, policy: &'static str, gw: Gw, tally: &Tally) -> Row {
+fn row(r: &Reference, case: &str, policy: TrafficPolicy, gw: Gw, tally: &Tally) -> Row {
     r.via(gw);
-    let lb = if policy == "Local" { LB_LOCAL } else { LB_CLUSTER };
-    let answer = ask_http(r, lb);
-    let health_status = (policy == "Local").then(|| r.health(gw).map(|(code, _)| code).unwrap_or(0));
+    let answer = ask_http(r, lb_of(policy));
+    // Only Local has a healthCheckNodePort.
+    let health_status = (policy == TrafficPolicy::Local).then(|| r.health(gw).map(|(code, _)| code).unwrap_or(0));
     Row {
         case: case.to_string(),
         policy,
@@ -88,40 +113,34 @@ fn row(r: &Reference, case: &str, policy: &'static str, gw: Gw, tally: &Tally) -
     }
 }
 
-fn flows(r: &Reference, policy: &str, gw: Gw, n: usize) -> Tally {
-    let port = if policy == "Local" { 30053 } else { 30054 };
-    let to: SocketAddr = format!("{}:{port}", gw.address()).parse().expect("literal address");
+fn flows(r: &Reference, policy: TrafficPolicy, gw: Gw, n: usize) -> Tally {
+    let to: SocketAddr = format!("{}:{}", gw.address(), udp_node_port_of(policy)).parse().expect("literal address");
     udp_flows(&r.topo.ns_name("client"), to, n, Duration::from_secs(1))
 }
 
-fn merge(a: &Tally, b: &Tally) -> Tally {
-    let mut t = a.clone();
-    for (pod, n) in &b.per_pod {
-        *t.per_pod.entry(pod.clone()).or_default() += n;
-    }
-    t.unanswered += b.unanswered;
-    t
-}
-
 /// Runs the lab; the rows, or why it could not run.
-pub fn run_lab(xskgate: &Path, json: bool) -> Result<Vec<Row>, String> {
+pub fn run_lab(xskgate: &Path, json: bool) -> Result<Vec<Row>, ReferenceError> {
     progress(json, "building the reference topology (client, gw1 with pod-a, gw2 with pods b and c)");
     let mut r = Reference::start(xskgate)?;
     progress(json, &format!("gateways running (prefix {}); replaying seeds 003 and 004", r.topo.prefix()));
     let mut rows = Vec::new();
-    for policy in ["Cluster", "Local"] {
+    for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
         let per_gw: Vec<(Gw, Tally)> = Gw::BOTH.iter().map(|&gw| (gw, flows(&r, policy, gw, FLOWS))).collect();
+        let mut both = Tally::default();
         for (gw, t) in &per_gw {
             rows.push(row(&r, "both gateways serving", policy, *gw, t));
+            both.merge(t);
         }
-        let both = merge(&per_gw[0].1, &per_gw[1].1);
-        let lb = if policy == "Local" { LB_LOCAL } else { LB_CLUSTER };
+        // What the pods saw through each gateway, if they agree.
+        let seen: std::collections::BTreeSet<&str> =
+            rows[rows.len() - per_gw.len()..].iter().map(|r| r.source_seen.as_str()).collect();
+        let source_seen = if seen.len() == 1 { seen.into_iter().collect() } else { "mixed".to_string() };
         rows.push(Row {
             case: "clients split evenly over gw1 and gw2 (seed 004)".into(),
-            policy: if policy == "Local" { "Local" } else { "Cluster" },
+            policy,
             gateway: "both",
-            reachable: both.answered() > 0 && ask_http(&r, lb).is_some(),
-            source_seen: if policy == "Local" { "client".into() } else { "gateway".into() },
+            reachable: both.answered() > 0 && ask_http(&r, lb_of(policy)).is_some(),
+            source_seen,
             client_address: "",
             gateway_address: "",
             shares: both.shares(),
@@ -134,7 +153,7 @@ pub fn run_lab(xskgate: &Path, json: bool) -> Result<Vec<Row>, String> {
     while r.health(Gw::Gw1).map(|(c, _)| c) != Ok(503) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    for policy in ["Cluster", "Local"] {
+    for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
         // 64 flows (one group) are enough to show that none is answered.
         let t = flows(&r, policy, Gw::Gw1, 64);
         rows.push(row(&r, "pod-a scaled away", policy, Gw::Gw1, &t));
@@ -166,7 +185,7 @@ pub fn to_text(rows: &[Row]) -> String {
         out.push_str(&format!(
             "{:<48} {:<8} {:<8} {:<10} {:<26} {:<22} {}\n",
             r.case,
-            r.policy,
+            r.policy.name(),
             r.gateway,
             if r.reachable { "yes" } else { "NO" },
             source,
@@ -194,7 +213,7 @@ mod tests {
     fn sample() -> Vec<Row> {
         vec![Row {
             case: "both gateways serving".into(),
-            policy: "Local",
+            policy: TrafficPolicy::Local,
             gateway: "gw1",
             reachable: true,
             source_seen: "client".into(),

@@ -12,14 +12,6 @@
 
 use crate::translate::{EndpointInfo, PortEntry};
 use serde_json::{Value, json};
-use xskgate_fastpath::TrafficPolicy;
-
-fn policy(p: TrafficPolicy) -> &'static str {
-    match p {
-        TrafficPolicy::Cluster => "Cluster",
-        TrafficPolicy::Local => "Local",
-    }
-}
 
 fn endpoints(set: &Option<Vec<EndpointInfo>>) -> Value {
     match set {
@@ -48,8 +40,8 @@ pub fn to_json(node: &str, entries: &[PortEntry]) -> Value {
                     "address": f.address.map_or_else(|| "*".to_string(), |a| a.to_string()),
                     "port": f.port,
                 })).collect::<Vec<_>>(),
-                "external_traffic_policy": policy(e.external_policy),
-                "internal_traffic_policy": policy(e.internal_policy),
+                "external_traffic_policy": e.external_policy.name(),
+                "internal_traffic_policy": e.internal_policy.name(),
                 "cluster_endpoints": endpoints(&e.cluster),
                 "local_endpoints": endpoints(&e.local),
                 "health_check_node_port": e.health_check_node_port,
@@ -103,7 +95,7 @@ pub fn to_text(node: &str, entries: &[PortEntry]) -> String {
             name,
             e.proto.name().to_ascii_uppercase(),
             frontends,
-            format!("{}/{}", policy(e.external_policy), policy(e.internal_policy)),
+            format!("{}/{}", e.external_policy.name(), e.internal_policy.name()),
             set_text(&e.cluster),
             set_text(&e.local),
             health,

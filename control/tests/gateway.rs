@@ -12,9 +12,9 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-use xskgate_tests::{Topology, ask_udp, in_ns};
+use xskgate_tests::{Daemon, Topology, ask_udp, in_ns};
 
 const XSKGATE: &str = env!("CARGO_BIN_EXE_xskgate");
 const CLIENT: &str = "198.18.0.100";
@@ -95,41 +95,11 @@ fn write_manifest(dir: &Path, text: &str) {
     std::fs::rename(&tmp, dir.join("services.yaml")).unwrap();
 }
 
-/// The daemon, killed on drop.
-struct Daemon {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Daemon {
-    fn start(t: &Topology, ns: &str, args: &[&str], log: std::path::PathBuf) -> Daemon {
-        let err = std::fs::File::create(&log).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &t.ns_name(ns), XSKGATE, "run"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .expect("start xskgate run");
-        let d = Daemon { child, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !d.log_text().contains("first table published") {
-            assert!(Instant::now() < deadline, "xskgate did not start:\n{}", d.log_text());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `xskgate run ARGS` in namespace `ns` of `t`, up and serving (the test
+/// fails with its log if not).
+fn start_daemon(t: &Topology, ns: &str, args: &[&str], log: std::path::PathBuf) -> Daemon {
+    Daemon::start(Path::new(XSKGATE), &t.ns_name(ns), args, &log, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn topology() -> Topology {
@@ -210,7 +180,7 @@ fn both_policies_health_metrics_and_kill_9() {
         "--poll-ms",
         "100",
     ];
-    let gw = Daemon::start(&t, "gw", &args, dir.join("xskgate.log"));
+    let gw = start_daemon(&t, "gw", &args, dir.join("xskgate.log"));
     assert!(xdp_attached(&t), "the steering program is attached");
     let gw_addresses = ["198.19.1.1", "198.19.2.1"];
 
@@ -278,19 +248,15 @@ fn both_policies_health_metrics_and_kill_9() {
 
     // SIGKILL: the BPF link closes with the process; nothing stays attached.
     let mut gw = gw;
-    // `ip netns exec` execs xskgate, so the child is the daemon itself.
-    let pid = gw.child.id().to_string();
-    Command::new("kill").args(["-9", &pid]).status().unwrap();
-    let _ = gw.child.wait();
+    gw.signal_and_wait("KILL").unwrap();
     wait_for("no XDP program after kill -9", Duration::from_secs(3), || !xdp_attached(&t));
 
     // SIGTERM: a clean stop, exit status 0, program detached.
-    let mut gw = Daemon::start(&t, "gw", &args, dir.join("xskgate2.log"));
+    let mut gw = start_daemon(&t, "gw", &args, dir.join("xskgate2.log"));
     assert!(xdp_attached(&t));
     let (pod, _) = who_http(&t, "http://198.18.100.10/").expect("serving again after a restart");
     assert_eq!(pod, "pod-a");
-    Command::new("kill").args(["-TERM", &gw.child.id().to_string()]).status().unwrap();
-    let status = gw.child.wait().unwrap();
+    let status = gw.signal_and_wait("TERM").unwrap();
     assert!(status.success(), "exit after SIGTERM: {status}\n{}", gw.log_text());
     assert!(gw.log_text().contains("stopped; XDP program detached"), "{}", gw.log_text());
     assert!(!xdp_attached(&t), "program left attached after SIGTERM");
@@ -391,7 +357,7 @@ fn ipv6_loadbalancer_in_both_policies() {
         + &svc("web6-cluster", "Cluster", "2001:db8:ffff::11", "2001:db8:100::11");
     write_manifest(&dir, &text);
     let interfaces = [t.if_name("h0"), t.if_name("h1")].join(",");
-    let gw = Daemon::start(
+    let gw = start_daemon(
         &t,
         "gw",
         &["--manifests", dir.to_str().unwrap(), "--node-name", "gw1", "--interfaces", &interfaces],

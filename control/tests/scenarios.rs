@@ -61,7 +61,7 @@ fn counters(r: &Reference) -> String {
         out.push('\n');
     }
     for g in &r.gateways {
-        for l in g.log_text().lines().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
+        for l in g.daemon.log_text().lines().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
             out.push_str(&format!("{} log: {l}\n", g.gw.name()));
         }
     }

@@ -4,40 +4,17 @@
 //! drops, passes and generated rejects. Its own test binary, so no other
 //! test allocates meanwhile.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use xskgate_conntrack::{Addr, Config, FlowTable, Proto};
 use xskgate_fastpath::{
     AffinityTable, BATCH, Endpoint, EndpointSet, Frame, Frontend, FrontendKind, NodeConfig, ServicePort,
     ServicePortName, ServiceTableBuilder, ServiceTableHandle, Tables, TrafficPolicy, Verdict, WorkerState,
     process_batch,
 };
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-struct Counting;
-
-// SAFETY: forwards every call unchanged to the system allocator.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract, passed through.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract, passed through.
-        unsafe { System.realloc(p, l, n) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: same contract, passed through.
-        unsafe { System.dealloc(p, l) }
-    }
-}
+use xskgate_tests::alloc::{CountingAlloc, allocations};
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAlloc = CountingAlloc;
 
 fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
     let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
@@ -117,11 +94,11 @@ fn no_allocation_per_packet_after_warm_up() {
     };
 
     run(0, &mut worker); // warm-up: the established flows are created here
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = allocations();
     for round in 1..=2_000 {
         run(round, &mut worker);
     }
-    let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    let allocations = allocations() - before;
     let c = &worker.counters;
     assert!(c.forwarded > 2_000 * 40 && c.flows_created > 4_000, "traffic did not flow: {c:?}");
     assert!(c.rejected >= 2_000 * 8 && c.passed >= 2_000 * 8);

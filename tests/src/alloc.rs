@@ -1,5 +1,7 @@
-//! A global allocator that counts allocations, so a benchmark can report how
-//! many each operation made (the fast path must make none).
+//! A global allocator that counts allocations, so that a test can prove and
+//! a benchmark can report that the fast path makes none. A binary that
+//! installs it (`#[global_allocator]`) reads [`allocations`] around the
+//! code it watches.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};

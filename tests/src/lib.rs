@@ -16,7 +16,11 @@
 //! End-to-end tests need root; [`require_root`] makes them fail loudly, never
 //! skip, when they cannot run.
 
+pub mod alloc;
+pub mod daemon;
 pub mod reference;
+
+pub use daemon::{Daemon, DaemonError};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;

@@ -21,11 +21,10 @@
 //! Endpoint conditions are changed by rewriting the manifest directory that
 //! both gateways watch ([`Reference::set_pods`]).
 
-use crate::Topology;
+use crate::{Daemon, DaemonError, Topology};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const LB_LOCAL: &str = "198.18.100.10";
@@ -166,24 +165,19 @@ items:
     out
 }
 
-/// One `xskgate run`, killed on drop.
+/// One gateway's `xskgate run`, stopped on drop.
 pub struct Gateway {
     pub gw: Gw,
-    child: Child,
-    log: PathBuf,
+    pub daemon: Daemon,
 }
 
-impl Gateway {
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Why the reference topology could not be brought up.
+#[derive(Debug, thiserror::Error)]
+pub enum ReferenceError {
+    #[error("cannot create {}: {source}", path.display())]
+    Dir { path: PathBuf, source: std::io::Error },
+    #[error("{gw}: {source}")]
+    Gateway { gw: &'static str, source: DaemonError },
 }
 
 /// The running reference topology. Everything goes away on drop.
@@ -201,8 +195,8 @@ impl Reference {
     /// (the `xskgate` binary at `xskgate`), and waits until both serve.
     ///
     /// # Errors
-    /// A gateway that does not start (its log is in the message).
-    pub fn start(xskgate: &Path) -> Result<Reference, String> {
+    /// A gateway that does not start (its log is in the error).
+    pub fn start(xskgate: &Path) -> Result<Reference, ReferenceError> {
         let mut t = Topology::new();
         for ns in NAMESPACES {
             t.add_ns(ns);
@@ -227,7 +221,7 @@ impl Reference {
             t.echo_thread(ns, pod, POD_PORT);
         }
         let dir = std::env::temp_dir().join(format!("{}-manifests", t.prefix()));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(|source| ReferenceError::Dir { path: dir.clone(), source })?;
         let mut r = Reference { gateways: Vec::new(), pods: BTreeMap::new(), churn: 0, dir, topo: t };
         r.write();
         for gw in Gw::BOTH {
@@ -236,28 +230,21 @@ impl Reference {
                 Gw::Gw2 => ["g2c", "g2x", "g2b", "g2p"].map(|i| r.topo.if_name(i)).join(","),
             };
             let log = r.dir.join(format!("{}.log", gw.name()));
-            let err = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-            let child = Command::new("ip")
-                .args(["netns", "exec", &r.topo.ns_name(gw.name()), &xskgate.to_string_lossy(), "run"])
-                .args(["--manifests", &r.dir.to_string_lossy(), "--node-name", gw.name()])
-                .args(["--interfaces", &interfaces, "--cluster-cidr", "198.19.0.0/16", "--poll-ms", "50"])
-                .stdout(Stdio::null())
-                .stderr(err)
-                .spawn()
-                .map_err(|e| format!("cannot start {}: {e}", xskgate.display()))?;
-            r.gateways.push(Gateway { gw, child, log });
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for g in &mut r.gateways {
-            while !g.log_text().contains("first table published") {
-                if let Ok(Some(status)) = g.child.try_wait() {
-                    return Err(format!("{} exited ({status}):\n{}", g.gw.name(), g.log_text()));
-                }
-                if Instant::now() > deadline {
-                    return Err(format!("{} did not start:\n{}", g.gw.name(), g.log_text()));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            let args = [
+                "--manifests",
+                &r.dir.to_string_lossy(),
+                "--node-name",
+                gw.name(),
+                "--interfaces",
+                &interfaces,
+                "--cluster-cidr",
+                "198.19.0.0/16",
+                "--poll-ms",
+                "50",
+            ];
+            let daemon = Daemon::start(xskgate, &r.topo.ns_name(gw.name()), &args, &log, Duration::from_secs(30))
+                .map_err(|e| ReferenceError::Gateway { gw: gw.name(), source: e })?;
+            r.gateways.push(Gateway { gw, daemon });
         }
         Ok(r)
     }
@@ -360,6 +347,17 @@ impl Tally {
     pub fn shares(&self) -> BTreeMap<String, f64> {
         let n = self.answered().max(1) as f64;
         self.per_pod.iter().map(|(p, c)| (p.clone(), *c as f64 / n)).collect()
+    }
+
+    /// Adds another tally's flows to this one's.
+    pub fn merge(&mut self, o: &Tally) {
+        for (pod, n) in &o.per_pod {
+            *self.per_pod.entry(pod.clone()).or_default() += n;
+        }
+        for (source, n) in &o.sources {
+            *self.sources.entry(source.clone()).or_default() += n;
+        }
+        self.unanswered += o.unanswered;
     }
 }
 
