@@ -11,14 +11,14 @@
 //!   taint (so load balancers drain it first).
 //!
 //! Listeners open and close as Services come and go ([`ServiceHealth::sync`]).
-//! The servers are small HTTP/1.1 responders on tokio (GET only).
+//! The servers are hyper's HTTP/1.1 on tokio; every method is answered, as
+//! kube-proxy's Go handlers answer them.
 
 use k8s_openapi::api::core::v1::Node;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tracing::{error, info};
 
@@ -157,56 +157,30 @@ pub fn service_body(namespace: &str, name: &str, local_endpoints: usize, healthy
     )
 }
 
-fn http_date(t: SystemTime) -> String {
-    let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
-    let days = secs.div_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    let rem = secs.rem_euclid(86_400);
-    const WD: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MO: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    format!(
-        "{}, {d:02} {} {y} {:02}:{:02}:{:02} GMT",
-        WD[days.rem_euclid(7) as usize],
-        MO[(m - 1) as usize],
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-/// Answers a request path with a status and a body.
+/// Answers a request path (with its query) with a status and a body.
 pub type Responder = Arc<dyn Fn(&str) -> (u16, String) + Send + Sync>;
 
-/// Serves one connection: every request gets `respond(path)`.
+/// Serves one connection with hyper (HTTP/1.1, keep-alive): every request,
+/// whatever its method, gets `respond(path)` with `content_type`, kube-proxy's
+/// `X-Content-Type-Options: nosniff`, and hyper's `Date` and
+/// `Content-Length`. Header names are written as Go's server writes them.
 async fn serve(conn: tokio::net::TcpStream, content_type: &'static str, respond: Responder) {
-    let (r, mut w) = conn.into_split();
-    let mut r = BufReader::new(r);
-    loop {
-        let mut line = String::new();
-        match r.read_line(&mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-        let mut close = line.ends_with("HTTP/1.0\r\n");
-        loop {
-            let mut h = String::new();
-            match r.read_line(&mut h).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) if h == "\r\n" || h == "\n" => break,
-                Ok(_) => close |= h.to_ascii_lowercase().starts_with("connection: close"),
-            }
-        }
-        let (status, body) = respond(&path);
-        let reason = if status == 200 { "OK" } else { "Service Unavailable" };
-        let head = format!(
-            "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nX-Content-Type-Options: nosniff\r\nDate: {}\r\nContent-Length: {}\r\n\r\n",
-            http_date(SystemTime::now()),
-            body.len()
-        );
-        if w.write_all(head.as_bytes()).await.is_err() || w.write_all(body.as_bytes()).await.is_err() || close {
-            return;
-        }
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let (status, body) = respond(path);
+        let response = hyper::Response::builder()
+            .status(status)
+            .header(hyper::header::CONTENT_TYPE, content_type)
+            .header("x-content-type-options", "nosniff")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)));
+        std::future::ready(response)
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .title_case_headers(true)
+        .serve_connection(hyper_util::rt::TokioIo::new(conn), service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!("health/metrics connection: {e}");
     }
 }
 
@@ -343,10 +317,6 @@ mod tests {
     fn dates_are_right() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_454), (2026, 1, 1));
-        assert_eq!(
-            http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000)),
-            "Wed, 18 Nov 2026 11:06:40 GMT"
-        );
         let h = ProxyHealth::new(Duration::from_secs(60));
         assert_eq!(h.go_time(None), "0001-01-01 00:00:00 +0000 UTC");
         let t = SystemTime::UNIX_EPOCH + Duration::new(1_795_000_000, 120_000_000);

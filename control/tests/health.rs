@@ -115,3 +115,34 @@ fn healthz_and_livez_answer_like_kube_proxy() {
     assert_eq!(get(&format!("http://{addr}/livez")).unwrap().0, 503);
     assert_eq!(get(&format!("http://{addr}/other")).unwrap().0, 503);
 }
+
+/// The response as bytes on the wire, read with a plain socket: the
+/// status line and header names as kube-proxy's Go server writes them, a
+/// Date in RFC 7231 form, a Content-Length that matches the body, and a
+/// second request answered on the same (kept-alive) connection.
+#[test]
+fn responses_on_the_wire_look_like_kube_proxys() {
+    use std::io::{Read, Write};
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let proxy = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
+    let (addr, _task) = rt.block_on(health::spawn_proxy_health("127.0.0.1:0".parse().unwrap(), proxy)).unwrap();
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    conn.write_all(
+        b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\nGET /nothing HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).unwrap();
+    let (first, second) = raw.split_at(raw.find("HTTP/1.1 503").expect("the second request was answered"));
+    let (head, body) = first.split_once("\r\n\r\n").expect("a header block");
+    let mut lines = head.lines();
+    assert_eq!(lines.next(), Some("HTTP/1.1 200 OK"), "{raw}");
+    let headers: Vec<&str> = lines.collect();
+    assert!(headers.contains(&"Content-Type: application/json"), "{headers:?}");
+    assert!(headers.contains(&"X-Content-Type-Options: nosniff"), "{headers:?}");
+    assert!(headers.contains(&format!("Content-Length: {}", body.len()).as_str()), "{headers:?} for {body:?}");
+    let date = headers.iter().find_map(|h| h.strip_prefix("Date: ")).expect("a Date header");
+    assert!(date.ends_with(" GMT") && date.len() == 29, "{date:?}");
+    assert!(second.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{second}");
+}

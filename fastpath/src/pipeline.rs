@@ -42,9 +42,11 @@
 //! 6. [`BatchScratch::prefetch_replies`]: → `reply_hashes`;
 //! 7. [`BatchScratch::store`]: the new flows' verdicts.
 //!
-//! Passes 1–4 and 6 only load memory early: they change no table and no
-//! verdict, so a frame's verdict is what [`process`] (the stages above,
-//! one frame at a time) gives it. No allocation, no lock, no system call:
+//! Passes 1–4 only load memory early, and pass 6 may also move a new flow
+//! past an SNAT port whose reply tuple looks taken: none changes a table
+//! or a verdict, so a frame's verdict is what [`process`] (the stages
+//! above, one frame at a time) gives it, though a new flow's SNAT port may
+//! differ. No allocation, no lock, no system call:
 //! counters live in the caller's [`WorkerState`], tables are read-only or
 //! lock-free.
 
