@@ -419,10 +419,12 @@ async fn xskgate_watch_with_a_kubeconfig_publishes_follows_and_measures() {
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut published = 0;
+    let mut listed = 0;
     let mut metrics_addr = None;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while published < 2 {
+    // Once all three kinds are listed (and published), change the cluster:
+    // the change then reaches xskgate as a watch event, not in a list.
+    while listed < 3 {
         let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
             .await
             .expect("timed out")
@@ -432,21 +434,17 @@ async fn xskgate_watch_with_a_kubeconfig_publishes_follows_and_measures() {
             let addr = line.split("metrics=").nth(1).and_then(|a| a.split_whitespace().next());
             metrics_addr = Some(addr.expect("the log line names the address").to_string());
         }
-        if line.contains("published service table") {
-            published += 1;
-            if published == 1 {
-                // Once the first table is out, change the cluster.
-                api.apply(slice("web", &[("198.19.1.200", "gw1"), ("198.19.1.201", "gw1")]));
-            }
-        }
+        listed += usize::from(line.contains("listed from the API server"));
     }
+    api.apply(slice("web", &[("198.19.1.200", "gw1"), ("198.19.1.201", "gw1")]));
+    // Keep reading the log, so that xskgate never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let url = format!("http://{}/metrics", metrics_addr.expect("xskgate logged its /metrics address"));
     let value = |text: &str, name: &str| -> f64 {
         let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '));
         line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or_else(|| panic!("{name} missing:\n{text}"))
     };
-    // The figures follow the log line by a moment: read until they show
-    // the second sync.
+    // Read until the figures show the watch event's sync.
     let text = loop {
         let url = url.clone();
         let text = tokio::task::spawn_blocking(move || ureq::get(&url).call()?.body_mut().read_to_string())
