@@ -13,6 +13,8 @@
 //!   node-name diagnosis.
 //! - [`publish`]: translated ports to the published fast-path table
 //!   (incremental, never an unchanged table, UDP flushes).
+//! - [`explain`]: `xskgate explain`, one packet through the real pipeline
+//!   with every stage's decision.
 //! - [`table_cmd`]: `xskgate table` output (text and the `--json` contract).
 //! - [`node`]: who this gateway is (`--node-name`, `NODE_NAME`, hostname).
 //! - [`health`]: healthCheckNodePort servers and `/healthz`, `/livez`, as
@@ -23,6 +25,7 @@
 //! - [`run`]: `xskgate run`, the daemon (data path, servers, control loop).
 
 pub mod controller;
+pub mod explain;
 pub mod health;
 pub mod kube_source;
 pub mod lab;

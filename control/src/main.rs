@@ -51,6 +51,33 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run one packet through the real pipeline against the table the manifests give
+    /// this gateway, and print every stage's decision.
+    Explain {
+        /// Directory of Service, EndpointSlice and Node manifests (YAML or JSON).
+        #[arg(long)]
+        manifests: PathBuf,
+        /// This gateway's node name (default: $NODE_NAME, else the hostname).
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Zone, when no Node object gives topology.kubernetes.io/zone.
+        #[arg(long)]
+        zone: Option<String>,
+        /// The cluster's pod CIDR(s), comma-separated: traffic from them is internal.
+        #[arg(long, value_delimiter = ',')]
+        cluster_cidr: Vec<String>,
+        /// This gateway's addresses (NodePorts answer on them; the first of a family is
+        /// the SNAT address); default: the addresses of its Node object.
+        #[arg(long, value_delimiter = ',')]
+        node_address: Vec<std::net::IpAddr>,
+        /// The packet: PROTO SRC[:PORT] > DST[:PORT] [flags=S|SA|A|F|R|P], e.g.
+        /// 'tcp 198.18.1.100:40000 > 198.18.100.10:80'.
+        #[arg(long)]
+        packet: String,
+        /// One JSON object instead of one line per stage.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the control loop without a data path: follow the manifest directory or
     /// the Kubernetes API, publish the table, log every change (a dry run of `run`).
     Watch {
@@ -154,6 +181,9 @@ fn main() -> ExitCode {
         .init();
     match Cli::parse().cmd {
         Cmd::Lab { json } => lab(json),
+        Cmd::Explain { manifests, node_name, zone, cluster_cidr, node_address, packet, json } => {
+            explain(&manifests, node_name.as_deref(), zone.as_deref(), &cluster_cidr, node_address, &packet, json)
+        }
         Cmd::Table { manifests, node_name, zone, cluster_cidr, json } => {
             table(&manifests, node_name.as_deref(), zone.as_deref(), &cluster_cidr, json)
         }
@@ -318,6 +348,63 @@ fn lab(json: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn explain(
+    dir: &std::path::Path,
+    name: Option<&str>,
+    zone: Option<&str>,
+    cidrs: &[String],
+    addresses: Vec<std::net::IpAddr>,
+    packet: &str,
+    json: bool,
+) -> ExitCode {
+    use xskgate_control::explain;
+    let spec: explain::PacketSpec = match packet.parse() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("xskgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut pod_cidrs = Vec::new();
+    for c in cidrs {
+        match c.parse::<Cidr>() {
+            Ok(c) => pod_cidrs.push(c),
+            Err(e) => {
+                eprintln!("xskgate: --cluster-cidr {c:?}: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(name) = node::node_name(name) else {
+        eprintln!("xskgate: no node name: pass --node-name or set NODE_NAME");
+        return ExitCode::from(2);
+    };
+    let loaded = match manifest::load_dir(dir) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("xskgate: cannot read manifest directory {}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    for w in &loaded.warnings {
+        warn!("{w}");
+    }
+    let (state, warnings) = ClusterState::from_objects(loaded.objects);
+    for w in &warnings {
+        warn!("{w}");
+    }
+    let addresses = if addresses.is_empty() { state.node_addresses(&name) } else { addresses };
+    let gw = explain::Gateway { node: node::identity(name, zone, &state), addresses, pod_cidrs, snat: Vec::new() };
+    let (table, entries) = explain::table(&state, &gw);
+    let x = explain::explain(&spec, packet, &table, &entries, &state, &gw);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&x).expect("serializable"));
+    } else {
+        print!("{}", explain::to_text(&x));
+    }
+    ExitCode::SUCCESS
 }
 
 fn table(dir: &std::path::Path, name: Option<&str>, zone: Option<&str>, cidrs: &[String], json: bool) -> ExitCode {

@@ -55,6 +55,7 @@ use crate::nat;
 use crate::service::{
     Endpoint, EndpointSet, Found, FrontendKind, NodeConfig, ServicePort, ServiceTable, TrafficPolicy,
 };
+use crate::trace::{NoTrace, Step, Trace};
 use crate::verdict::{Counters, DropReason, Verdict};
 use crate::wire::{self, Inner, L4, Parsed, Unparsed};
 use xskgate_conntrack::{
@@ -160,17 +161,41 @@ pub fn process_batch(
     now: u32,
     verdicts: &mut [Verdict],
 ) {
+    process_batch_traced(frames, t, w, now, verdicts, &mut NoTrace);
+}
+
+/// [`process_batch`], reporting each frame's stages to `trace` (frame
+/// indices are into `frames`).
+///
+/// # Panics
+/// If `verdicts` is shorter than `frames` (a caller bug, not packet data).
+pub fn process_batch_traced<T: Trace>(
+    frames: &mut [Frame<'_>],
+    t: &Tables<'_>,
+    w: &mut WorkerState,
+    now: u32,
+    verdicts: &mut [Verdict],
+    trace: &mut T,
+) {
     assert!(verdicts.len() >= frames.len(), "one verdict per frame");
-    for (frames, verdicts) in frames.chunks_mut(BATCH).zip(verdicts.chunks_mut(BATCH)) {
+    for (chunk, (frames, verdicts)) in frames.chunks_mut(BATCH).zip(verdicts.chunks_mut(BATCH)).enumerate() {
         let WorkerState { counters, scratch } = &mut *w;
+        let first = chunk * BATCH;
         let hashed = scratch.parse(frames, t);
         let absent = scratch.probe_conntrack(hashed, t);
         let likely_new = scratch.find_frontends(absent, t);
         scratch.prefetch_endpoints(likely_new, t);
-        let to_insert = scratch.decide(frames, hashed, t, counters, now, verdicts);
+        let to_insert = scratch.decide(frames, hashed, t, counters, now, verdicts, trace, first);
         scratch.prefetch_replies(to_insert, t, counters);
-        scratch.store(frames, to_insert, hashed, t, counters, now, verdicts);
+        scratch.store(frames, to_insert, hashed, t, counters, now, verdicts, trace, first);
     }
+}
+
+/// Counts a frame's final verdict and reports it.
+#[inline(always)]
+fn finish<T: Trace>(c: &mut Counters, v: Verdict, tr: &mut T) -> Verdict {
+    tr.step(Step::Verdict(v));
+    c.account(v)
 }
 
 impl BatchScratch {
@@ -282,7 +307,8 @@ impl BatchScratch {
     /// rewritten and forwarded here), and `planned[i]` of each that does.
     /// Returns those (`to_insert`).
     #[inline(always)]
-    fn decide(
+    #[allow(clippy::too_many_arguments)]
+    fn decide<T: Trace>(
         &mut self,
         frames: &mut [Frame<'_>],
         hashed: u64,
@@ -290,9 +316,12 @@ impl BatchScratch {
         counters: &mut Counters,
         now: u32,
         verdicts: &mut [Verdict],
+        tr: &mut T,
+        first: usize,
     ) -> u64 {
         let mut to_insert = 0u64;
         for (i, f) in frames.iter_mut().enumerate() {
+            tr.frame(first + i);
             // The established flow's packet, the bulk of all traffic, is
             // handled here; everything else is out of line, so that this
             // loop keeps its values in registers.
@@ -307,20 +336,20 @@ impl BatchScratch {
                 Ok(p) if hashed & 1 << i != 0 => {
                     match t.conntrack.lookup_unless_absent(&self.hashes[i], self.candidates[i]) {
                         Some(view) => {
-                            let v = tracked(f, p, &view, t, counters, now);
-                            verdicts[i] = counters.account(v);
+                            let v = tracked(f, p, &view, t, counters, now, tr);
+                            verdicts[i] = finish(counters, v, tr);
                             continue;
                         }
                         None => {
                             let looked_up = (self.candidates[i] == Candidate::ABSENT).then_some(self.found[i]);
-                            untracked(f, p, looked_up, t, counters, now, &mut self.planned[i])
+                            untracked(f, p, looked_up, t, counters, now, &mut self.planned[i], tr)
                         }
                     }
                 }
-                p => first_look(f, p, t, counters, now, &mut self.planned[i]),
+                p => first_look(f, p, t, counters, now, &mut self.planned[i], tr),
             };
             match look {
-                Some(v) => verdicts[i] = counters.account(v),
+                Some(v) => verdicts[i] = finish(counters, v, tr),
                 None => {
                     if self.planned[i].is_some() {
                         to_insert |= 1 << i;
@@ -380,7 +409,7 @@ impl BatchScratch {
     /// forwards its first packet; writes its verdict.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn store(
+    fn store<T: Trace>(
         &self,
         frames: &mut [Frame<'_>],
         to_insert: u64,
@@ -389,14 +418,17 @@ impl BatchScratch {
         counters: &mut Counters,
         now: u32,
         verdicts: &mut [Verdict],
+        tr: &mut T,
+        first: usize,
     ) {
         for i in bits(to_insert) {
             if let (Some(f), Ok(p), Some(plan)) = (frames.get_mut(i), &self.parsed[i], &self.planned[i]) {
+                tr.frame(first + i);
                 // A planned flow's original tuple is its frame's key, hashed
                 // in pass 1 if the frame was hashed there.
                 let orig = if hashed & 1 << i != 0 { self.hashes[i] } else { t.conntrack.hash(&plan.flow.orig) };
-                let v = insert_planned(f, p, plan, [&orig, &self.reply_hashes[i]], t, counters, now);
-                verdicts[i] = counters.account(v);
+                let v = insert_planned(f, p, plan, [&orig, &self.reply_hashes[i]], t, counters, now, tr);
+                verdicts[i] = finish(counters, v, tr);
             }
         }
     }
@@ -417,13 +449,13 @@ fn bits(mut mask: u64) -> impl Iterator<Item = usize> {
 /// prefetching (the same verdict as [`process_batch`]).
 pub fn process(f: &mut Frame<'_>, t: &Tables<'_>, w: &mut WorkerState, now: u32) -> Verdict {
     let p = wire::parse(&f.buf[..f.len.min(f.buf.len())]);
-    let c = &mut w.counters;
+    let (c, tr) = (&mut w.counters, &mut NoTrace);
     let mut plan = None;
-    let v = match (first_look(f, &p, t, c, now, &mut plan), &p, &plan) {
+    let v = match (first_look(f, &p, t, c, now, &mut plan, tr), &p, &plan) {
         (Some(v), _, _) => v,
         (None, Ok(p), Some(plan)) => {
             let hashes = [plan.flow.orig, plan.flow.reply].map(|k| t.conntrack.hash(&k));
-            insert_planned(f, p, plan, [&hashes[0], &hashes[1]], t, c, now)
+            insert_planned(f, p, plan, [&hashes[0], &hashes[1]], t, c, now, tr)
         }
         // No verdict means a plan, and a plan comes only from a parsed frame.
         (None, _, _) => Verdict::Pass,
@@ -443,20 +475,22 @@ fn key_of(p: &Parsed) -> FlowKey {
 /// returning it would make every tracked packet's result as large as a
 /// plan.)
 #[inline(never)]
-fn first_look(
+#[allow(clippy::too_many_arguments)]
+fn first_look<T: Trace>(
     f: &mut Frame<'_>,
     p: &Result<Parsed, Unparsed>,
     t: &Tables<'_>,
     c: &mut Counters,
     now: u32,
     plan: &mut Option<Planned>,
+    tr: &mut T,
 ) -> Option<Verdict> {
     let v = match p {
         Ok(p) => match p.l4_kind {
             L4::Tcp | L4::Udp => {
                 return match t.conntrack.lookup(&key_of(p)) {
-                    Some(view) => Some(tracked(f, p, &view, t, c, now)),
-                    None => untracked(f, p, None, t, c, now, plan),
+                    Some(view) => Some(tracked(f, p, &view, t, c, now, tr)),
+                    None => untracked(f, p, None, t, c, now, plan, tr),
                 };
             }
             L4::IcmpError => match wire::icmp_inner(f.buf, p) {
@@ -475,19 +509,31 @@ fn first_look(
 /// Stage 2, a packet of the tracked flow direction `view`: rewritten by
 /// its entry, which records it.
 #[inline(always)]
-fn tracked(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, t: &Tables<'_>, c: &mut Counters, now: u32) -> Verdict {
+#[allow(clippy::too_many_arguments)]
+fn tracked<T: Trace>(
+    f: &mut Frame<'_>,
+    p: &Parsed,
+    view: &FlowView,
+    t: &Tables<'_>,
+    c: &mut Counters,
+    now: u32,
+    tr: &mut T,
+) -> Verdict {
+    tr.step(Step::Parsed { key: key_of(p) });
+    tr.step(Step::Tracked { service: view.service });
     if p.ttl <= 1 {
         return c.drop(DropReason::TtlExpired);
     }
     t.conntrack.touch(view, now, (p.end - p.l3) as u64, p.tcp_flags);
-    rewrite(f, p, view, c)
+    rewrite(f, p, view, c, tr)
 }
 
 /// A TCP or UDP packet of no tracked flow: stage 3 (its frontend, unless
 /// the batch has looked it up already: `looked_up`), then the new flow's
 /// decision.
 #[inline(never)]
-fn untracked(
+#[allow(clippy::too_many_arguments)]
+fn untracked<T: Trace>(
     f: &mut Frame<'_>,
     p: &Parsed,
     looked_up: Option<Option<Found>>,
@@ -495,15 +541,18 @@ fn untracked(
     c: &mut Counters,
     now: u32,
     plan: &mut Option<Planned>,
+    tr: &mut T,
 ) -> Option<Verdict> {
+    tr.step(Step::Parsed { key: key_of(p) });
     let service = looked_up.unwrap_or_else(|| t.services.find(&p.dst, p.proto, p.dport));
-    plan_new_flow(f, p, service, t, c, now, plan)
+    plan_new_flow(f, p, service, t, c, now, plan, tr)
 }
 
 /// Stage 10: rewrites a packet of a flow that has recorded it already and
 /// counts it for its service.
 #[inline(always)]
-fn rewrite(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, c: &mut Counters) -> Verdict {
+fn rewrite<T: Trace>(f: &mut Frame<'_>, p: &Parsed, view: &FlowView, c: &mut Counters, tr: &mut T) -> Verdict {
+    tr.step(Step::Rewrite { before: key_of(p), after: view.rewrite() });
     nat::rewrite(f.buf, p, view);
     c.count_service(view.service, p.end - p.l3);
     Verdict::Forward { next_hop: view.rewrite_dst() }
@@ -558,18 +607,21 @@ fn no_endpoint(f: &mut Frame<'_>, p: &Parsed, svc: &ServicePort, c: &mut Counter
 /// recorded endpoint while it is still in the set, else Maglev's pick for
 /// the flow's hash (recorded for the client). `None` if the set has none.
 #[inline]
-fn pick_endpoint(
+#[allow(clippy::too_many_arguments)]
+fn pick_endpoint<T: Trace>(
     svc: &ServicePort,
     set: &EndpointSet,
     src: &Addr,
     flow_hash: u64,
     affinity: &AffinityTable,
     now: u32,
+    tr: &mut T,
 ) -> Option<Endpoint> {
     let Some(timeout) = svc.affinity_timeout else {
         return set.pick(flow_hash).copied();
     };
     let sticky = affinity.get(svc.id, src, now, timeout).and_then(|id| set.by_id(id));
+    tr.step(Step::Affinity { hit: sticky.is_some() });
     let ep = sticky.or_else(|| set.pick(flow_hash))?;
     affinity.record(svc.id, src, ep.id, now);
     Some(*ep)
@@ -625,7 +677,8 @@ fn initial_state(p: &Parsed) -> FlowState {
 
 /// Stages 4–8 for a new flow: its plan, written into `plan` (and `None`
 /// returned), or the packet's verdict.
-fn plan_new_flow(
+#[allow(clippy::too_many_arguments)]
+fn plan_new_flow<T: Trace>(
     f: &mut Frame<'_>,
     p: &Parsed,
     service: Option<Found>,
@@ -633,15 +686,22 @@ fn plan_new_flow(
     c: &mut Counters,
     now: u32,
     plan: &mut Option<Planned>,
+    tr: &mut T,
 ) -> Option<Verdict> {
     let services = t.services;
-    let Some((svc, kind)) = service.and_then(|found| Some((services.get(found)?, found.kind))) else {
+    let found = service.and_then(|found| Some((services.get(found)?, found.kind)));
+    tr.step(Step::Frontend { service: found.map(|(svc, kind)| (svc.id, kind)) });
+    let Some((svc, kind)) = found else {
         return Some(Verdict::Pass);
     };
-    if !source_allowed(svc, kind, &p.src) {
+    let allowed = source_allowed(svc, kind, &p.src);
+    tr.step(Step::SourceRanges { allowed });
+    if !allowed {
         return Some(c.drop(DropReason::SourceRange));
     }
     let class = classify(services, svc, kind, &p.src);
+    let endpoints = class.set.endpoints().len();
+    tr.step(Step::Class { external: class.external, from_pod: class.from_pod, policy: class.policy, endpoints });
     if class.set.is_empty() {
         return Some(no_endpoint(f, p, svc, c));
     }
@@ -650,19 +710,21 @@ fn plan_new_flow(
     }
     let key = key_of(p);
     let fh = flow_hash(&key);
-    let Some(ep) = pick_endpoint(svc, class.set, &p.src, fh, t.affinity, now) else {
+    let Some(ep) = pick_endpoint(svc, class.set, &p.src, fh, t.affinity, now, tr) else {
         return Some(reject(f, p, c));
     };
+    tr.step(Step::Endpoint { id: ep.id, addr: ep.addr, port: ep.port });
     if ep.addr.is_v4() == p.v6 {
         return Some(c.drop(DropReason::InvalidTuple));
     }
     let node = services.node();
-    let (reply_dst, keep_port) = match masquerade_rule(node, kind, &class, &p.src, &ep.addr) {
-        Some(_) => match node.snat_for(&ep.addr) {
-            Some(a) => (a, false),
-            None => return Some(c.drop(DropReason::NoSnatAddress)),
-        },
-        None => (p.src, true),
+    let rule = masquerade_rule(node, kind, &class, &p.src, &ep.addr);
+    let snat = rule.and_then(|_| node.snat_for(&ep.addr));
+    tr.step(Step::Masquerade { rule, snat });
+    let (reply_dst, keep_port) = match (rule, snat) {
+        (Some(_), Some(a)) => (a, false),
+        (Some(_), None) => return Some(c.drop(DropReason::NoSnatAddress)),
+        (None, _) => (p.src, true),
     };
     let search = PortSearch::new(node.snat_ports, keep_port, fh);
     let reply =
@@ -679,7 +741,8 @@ fn plan_new_flow(
 /// first packet. The SNAT port allocator: the reply tuple must be unique, so while it is taken the
 /// table moves it to the search's next port, up to [`SNAT_TRIES`] ports in
 /// all (counting those the batch skipped before the insert).
-fn insert_planned(
+#[allow(clippy::too_many_arguments)]
+fn insert_planned<T: Trace>(
     f: &mut Frame<'_>,
     p: &Parsed,
     plan: &Planned,
@@ -687,6 +750,7 @@ fn insert_planned(
     t: &Tables<'_>,
     c: &mut Counters,
     now: u32,
+    tr: &mut T,
 ) -> Verdict {
     // The table records the packet on the flow it stores or finds.
     let first = FirstPacket { bytes: (p.end - p.l3) as u64, tcp_flags: p.tcp_flags };
@@ -709,7 +773,7 @@ fn insert_planned(
         Err(InsertError::Contended) => return c.drop(DropReason::ConntrackContended),
         Err(InsertError::InvalidTuple) => return c.drop(DropReason::InvalidTuple),
     };
-    rewrite(f, p, &view, c)
+    rewrite(f, p, &view, c, tr)
 }
 
 /// A new flow decided (service, traffic class, endpoint, NAT) but not yet

@@ -16,10 +16,11 @@ use std::net::Ipv6Addr;
 use std::sync::Arc;
 use xskgate_conntrack::{Addr, Config, FlowTable, Proto};
 use xskgate_fastpath::checksum;
+use xskgate_fastpath::trace::{NoTrace, Recorder, Step, Trace};
 use xskgate_fastpath::{
-    AffinityTable, Cidr, DropReason, Endpoint, EndpointSet, Frame, Frontend, FrontendKind, NodeConfig, ServicePort,
-    ServicePortName, ServiceTable, ServiceTableBuilder, Tables, TrafficPolicy, Verdict, WorkerState, process,
-    process_batch,
+    AffinityTable, Cidr, DropReason, Endpoint, EndpointSet, Frame, Frontend, FrontendKind, MasqueradeRule, NodeConfig,
+    ServicePort, ServicePortName, ServiceTable, ServiceTableBuilder, Tables, TrafficPolicy, Verdict, WorkerState,
+    process, process_batch_traced,
 };
 
 const CLIENT: [u8; 4] = [198, 18, 0, 10];
@@ -139,6 +140,11 @@ impl Gw {
 
     /// Runs frames through the pipeline as one batch.
     fn run_batch(&mut self, inputs: &[Vec<u8>]) -> Vec<(Verdict, Vec<u8>)> {
+        self.run_batch_traced(inputs, &mut NoTrace)
+    }
+
+    /// [`Gw::run_batch`], reporting the stages to `trace`.
+    fn run_batch_traced(&mut self, inputs: &[Vec<u8>], trace: &mut impl Trace) -> Vec<(Verdict, Vec<u8>)> {
         let mut bufs: Vec<Vec<u8>> = inputs.iter().map(|_| vec![0u8; 2048]).collect();
         let t = Tables { services: &self.services, conntrack: &self.conntrack, affinity: &self.affinity };
         let mut frames: Vec<Frame<'_>> = bufs
@@ -150,7 +156,7 @@ impl Gw {
             })
             .collect();
         let mut verdicts = vec![Verdict::Pass; inputs.len()];
-        process_batch(&mut frames, &t, &mut self.worker, 100, &mut verdicts);
+        process_batch_traced(&mut frames, &t, &mut self.worker, 100, &mut verdicts, trace);
         let lens: Vec<usize> = frames.iter().map(|f| f.len).collect();
         verdicts.into_iter().zip(bufs.iter().zip(lens)).map(|(v, (b, len))| (v, b[..len].to_vec())).collect()
     }
@@ -189,6 +195,43 @@ fn tuple(frame: &[u8]) -> (Addr, u16, Addr, u16) {
 
 fn v4(a: Addr) -> [u8; 4] {
     a.as_v4().unwrap()
+}
+
+// ---------------------------------------------------------------- trace
+
+/// The trace changes nothing: a traced batch gives the same verdicts and
+/// bytes as an untraced one, and each frame's steps are the stages it went
+/// through, in order, ending in its verdict.
+#[test]
+fn a_traced_batch_decides_the_same_and_records_each_stage() {
+    let svcs = [Svc::default()];
+    let batch =
+        vec![udp4(CLIENT, 40000, LB, 80, 64), udp4(CLIENT2, 40001, LB, 80, 64), udp4(CLIENT, 40000, LB, 9999, 64)];
+    let plain = Gw::new(&svcs).run_batch(&batch);
+    let mut recorder = Recorder::default();
+    let mut gw = Gw::new(&svcs);
+    let traced = gw.run_batch_traced(&batch, &mut recorder);
+    assert_eq!(plain, traced);
+    for (i, (v, _)) in traced.iter().enumerate() {
+        assert_eq!(recorder.of(i).last(), Some(&Step::Verdict(*v)), "frame {i}");
+    }
+    let stages = |r: &Recorder, i| {
+        r.of(i).map(|s| format!("{s:?}").split([' ', '(']).next().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        stages(&recorder, 0),
+        ["Parsed", "Frontend", "SourceRanges", "Class", "Endpoint", "Masquerade", "Rewrite", "Verdict"],
+        "a new Cluster flow"
+    );
+    assert!(recorder.of(0).any(|s| matches!(s, Step::Masquerade { rule: Some(MasqueradeRule::ExternalCluster), .. })));
+    assert_eq!(stages(&recorder, 2), ["Parsed", "Frontend", "Verdict"], "no Service on that port");
+    // The first flow's next packet, in a later batch, is tracked.
+    let mut again = Recorder::default();
+    gw.run_batch_traced(&batch[..1], &mut again);
+    assert_eq!(stages(&again, 0), ["Parsed", "Tracked", "Rewrite", "Verdict"]);
+    let mut local = Recorder::default();
+    Gw::new(&[Svc { external: TrafficPolicy::Local, ..Svc::default() }]).run_batch_traced(&batch[..1], &mut local);
+    assert!(local.of(0).any(|s| matches!(s, Step::Masquerade { rule: None, .. })), "Local keeps the client");
 }
 
 // ---------------------------------------------------------------- Cluster / Local
