@@ -34,19 +34,8 @@ enum Cmd {
     },
     /// Print the service table computed from manifests, without touching the network.
     Table {
-        /// Directory of Service, EndpointSlice and Node manifests (YAML or JSON).
-        #[arg(long)]
-        manifests: PathBuf,
-        /// This gateway's node name (default: $NODE_NAME, else the hostname).
-        #[arg(long)]
-        node_name: Option<String>,
-        /// Zone, when no Node object gives topology.kubernetes.io/zone.
-        #[arg(long)]
-        zone: Option<String>,
-        /// The cluster's pod CIDR(s), comma-separated (used by the data path for the
-        /// internal-traffic rule; checked here).
-        #[arg(long, value_delimiter = ',')]
-        cluster_cidr: Vec<String>,
+        #[command(flatten)]
+        from: Manifests,
         /// One JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -54,18 +43,8 @@ enum Cmd {
     /// Run one packet through the real pipeline against the table the manifests give
     /// this gateway, and print every stage's decision.
     Explain {
-        /// Directory of Service, EndpointSlice and Node manifests (YAML or JSON).
-        #[arg(long)]
-        manifests: PathBuf,
-        /// This gateway's node name (default: $NODE_NAME, else the hostname).
-        #[arg(long)]
-        node_name: Option<String>,
-        /// Zone, when no Node object gives topology.kubernetes.io/zone.
-        #[arg(long)]
-        zone: Option<String>,
-        /// The cluster's pod CIDR(s), comma-separated: traffic from them is internal.
-        #[arg(long, value_delimiter = ',')]
-        cluster_cidr: Vec<String>,
+        #[command(flatten)]
+        from: Manifests,
         /// This gateway's addresses (NodePorts answer on them; the first of a family is
         /// the SNAT address); default: the addresses of its Node object.
         #[arg(long, value_delimiter = ',')]
@@ -119,6 +98,23 @@ enum Cmd {
         #[arg(long, default_value_t = 1 << 20)]
         conntrack_max: usize,
     },
+}
+
+/// A manifest directory and who this gateway is (`table` and `explain`).
+#[derive(clap::Args)]
+struct Manifests {
+    /// Directory of Service, EndpointSlice and Node manifests (YAML or JSON).
+    #[arg(long)]
+    manifests: PathBuf,
+    /// This gateway's node name (default: $NODE_NAME, else the hostname).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Zone, when no Node object gives topology.kubernetes.io/zone.
+    #[arg(long)]
+    zone: Option<String>,
+    /// The cluster's pod CIDR(s), comma-separated: traffic from them is internal.
+    #[arg(long, value_delimiter = ',')]
+    cluster_cidr: Vec<String>,
 }
 
 /// Where objects come from and who this gateway is (`watch` and `run`).
@@ -181,16 +177,12 @@ fn main() -> ExitCode {
         .init();
     match Cli::parse().cmd {
         Cmd::Lab { json } => lab(json),
-        Cmd::Explain { manifests, node_name, zone, cluster_cidr, node_address, packet, json } => {
-            explain(&manifests, node_name.as_deref(), zone.as_deref(), &cluster_cidr, node_address, &packet, json)
-        }
-        Cmd::Table { manifests, node_name, zone, cluster_cidr, json } => {
-            table(&manifests, node_name.as_deref(), zone.as_deref(), &cluster_cidr, json)
-        }
+        Cmd::Explain { from, node_address, packet, json } => explain(&from, node_address, &packet, json),
+        Cmd::Table { from, json } => table(&from, json),
         Cmd::Watch { source: Source { manifests, kubeconfig, node_name, zone, poll_ms }, metrics_bind_address } => {
-            let Some(name) = node::node_name(node_name.as_deref()) else {
-                eprintln!("xskgate: no node name: pass --node-name or set NODE_NAME");
-                return ExitCode::from(2);
+            let name = match node_name_or_exit(node_name.as_deref()) {
+                Ok(n) => n,
+                Err(code) => return code,
             };
             let runtime = match runtime() {
                 Ok(r) => r,
@@ -210,20 +202,11 @@ fn main() -> ExitCode {
             metrics_bind_address,
             conntrack_max,
         } => {
-            let Some(name) = node::node_name(node_name.as_deref()) else {
-                eprintln!("xskgate: no node name: pass --node-name or set NODE_NAME");
-                return ExitCode::from(2);
-            };
-            let mut cidrs = Vec::new();
-            for c in &cluster_cidr {
-                match c.parse::<Cidr>() {
-                    Ok(c) => cidrs.push(c),
-                    Err(e) => {
-                        eprintln!("xskgate: --cluster-cidr {c:?}: {e}");
-                        return ExitCode::from(2);
-                    }
-                }
-            }
+            let (name, cidrs) =
+                match node_name_or_exit(node_name.as_deref()).and_then(|n| Ok((n, parse_cidrs(&cluster_cidr)?))) {
+                    Ok(given) => given,
+                    Err(code) => return code,
+                };
             let snat_ports = match parse_ports(&snat_ports) {
                 Ok(p) => p,
                 Err(e) => {
@@ -350,15 +333,8 @@ fn lab(json: bool) -> ExitCode {
     }
 }
 
-fn explain(
-    dir: &std::path::Path,
-    name: Option<&str>,
-    zone: Option<&str>,
-    cidrs: &[String],
-    addresses: Vec<std::net::IpAddr>,
-    packet: &str,
-    json: bool,
-) -> ExitCode {
+fn explain(from: &Manifests, addresses: Vec<std::net::IpAddr>, packet: &str, json: bool) -> ExitCode {
+    let Manifests { manifests: dir, node_name: name, zone, cluster_cidr: cidrs } = from;
     use xskgate_control::explain;
     let spec: explain::PacketSpec = match packet.parse() {
         Ok(p) => p,
@@ -367,36 +343,14 @@ fn explain(
             return ExitCode::from(2);
         }
     };
-    let mut pod_cidrs = Vec::new();
-    for c in cidrs {
-        match c.parse::<Cidr>() {
-            Ok(c) => pod_cidrs.push(c),
-            Err(e) => {
-                eprintln!("xskgate: --cluster-cidr {c:?}: {e}");
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let Some(name) = node::node_name(name) else {
-        eprintln!("xskgate: no node name: pass --node-name or set NODE_NAME");
-        return ExitCode::from(2);
+    let given = parse_cidrs(cidrs).and_then(|c| Ok((c, node_name_or_exit(name.as_deref())?, load_state(dir)?)));
+    let (pod_cidrs, name, state) = match given {
+        Ok(given) => given,
+        Err(code) => return code,
     };
-    let loaded = match manifest::load_dir(dir) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("xskgate: cannot read manifest directory {}: {e}", dir.display());
-            return ExitCode::FAILURE;
-        }
-    };
-    for w in &loaded.warnings {
-        warn!("{w}");
-    }
-    let (state, warnings) = ClusterState::from_objects(loaded.objects);
-    for w in &warnings {
-        warn!("{w}");
-    }
     let addresses = if addresses.is_empty() { state.node_addresses(&name) } else { addresses };
-    let gw = explain::Gateway { node: node::identity(name, zone, &state), addresses, pod_cidrs, snat: Vec::new() };
+    let identity = node::identity(name, zone.as_deref(), &state);
+    let gw = explain::Gateway { node: identity, addresses, pod_cidrs, snat: Vec::new() };
     let (table, entries) = explain::table(&state, &gw);
     let x = explain::explain(&spec, packet, &table, &entries, &state, &gw);
     if json {
@@ -407,24 +361,33 @@ fn explain(
     ExitCode::SUCCESS
 }
 
-fn table(dir: &std::path::Path, name: Option<&str>, zone: Option<&str>, cidrs: &[String], json: bool) -> ExitCode {
-    for c in cidrs {
-        if let Err(e) = c.parse::<Cidr>() {
-            eprintln!("xskgate: --cluster-cidr {c:?}: {e}");
-            return ExitCode::from(2);
-        }
-    }
-    let Some(name) = node::node_name(name) else {
+/// `--cluster-cidr` values, or the exit code after saying which is wrong.
+fn parse_cidrs(cidrs: &[String]) -> Result<Vec<Cidr>, ExitCode> {
+    cidrs
+        .iter()
+        .map(|c| {
+            c.parse::<Cidr>().map_err(|e| {
+                eprintln!("xskgate: --cluster-cidr {c:?}: {e}");
+                ExitCode::from(2)
+            })
+        })
+        .collect()
+}
+
+/// This gateway's node name (`--node-name`, `$NODE_NAME`, the hostname).
+fn node_name_or_exit(name: Option<&str>) -> Result<String, ExitCode> {
+    node::node_name(name).ok_or_else(|| {
         eprintln!("xskgate: no node name: pass --node-name or set NODE_NAME");
-        return ExitCode::from(2);
-    };
-    let loaded = match manifest::load_dir(dir) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("xskgate: cannot read manifest directory {}: {e}", dir.display());
-            return ExitCode::FAILURE;
-        }
-    };
+        ExitCode::from(2)
+    })
+}
+
+/// The cluster state of a manifest directory, its warnings logged.
+fn load_state(dir: &std::path::Path) -> Result<ClusterState, ExitCode> {
+    let loaded = manifest::load_dir(dir).map_err(|e| {
+        eprintln!("xskgate: cannot read manifest directory {}: {e}", dir.display());
+        ExitCode::FAILURE
+    })?;
     for w in &loaded.warnings {
         warn!("{w}");
     }
@@ -432,7 +395,17 @@ fn table(dir: &std::path::Path, name: Option<&str>, zone: Option<&str>, cidrs: &
     for w in &warnings {
         warn!("{w}");
     }
-    let identity = node::identity(name, zone, &state);
+    Ok(state)
+}
+
+fn table(from: &Manifests, json: bool) -> ExitCode {
+    let Manifests { manifests: dir, node_name: name, zone, cluster_cidr: cidrs } = from;
+    let given = parse_cidrs(cidrs).and_then(|_| Ok((node_name_or_exit(name.as_deref())?, load_state(dir)?)));
+    let (name, state) = match given {
+        Ok(given) => given,
+        Err(code) => return code,
+    };
+    let identity = node::identity(name, zone.as_deref(), &state);
     let t = state.translate(&identity);
     for w in &t.warnings {
         warn!("{w}");
