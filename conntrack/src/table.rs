@@ -1779,6 +1779,23 @@ impl FlowTable {
         removed
     }
 
+    /// Visits every flow without collecting them (for counts over a large
+    /// table: `xskgate status`). Not for the hot path.
+    pub fn for_each(&self, mut f: impl FnMut(&FlowInfo)) {
+        for i in 0..self.n {
+            if let Some((_, info)) = self.info_at(i) {
+                f(&info);
+            }
+        }
+    }
+
+    /// The whole flow a lookup found (either direction), for diagnostics
+    /// (`xskgate explain --gateway`); `None` if it went away since.
+    pub fn info(&self, v: &FlowView) -> Option<FlowInfo> {
+        let original = if v.dir == Dir::Original { v.slot } else { v.peer_slot };
+        self.info_at(original as usize).map(|(_, f)| f)
+    }
+
     /// Every flow, for diagnostics and tests. Allocates; not for the hot path.
     pub fn flows(&self) -> Vec<FlowInfo> {
         (0..self.n).filter_map(|i| self.info_at(i).map(|(_, f)| f)).collect()

@@ -39,6 +39,16 @@ fn full_table_refuses_new_flows_and_keeps_established_ones() {
     }
     let flows = t.flows();
     assert_eq!(flows.len(), N as usize);
+    // Diagnostics see the same flows: a count without collecting, and the
+    // whole flow from a lookup of either direction.
+    let mut visited = 0;
+    t.for_each(|_| visited += 1);
+    assert_eq!(visited, N as usize);
+    let f = flow(7, FlowState::Udp { replied: false });
+    for key in [f.orig, f.reply] {
+        let info = t.info(&t.lookup(&key).unwrap()).unwrap();
+        assert_eq!((info.orig, info.reply, info.backend), (f.orig, f.reply, 7));
+    }
     assert!(flows.iter().all(|f| f.packets == [1, 0] && f.bytes == [100, 0] && f.last_seen == 11));
     // An existing flow is still answered as Existing, not refused.
     assert!(matches!(t.insert(&flow(3, FlowState::Udp { replied: false }), 13), Ok(Inserted::Existing(_))));
