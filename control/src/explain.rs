@@ -8,6 +8,11 @@
 //! second implementation. The control plane's translation adds what the
 //! fast path does not keep: each endpoint of the Service port, and why it is
 //! in or out of the set the policy uses.
+//!
+//! Against a running gateway (`--gateway`, answered by [`crate::admin`]) the
+//! table is the live one, and a conntrack entry the packet belongs to is
+//! copied into the scratch table first, so the trace is the tracked
+//! path the real packet would take; the live tables are never written.
 
 use crate::object::Key;
 use crate::publish::Publisher;
@@ -16,7 +21,7 @@ use crate::translate::{EndpointInfo, NodeIdentity, PortEntry, collect_endpoints,
 use serde::Serialize;
 use std::net::IpAddr;
 use std::sync::Arc;
-use xskgate_conntrack::{Addr, Config, FlowKey, FlowTable};
+use xskgate_conntrack::{Addr, Config, Dir, FlowKey, FlowTable, NewFlow};
 use xskgate_fastpath::trace::{Recorder, Step};
 use xskgate_fastpath::{
     AffinityTable, Frame, FrontendKind, MasqueradeRule, NodeConfig, ServiceTable, ServiceTableHandle, Tables,
@@ -204,6 +209,7 @@ pub struct Gateway {
     pub addresses: Vec<IpAddr>,
     pub pod_cidrs: Vec<xskgate_fastpath::Cidr>,
     pub snat: Vec<IpAddr>,
+    pub vip_echo: xskgate_fastpath::VipEcho,
 }
 
 /// One endpoint of the Service port, in or out of the set the policy uses.
@@ -243,7 +249,31 @@ pub struct Explanation {
     pub snat: bool,
     /// The tuple after the rewrite.
     pub translated: Option<Translated>,
+    /// The live conntrack entry the packet belongs to (`--gateway` only).
+    pub conntrack: Option<ConntrackMatch>,
     pub steps: Vec<StepRow>,
+}
+
+/// A live conntrack entry the packet belongs to.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ConntrackMatch {
+    /// `original` (client → Service) or `reply` (endpoint → client).
+    pub direction: &'static str,
+    pub state: &'static str,
+    /// Seconds since either direction was last seen.
+    pub idle_seconds: u32,
+    pub original: String,
+    pub reply: String,
+    /// What a packet of this direction is rewritten to.
+    pub rewrite: String,
+}
+
+/// The live tables of a running gateway that `explain` reads besides the
+/// service table.
+pub struct Live<'a> {
+    pub conntrack: &'a FlowTable,
+    /// The conntrack clock now (whole seconds since the daemon started).
+    pub now: u32,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -274,6 +304,7 @@ pub fn table(state: &ClusterState, gw: &Gateway) -> (Arc<ServiceTable>, Vec<Port
         snat_v6: family(false),
         snat_ports: (1024, 29_999),
         snat_routes: Vec::new(),
+        vip_echo: gw.vip_echo,
     };
     let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
     let mut publisher = Publisher::new(handle.clone(), None, node);
@@ -300,7 +331,7 @@ fn endpoint_row(
         "ready".to_string()
     } else if on_other_node {
         format!("on node {}, not this node ({})", node.as_deref().unwrap_or("(none)"), ours.name)
-    } else if !e.ready && !(e.serving && e.terminating) {
+    } else if !(e.ready || e.serving && e.terminating) {
         "not ready".to_string()
     } else if !e.ready {
         "terminating (ready endpoints exist)".to_string()
@@ -313,16 +344,60 @@ fn endpoint_row(
     EndpointRow { address: e.display(), node, usable, why }
 }
 
-/// Runs `packet` through the pipeline against `table` and explains it.
+impl PacketSpec {
+    /// The flow key the pipeline parses from the frame (`None` for echo).
+    pub fn key(&self) -> Option<FlowKey> {
+        let proto = match self.proto {
+            PacketProto::Tcp => xskgate_conntrack::Proto::TCP,
+            PacketProto::Udp => xskgate_conntrack::Proto::UDP,
+            PacketProto::Echo => return None,
+        };
+        Some(FlowKey {
+            proto,
+            src: Addr::from(self.src),
+            sport: self.sport,
+            dst: Addr::from(self.dst),
+            dport: self.dport,
+        })
+    }
+}
+
+/// Runs `packet` through the pipeline against `table` on the node `node`
+/// and explains it; with `live`, the packet's live conntrack entry (if
+/// any) is copied into the scratch table first.
 pub fn explain(
     packet: &PacketSpec,
     text: &str,
     table: &ServiceTable,
     entries: &[PortEntry],
     state: &ClusterState,
-    gw: &Gateway,
+    node: &NodeIdentity,
+    live: Option<&Live<'_>>,
 ) -> Explanation {
     let conntrack = FlowTable::new(Config { capacity: 64, ..Config::default() }).expect("a small table");
+    let mut tracked = None;
+    if let (Some(live), Some(key)) = (live, packet.key())
+        && let Some(view) = live.conntrack.lookup(&key)
+        && let Some(info) = live.conntrack.info(&view)
+    {
+        let copy = NewFlow {
+            orig: info.orig,
+            reply: info.reply,
+            backend: info.backend,
+            service: info.service,
+            state: info.state,
+        };
+        // A table of 64 takes one flow; a refusal only loses the copy.
+        let _ = conntrack.insert(&copy, 1);
+        tracked = Some(ConntrackMatch {
+            direction: if view.dir == Dir::Original { "original" } else { "reply" },
+            state: info.state.name(),
+            idle_seconds: live.now.saturating_sub(info.last_seen),
+            original: tuple(&info.orig),
+            reply: tuple(&info.reply),
+            rewrite: tuple(&view.rewrite()),
+        });
+    }
     let affinity = AffinityTable::new(64);
     let tables = Tables { services: table, conntrack: &conntrack, affinity: &affinity };
     let mut bytes = packet.frame();
@@ -333,6 +408,7 @@ pub fn explain(
     let mut recorder = Recorder::default();
     process_batch_traced(&mut frames, &tables, &mut WorkerState::new(), 1, &mut verdicts, &mut recorder);
 
+    let live_match = tracked.clone();
     let mut x = Explanation {
         packet: text.to_string(),
         verdict: "pass",
@@ -344,6 +420,7 @@ pub fn explain(
         endpoint: None,
         snat: false,
         translated: None,
+        conntrack: tracked,
         steps: Vec::new(),
     };
     let mut line = |stage: &'static str, decision: String, why: String| x.steps.push(StepRow { stage, decision, why });
@@ -360,8 +437,34 @@ pub fn explain(
         match *step {
             Step::Parsed { key } => line("parse", tuple(&key), "a TCP or UDP packet: its flow is looked up".into()),
             Step::Tracked { service } => {
-                let name = table.ports().iter().find(|p| p.id == service).map(|p| p.name.to_string());
-                line("conntrack", "a tracked flow".into(), format!("of {}", name.unwrap_or_default()));
+                let port = table.ports().iter().find(|p| p.id == service);
+                let name = port.map(|p| p.name.to_string());
+                entry = port.and_then(|p| find_entry(entries, p));
+                let why = match &live_match {
+                    Some(m) => format!(
+                        "{} direction of a flow of {}, state {}, idle {} s",
+                        m.direction,
+                        name.unwrap_or_default(),
+                        m.state,
+                        m.idle_seconds
+                    ),
+                    None => format!("of {}", name.unwrap_or_default()),
+                };
+                line("conntrack", "a tracked flow".into(), why);
+            }
+            Step::Echo { service } => {
+                let vip = packet.dst;
+                match service.and_then(|id| table.port(id)) {
+                    Some(p) => {
+                        entry = find_entry(entries, p);
+                        line("echo", format!("answered for {vip}"), format!("Service port {} is served here", p.name));
+                    }
+                    None => line(
+                        "echo",
+                        format!("not answered for {vip}"),
+                        "no Service of this VIP has a usable endpoint for its policy here".into(),
+                    ),
+                }
             }
             Step::Frontend { service: None } => {
                 line("frontend", "no Service has this frontend".into(), nearest(packet, entries));
@@ -369,14 +472,7 @@ pub fn explain(
             Step::Frontend { service: Some((id, k)) } => {
                 kind = Some(k);
                 let port = table.ports().iter().find(|p| p.id == id);
-                entry = port.and_then(|p| {
-                    entries.iter().find(|e| {
-                        e.namespace == p.name.namespace
-                            && e.name == p.name.name
-                            && e.port_name == p.name.port_name
-                            && e.proto == p.proto
-                    })
-                });
+                entry = port.and_then(|p| find_entry(entries, p));
                 let name = port.map(|p| p.name.to_string()).unwrap_or_default();
                 line(
                     "frontend",
@@ -419,7 +515,7 @@ pub fn explain(
                     let key: Key = (e.namespace.clone(), e.name.clone());
                     let slices = state.service_slices(&key);
                     for info in collect_endpoints(&slices, &e.port_name, e.proto) {
-                        let row = endpoint_row(&info, set, p, &gw.node);
+                        let row = endpoint_row(&info, set, p, node);
                         let mark = if row.usable { "in" } else { "out" };
                         line("endpoint set", format!("{} {mark}", row.address), row.why.clone());
                         endpoints.push(row);
@@ -478,6 +574,9 @@ pub fn explain(
             "pass".to_string(),
             "not a Service's packet: the kernel's (ping of the node, SSH, …)".to_string(),
         ),
+        Verdict::Reply if packet.proto == PacketProto::Echo => {
+            ("reply", None, "reply".to_string(), "an echo reply from the VIP goes back to the client".to_string())
+        }
         Verdict::Reply => (
             "reply",
             None,
@@ -501,6 +600,16 @@ pub fn explain(
         x.service = entry.map(|e| format!("{}/{}:{}", e.namespace, e.name, e.port_name));
     }
     x
+}
+
+/// The translated entry of a service port of the table.
+fn find_entry<'a>(entries: &'a [PortEntry], p: &xskgate_fastpath::ServicePort) -> Option<&'a PortEntry> {
+    entries.iter().find(|e| {
+        e.namespace == p.name.namespace
+            && e.name == p.name.name
+            && e.port_name == p.name.port_name
+            && e.proto == p.proto
+    })
 }
 
 /// Frontends that share the packet's address or its port, for "no Service
@@ -530,12 +639,19 @@ fn nearest(packet: &PacketSpec, entries: &[PortEntry]) -> String {
 
 /// The text an operator reads: one line per stage.
 pub fn to_text(x: &Explanation) -> String {
-    let mut out = format!("packet         {}\n", x.packet);
-    for s in &x.steps {
-        if s.why.is_empty() {
-            out.push_str(&format!("{:<14} {}\n", s.stage, s.decision));
+    value_to_text(&serde_json::to_value(x).expect("serializable"))
+}
+
+/// [`to_text`] of the JSON form (what `--gateway` receives).
+pub fn value_to_text(x: &serde_json::Value) -> String {
+    let field = |v: &serde_json::Value, k: &str| v.get(k).and_then(|s| s.as_str()).unwrap_or("").to_string();
+    let mut out = format!("packet         {}\n", field(x, "packet"));
+    for s in x.get("steps").and_then(|s| s.as_array()).into_iter().flatten() {
+        let (stage, decision, why) = (field(s, "stage"), field(s, "decision"), field(s, "why"));
+        if why.is_empty() {
+            out.push_str(&format!("{stage:<14} {decision}\n"));
         } else {
-            out.push_str(&format!("{:<14} {}  ({})\n", s.stage, s.decision, s.why));
+            out.push_str(&format!("{stage:<14} {decision}  ({why})\n"));
         }
     }
     out

@@ -23,7 +23,10 @@
 //! - [`netlink`]: interfaces, addresses, routes and neighbours over rtnetlink.
 //! - [`lab`]: `xskgate lab`, the reference topology on this machine.
 //! - [`run`]: `xskgate run`, the daemon (data path, servers, control loop).
+//! - [`admin`]: its admin endpoint (`/status`, `/explain`, `/capture`) and
+//!   the clients `xskgate status`, `explain --gateway` and `capture`.
 
+pub mod admin;
 pub mod controller;
 pub mod explain;
 pub mod health;

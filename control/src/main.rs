@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing::warn;
 use xskgate_control::{manifest, node, state::ClusterState, table_cmd};
-use xskgate_fastpath::Cidr;
+use xskgate_fastpath::{Cidr, VipEcho};
 
 /// mimalloc rather than glibc's malloc: after a manifest poll or a watch
 /// event frees thousands of small objects, glibc's next allocation of an
@@ -22,6 +22,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once; `Run`'s many flags make it the largest variant, which is fine.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Build seed 003/004's reference topology here (namespaces and veths; needs
@@ -41,10 +43,18 @@ enum Cmd {
         json: bool,
     },
     /// Run one packet through the real pipeline against the table the manifests give
-    /// this gateway, and print every stage's decision.
+    /// this gateway (--manifests), or against a running gateway's live tables
+    /// (--gateway), and print every stage's decision.
     Explain {
         #[command(flatten)]
         from: Manifests,
+        /// A running gateway's admin endpoint (`xskgate run --admin-bind-address`):
+        /// explain against its live tables and conntrack instead of manifests.
+        #[arg(long, conflicts_with = "manifests", num_args = 0..=1, default_missing_value = xskgate_control::admin::DEFAULT_BIND)]
+        gateway: Option<std::net::SocketAddr>,
+        /// Which echo requests to VIPs the gateway answers (as `run --vip-echo`).
+        #[arg(long, default_value = "served")]
+        vip_echo: VipEcho,
         /// This gateway's addresses (NodePorts answer on them; the first of a family is
         /// the SNAT address); default: the addresses of its Node object.
         #[arg(long, value_delimiter = ',')]
@@ -56,6 +66,36 @@ enum Cmd {
         /// One JSON object instead of one line per stage.
         #[arg(long)]
         json: bool,
+    },
+    /// What a running gateway serves: one row per Service port (frontends, policy,
+    /// usable endpoints, health check, packets, bytes, drops by reason) under a
+    /// header (node, interfaces, conntrack, SNAT, table generation).
+    Status {
+        /// The gateway's admin endpoint.
+        #[arg(long, default_value = xskgate_control::admin::DEFAULT_BIND)]
+        gateway: std::net::SocketAddr,
+        /// The JSON the gateway sends instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Capture the packets a running gateway drops, for some seconds, into a pcapng
+    /// file with each drop's reason as the packet's comment (tshark -e frame.comment).
+    Capture {
+        /// The gateway's admin endpoint.
+        #[arg(long, default_value = xskgate_control::admin::DEFAULT_BIND)]
+        gateway: std::net::SocketAddr,
+        /// How long to capture (1 to 300).
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Drop reasons to capture, comma-separated (default: all), e.g. no_local_endpoints.
+        #[arg(long, default_value = "")]
+        reasons: String,
+        /// At most this many packets per second.
+        #[arg(long, default_value_t = xskgate_fastpath::io::capture::DEFAULT_RATE)]
+        rate: u32,
+        /// The file to write.
+        #[arg(short = 'w', long = "write")]
+        write: PathBuf,
     },
     /// Run the control loop without a data path: follow the manifest directory or
     /// the Kubernetes API, publish the table, log every change (a dry run of `run`).
@@ -97,6 +137,24 @@ enum Cmd {
         /// Conntrack capacity in flows.
         #[arg(long, default_value_t = 1 << 20)]
         conntrack_max: usize,
+        /// The admin endpoint (`xskgate status`, `explain --gateway`, `capture`);
+        /// keep it on loopback: it shows the whole table and copies dropped packets.
+        #[arg(long, default_value = xskgate_control::admin::DEFAULT_BIND)]
+        admin_bind_address: std::net::SocketAddr,
+        /// Echo requests to a LoadBalancer IP or externalIP: answered only where the
+        /// Service is served (served), always, or left to the kernel (never).
+        #[arg(long, default_value = "served")]
+        vip_echo: VipEcho,
+        /// Write every dropped packet (within --capture-rate) to this pcapng file, the
+        /// drop reason in each packet's comment.
+        #[arg(long)]
+        capture_drops: Option<PathBuf>,
+        /// Drop reasons --capture-drops keeps, comma-separated (default: all).
+        #[arg(long, default_value = "")]
+        capture_reasons: String,
+        /// At most this many captured packets per second.
+        #[arg(long, default_value_t = xskgate_fastpath::io::capture::DEFAULT_RATE)]
+        capture_rate: u32,
     },
 }
 
@@ -105,7 +163,7 @@ enum Cmd {
 struct Manifests {
     /// Directory of Service, EndpointSlice and Node manifests (YAML or JSON).
     #[arg(long)]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
     /// This gateway's node name (default: $NODE_NAME, else the hostname).
     #[arg(long)]
     node_name: Option<String>,
@@ -177,7 +235,18 @@ fn main() -> ExitCode {
         .init();
     match Cli::parse().cmd {
         Cmd::Lab { json } => lab(json),
-        Cmd::Explain { from, node_address, packet, json } => explain(&from, node_address, &packet, json),
+        Cmd::Explain { from, gateway: Some(gateway), packet, json, .. } => {
+            if from.node_name.is_some() || from.zone.is_some() || !from.cluster_cidr.is_empty() {
+                eprintln!("xskgate: --gateway explains with the gateway's own node, zone and CIDRs; drop the others");
+                return ExitCode::from(2);
+            }
+            explain_live(gateway, &packet, json)
+        }
+        Cmd::Explain { from, gateway: None, node_address, packet, json, vip_echo } => {
+            explain(&from, node_address, vip_echo, &packet, json)
+        }
+        Cmd::Status { gateway, json } => status(gateway, json),
+        Cmd::Capture { gateway, seconds, reasons, rate, write } => capture(gateway, seconds, &reasons, rate, &write),
         Cmd::Table { from, json } => table(&from, json),
         Cmd::Watch { source: Source { manifests, kubeconfig, node_name, zone, poll_ms }, metrics_bind_address } => {
             let name = match node_name_or_exit(node_name.as_deref()) {
@@ -201,7 +270,23 @@ fn main() -> ExitCode {
             healthz_bind_address,
             metrics_bind_address,
             conntrack_max,
+            admin_bind_address,
+            vip_echo,
+            capture_drops,
+            capture_reasons,
+            capture_rate,
         } => {
+            let capture_reasons = match xskgate_control::admin::parse_reasons(&capture_reasons) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("xskgate: --capture-reasons: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if capture_rate == 0 {
+                eprintln!("xskgate: --capture-rate: at least 1 packet per second");
+                return ExitCode::from(2);
+            }
             let (name, cidrs) =
                 match node_name_or_exit(node_name.as_deref()).and_then(|n| Ok((n, parse_cidrs(&cluster_cidr)?))) {
                     Ok(given) => given,
@@ -228,6 +313,11 @@ fn main() -> ExitCode {
                 metrics_bind: metrics_bind_address,
                 conntrack_capacity: conntrack_max,
                 poll: std::time::Duration::from_millis(poll_ms),
+                admin_bind: admin_bind_address,
+                vip_echo,
+                capture_drops,
+                capture_reasons,
+                capture_rate,
             };
             let runtime = match runtime() {
                 Ok(r) => r,
@@ -333,8 +423,109 @@ fn lab(json: bool) -> ExitCode {
     }
 }
 
-fn explain(from: &Manifests, addresses: Vec<std::net::IpAddr>, packet: &str, json: bool) -> ExitCode {
+/// The manifest directory, or the exit code after saying it is missing.
+fn manifests_or_exit<'a>(dir: Option<&'a std::path::Path>, alternative: &str) -> Result<&'a std::path::Path, ExitCode> {
+    dir.ok_or_else(|| {
+        eprintln!("xskgate: --manifests DIR is required{alternative}");
+        ExitCode::from(2)
+    })
+}
+
+/// Runs `f` on a fresh runtime.
+fn block_on<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
+    match runtime() {
+        Ok(r) => r.block_on(f),
+        Err(code) => code,
+    }
+}
+
+fn explain_live(gateway: std::net::SocketAddr, packet: &str, json: bool) -> ExitCode {
+    // Checked here too, so that a typo is named without a round trip.
+    if let Err(e) = packet.parse::<xskgate_control::explain::PacketSpec>() {
+        eprintln!("xskgate: {e}");
+        return ExitCode::from(2);
+    }
+    block_on(async {
+        match xskgate_control::admin::fetch_explain(gateway, packet).await {
+            Ok(x) if json => {
+                println!("{}", serde_json::to_string_pretty(&x).expect("serializable"));
+                ExitCode::SUCCESS
+            }
+            Ok(x) => {
+                print!("{}", xskgate_control::explain::value_to_text(&x));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("xskgate: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn status(gateway: std::net::SocketAddr, json: bool) -> ExitCode {
+    block_on(async {
+        match xskgate_control::admin::fetch_status(gateway).await {
+            Ok(s) if json => {
+                println!("{}", serde_json::to_string_pretty(&s).expect("serializable"));
+                ExitCode::SUCCESS
+            }
+            Ok(s) => {
+                print!("{}", xskgate_control::admin::to_text(&s));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("xskgate: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn capture(gateway: std::net::SocketAddr, seconds: u64, reasons: &str, rate: u32, write: &std::path::Path) -> ExitCode {
+    use xskgate_control::admin;
+    if let Err(e) = admin::parse_reasons(reasons) {
+        eprintln!("xskgate: --reasons: {e}");
+        return ExitCode::from(2);
+    }
+    if !(1..=admin::MAX_CAPTURE_SECONDS).contains(&seconds) || rate == 0 {
+        eprintln!("xskgate: --seconds 1 to {} and --rate at least 1", admin::MAX_CAPTURE_SECONDS);
+        return ExitCode::from(2);
+    }
+    let path = format!("/capture?seconds={seconds}&reasons={}&rate={rate}", admin::encode(reasons));
+    block_on(async {
+        let timeout = std::time::Duration::from_secs(seconds + 10);
+        match admin::get(gateway, &path, timeout).await {
+            Ok(body) => match std::fs::write(write, &body) {
+                Ok(()) => {
+                    eprintln!("xskgate: {} bytes of pcapng written to {}", body.len(), write.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("xskgate: cannot write {}: {e}", write.display());
+                    ExitCode::FAILURE
+                }
+            },
+            Err(e) => {
+                eprintln!("xskgate: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn explain(
+    from: &Manifests,
+    addresses: Vec<std::net::IpAddr>,
+    vip_echo: VipEcho,
+    packet: &str,
+    json: bool,
+) -> ExitCode {
     let Manifests { manifests: dir, node_name: name, zone, cluster_cidr: cidrs } = from;
+    let dir = match manifests_or_exit(dir.as_deref(), " (or --gateway ADDR, to explain against a running gateway)") {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
     use xskgate_control::explain;
     let spec: explain::PacketSpec = match packet.parse() {
         Ok(p) => p,
@@ -350,9 +541,9 @@ fn explain(from: &Manifests, addresses: Vec<std::net::IpAddr>, packet: &str, jso
     };
     let addresses = if addresses.is_empty() { state.node_addresses(&name) } else { addresses };
     let identity = node::identity(name, zone.as_deref(), &state);
-    let gw = explain::Gateway { node: identity, addresses, pod_cidrs, snat: Vec::new() };
+    let gw = explain::Gateway { node: identity, addresses, pod_cidrs, snat: Vec::new(), vip_echo };
     let (table, entries) = explain::table(&state, &gw);
-    let x = explain::explain(&spec, packet, &table, &entries, &state, &gw);
+    let x = explain::explain(&spec, packet, &table, &entries, &state, &gw.node, None);
     if json {
         println!("{}", serde_json::to_string_pretty(&x).expect("serializable"));
     } else {
@@ -400,6 +591,10 @@ fn load_state(dir: &std::path::Path) -> Result<ClusterState, ExitCode> {
 
 fn table(from: &Manifests, json: bool) -> ExitCode {
     let Manifests { manifests: dir, node_name: name, zone, cluster_cidr: cidrs } = from;
+    let dir = match manifests_or_exit(dir.as_deref(), "") {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
     let given = parse_cidrs(cidrs).and_then(|_| Ok((node_name_or_exit(name.as_deref())?, load_state(dir)?)));
     let (name, state) = match given {
         Ok(given) => given,

@@ -205,6 +205,12 @@ pub fn render(s: &Sources) -> String {
     counter(&mut out, "xskgate_rejected_packets_total", "Rejects generated (TCP RST, ICMP port unreachable).", {
         pipeline.rejected
     });
+    counter(
+        &mut out,
+        "xskgate_echo_replies_total",
+        "Echo requests to a served LoadBalancer IP or externalIP answered by the gateway (--vip-echo).",
+        pipeline.echo_replies,
+    );
     counter(&mut out, "xskgate_passed_packets_total", "Packets the pipeline did not own.", pipeline.passed);
     counter(&mut out, "xskgate_flows_created_total", "Conntrack flows created.", pipeline.flows_created);
     counter(
@@ -253,6 +259,25 @@ pub fn render(s: &Sources) -> String {
                 escape(&p.name.port_name),
                 if p.frontends.first().is_some_and(|f| f.addr.is_v4()) { "ipv4" } else { "ipv6" },
             );
+        }
+    }
+    // Only the non-zero ones: 10,000 Services times every reason would be
+    // 120,000 lines of zeros.
+    let metric = "xskgate_service_drops_total";
+    let _ = writeln!(out, "# HELP {metric} Packets of a service port dropped, by reason (non-zero only).");
+    let _ = writeln!(out, "# TYPE {metric} counter");
+    for p in table.ports() {
+        for (r, n) in DropReason::ALL.iter().zip(pipeline.service_drops(p.id)) {
+            if *n > 0 {
+                let _ = writeln!(
+                    out,
+                    "{metric}{{namespace=\"{}\",name=\"{}\",port_name=\"{}\",reason=\"{}\"}} {n}",
+                    escape(&p.name.namespace),
+                    escape(&p.name.name),
+                    escape(&p.name.port_name),
+                    r.name(),
+                );
+            }
         }
     }
     out

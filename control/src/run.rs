@@ -7,8 +7,10 @@
 //! CAP_NET_ADMIN, CAP_SYS_ADMIN on older kernels) and attach it to each
 //! interface through a BPF link (it goes away with the process, also after
 //! SIGKILL); open one AF_XDP socket per (interface, queue); start one worker
-//! thread per queue; open `/healthz`, `/livez` and `/metrics`; then follow
-//! the manifest directory or the Kubernetes API.
+//! thread per queue; open `/healthz`, `/livez`, `/metrics` and the admin
+//! endpoint ([`crate::admin`]); then follow the manifest directory or the
+//! Kubernetes API. With `--capture-drops FILE`, dropped frames are written
+//! to FILE as pcapng (flushed every 100 ms and at exit).
 //!
 //! Every published table is followed by the steering maps and the
 //! healthCheckNodePort servers. The FIB follows rtnetlink notifications
@@ -33,10 +35,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 use xskgate_conntrack::{Addr, FlowTable};
+use xskgate_fastpath::io::capture::{DropCapture, reason_mask};
 use xskgate_fastpath::io::route::{Fib, NextHop};
 use xskgate_fastpath::io::steer::{SteerError, Steering};
 use xskgate_fastpath::io::xsk::{IoError, Port, Shared, Worker};
-use xskgate_fastpath::{AffinityTable, Cidr, NodeConfig, ServiceTable, ServiceTableHandle};
+use xskgate_fastpath::{AffinityTable, Cidr, Counters, NodeConfig, ServiceTable, ServiceTableHandle, VipEcho};
 
 /// Everything `xskgate run` is told.
 #[derive(Clone, Debug)]
@@ -54,6 +57,14 @@ pub struct RunConfig {
     pub metrics_bind: SocketAddr,
     pub conntrack_capacity: usize,
     pub poll: Duration,
+    pub admin_bind: SocketAddr,
+    pub vip_echo: VipEcho,
+    /// `--capture-drops`: where to write dropped frames (pcapng).
+    pub capture_drops: Option<PathBuf>,
+    /// Which reasons to capture (empty: all).
+    pub capture_reasons: Vec<xskgate_fastpath::DropReason>,
+    /// Captured packets per second, over all workers.
+    pub capture_rate: u32,
 }
 
 /// The node's addresses and SNAT choice, from the interfaces.
@@ -204,6 +215,8 @@ pub enum RunError {
     Thread(std::io::Error),
     #[error("cannot listen on --{flag} {addr}: {source}")]
     Listen { flag: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("cannot write the drop capture {}: {source}", path.display())]
+    Capture { path: PathBuf, source: std::io::Error },
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(std::io::Error),
     #[error(transparent)]
@@ -226,6 +239,27 @@ fn program_steering(steering: &Mutex<Steering>, local: &[Addr], table: &ServiceT
     if let Err(e) = s.follow(table, local) {
         m.steering_errors.fetch_add(1, Ordering::Relaxed);
         error!("steering map update: {e}; frames of the affected Services may go to the kernel");
+    }
+}
+
+/// Writes the frames captured so far to the `--capture-drops` file and
+/// flushes it; a write error is logged (the capture goes on).
+fn write_captured(
+    capture: &DropCapture,
+    path: &std::path::Path,
+    w: &mut crate::admin::PcapNg<std::io::BufWriter<std::fs::File>>,
+) {
+    let mut failed = None;
+    capture.drain(|c| {
+        if let Err(e) = w.write(c) {
+            failed.get_or_insert(e.to_string());
+        }
+    });
+    if let Err(e) = std::io::Write::flush(w.get_mut()) {
+        failed.get_or_insert(e.to_string());
+    }
+    if let Some(e) = failed {
+        warn!(file = %path.display(), "cannot write the drop capture: {e}");
     }
 }
 
@@ -275,6 +309,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         snat_v6: addressing.snat_v6,
         snat_ports: cfg.snat_ports,
         snat_routes: if cfg.snat_addresses.is_empty() { snat_routes(&ifindexes, &addrs, &fib) } else { Vec::new() },
+        vip_echo: cfg.vip_echo,
     };
     let conntrack = Arc::new(
         FlowTable::new(xskgate_conntrack::Config {
@@ -303,7 +338,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let steering = Arc::new(Mutex::new(steering));
     let (resolve_tx, mut resolve_rx) = tokio::sync::mpsc::channel::<(u32, Addr)>(1024);
     let stop = Arc::new(AtomicBool::new(false));
+    let capture = Arc::new(DropCapture::new());
     let shared = Shared {
+        capture: capture.clone(),
         services: handle.clone(),
         conntrack: conntrack.clone(),
         affinity,
@@ -337,6 +374,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             .map_err(RunError::Thread)?;
         workers.push(t);
     }
+    let worker_counters = snapshots.clone();
     let local: Vec<Addr> = addrs.iter().map(|a| Addr::from(a.addr)).collect();
     let dp = DataPath { steering: steering.clone(), local, stop, workers };
 
@@ -360,6 +398,33 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let (metrics_addr, _metrics) = metrics::serve(cfg.metrics_bind, sources)
         .await
         .map_err(|source| RunError::Listen { flag: "metrics-bind-address", addr: cfg.metrics_bind, source })?;
+    let interfaces: Vec<(u32, String)> = ifindexes.iter().copied().zip(cfg.interfaces.iter().cloned()).collect();
+    let capturing = Arc::new(AtomicBool::new(false));
+    let mut capture_file = match &cfg.capture_drops {
+        Some(path) => {
+            let file =
+                std::fs::File::create(path).map_err(|source| RunError::Capture { path: path.clone(), source })?;
+            let w = crate::admin::PcapNg::new(std::io::BufWriter::new(file), &interfaces)
+                .map_err(|e| RunError::Capture { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
+            capturing.store(true, Ordering::Release);
+            capture.start(reason_mask(&cfg.capture_reasons), cfg.capture_rate);
+            Some((path.clone(), w))
+        }
+        None => None,
+    };
+    let (admin_tx, mut admin_rx) = tokio::sync::mpsc::channel(16);
+    let admin = crate::admin::Admin {
+        requests: admin_tx,
+        capture: capture.clone(),
+        capturing,
+        conntrack: conntrack.clone(),
+        interfaces,
+    };
+    let (admin_addr, _admin) = crate::admin::serve(cfg.admin_bind, admin).await.map_err(|source| RunError::Listen {
+        flag: "admin-bind-address",
+        addr: cfg.admin_bind,
+        source,
+    })?;
     let mut service_health = ServiceHealth::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), proxy_health.clone());
 
     let mut publisher = Publisher::new(handle.clone(), Some(conntrack.clone()), node.clone());
@@ -390,6 +455,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         snat_by_egress = %node.snat_routes.iter().map(|(c, a)| format!("{c}->{a}")).collect::<Vec<_>>().join(","),
         healthz = %healthz_addr,
         metrics = %metrics_addr,
+        admin = %admin_addr,
+        vip_echo = cfg.vip_echo.name(),
+        capture_drops = %cfg.capture_drops.as_ref().map_or_else(|| "off".into(), |p| p.display().to_string()),
         start_ms = started.elapsed().as_millis() as u64,
         "xskgate running"
     );
@@ -403,6 +471,8 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let mut sweep_cursor = 0usize;
     let epoch = shared.epoch;
     let mut services_summary_logged = false;
+    let mut published_at = Instant::now();
+    let mut capture_tick = tokio::time::interval(Duration::from_millis(100));
 
     loop {
         tokio::select! {
@@ -412,7 +482,46 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                 let Some(out) = out else { error!("the {} source ended", control.source_name()); break; };
                 service_health.sync(&wanted(control.controller().publisher().entries())).await;
                 if out.published {
+                    published_at = Instant::now();
                     resolve_endpoints(&mirror, &fib_handle, &handle.load(), &ifindexes).await;
+                }
+            }
+            Some(request) = admin_rx.recv() => {
+                let table = handle.load_full();
+                let entries: Vec<_> = control.controller().publisher().entries().cloned().collect();
+                match request {
+                    crate::admin::Request::Status(reply) => {
+                        let mut counters = Counters::default();
+                        for w in &worker_counters {
+                            counters.add(&w.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pipeline);
+                        }
+                        let status = crate::admin::status(&crate::admin::StatusInput {
+                            node: &cfg.node_name,
+                            interfaces: &cfg.interfaces,
+                            source: control.source_name(),
+                            uptime: started.elapsed(),
+                            table: &table,
+                            table_age: published_at.elapsed(),
+                            entries: &entries,
+                            counters: &counters,
+                            conntrack: &conntrack,
+                            health_open: &service_health.ports(),
+                            proxy_healthy: proxy_health.is_healthy().0,
+                            capture: capture_file.is_some().then(|| capture.stats()),
+                        });
+                        let _ = reply.send(status);
+                    }
+                    crate::admin::Request::Explain { packet, text, reply } => {
+                        let live = crate::explain::Live { conntrack: &conntrack, now: epoch.elapsed().as_secs() as u32 };
+                        let c = control.controller();
+                        let x = crate::explain::explain(&packet, &text, &table, &entries, c.state(), c.identity(), Some(&live));
+                        let _ = reply.send(x);
+                    }
+                }
+            }
+            _ = capture_tick.tick(), if capture_file.is_some() => {
+                if let Some((path, w)) = capture_file.as_mut() {
+                    write_captured(&capture, path, w);
                 }
             }
             Some(first) = resolve_rx.recv() => {
@@ -478,6 +587,12 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     }
     drop(service_health);
     dp.shutdown();
+    if let Some((path, mut w)) = capture_file {
+        capture.stop();
+        write_captured(&capture, &path, &mut w);
+        let s = capture.stats();
+        info!(file = %path.display(), captured = s.captured, rate_limited = s.rate_limited, overflow = s.overflow, "drop capture closed");
+    }
     info!("stopped; XDP program detached");
     Ok(())
 }

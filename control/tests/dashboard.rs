@@ -55,10 +55,8 @@ fn metrics_in(expr: &str) -> Vec<String> {
             word.push(c);
             continue;
         }
-        if in_braces == 0 || c == '{' {
-            if word.starts_with("xskgate_") || word.starts_with("kubeproxy_") {
-                out.push(std::mem::take(&mut word));
-            }
+        if (in_braces == 0 || c == '{') && (word.starts_with("xskgate_") || word.starts_with("kubeproxy_")) {
+            out.push(std::mem::take(&mut word));
         }
         word.clear();
     }

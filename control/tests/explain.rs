@@ -105,3 +105,22 @@ fn a_malformed_packet_names_the_field_and_exits_2() {
     assert!(out.is_empty());
     assert!(err.contains("destination port \"http\""), "{err}");
 }
+
+/// Seed 000 offline: a ping of the Local VIP is answered on gw1 (pod-a is
+/// there) and by the VIP itself; on a gateway without a local pod (gw3) it
+/// is dropped as `echo_not_served`; a ping of the node is the kernel's.
+#[test]
+fn ping_of_a_vip_is_answered_only_where_the_service_is_served() {
+    let x = json("gw1", "icmp 198.18.1.100 > 198.18.100.10");
+    assert_eq!((x["verdict"].as_str(), x["service"].as_str()), (Some("reply"), Some("default/whoami-local:http")));
+    let echo = x["steps"].as_array().unwrap().iter().find(|s| s["stage"] == "echo").expect("an echo step");
+    assert_eq!(echo["decision"], "answered for 198.18.100.10", "{x:#}");
+    let x = json("gw3", "icmp 198.18.1.100 > 198.18.100.10");
+    assert_eq!((x["verdict"].as_str(), x["reason"].as_str()), (Some("drop"), Some("echo_not_served")), "{x:#}");
+    assert_eq!(json("gw3", "icmp 198.18.1.100 > 198.18.100.11")["verdict"], "reply", "Cluster is served anywhere");
+    let x = json("gw1", "icmp 198.18.1.100 > 198.18.1.1");
+    assert_eq!(x["verdict"], "pass", "{x:#}");
+    let (code, out, err) = run("gw3", "icmp 198.18.1.100 > 198.18.100.10", false);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("echo           not answered for 198.18.100.10"), "{out}");
+}

@@ -315,3 +315,166 @@ fn s8_a_thousand_http_requests_per_policy() {
         );
     }
 }
+
+/// `xskgate <args>` in namespace `ns`: (exit code, stdout, stderr).
+fn xskgate_in(r: &Reference, ns: &str, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &r.topo.ns_name(ns), XSKGATE])
+        .args(args)
+        .output()
+        .expect("xskgate runs");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+/// A JSON answer of `xskgate ... --json` in `ns`.
+fn xskgate_json(r: &Reference, ns: &str, args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = xskgate_in(r, ns, args);
+    assert_eq!(code, 0, "xskgate {args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("xskgate {args:?}: {e}: {out}"))
+}
+
+/// Whether one of two pings (real `ping`) from the client to `vip` is answered.
+fn ping(r: &Reference, vip: &str) -> bool {
+    let ns = r.topo.ns_name("client");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns, "ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "1", vip])
+        .output()
+        .expect("ping (iputils-ping) runs");
+    out.status.success()
+}
+
+/// One UDP datagram from the client's `sport` to `to`: the answer, if any.
+fn udp_from(r: &Reference, sport: u16, to: &str) -> Option<String> {
+    let to: SocketAddr = to.parse().unwrap();
+    in_ns(&r.topo.ns_name("client"), move || {
+        let s = UdpSocket::bind(("198.18.1.100", sport)).ok()?;
+        s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+        s.send_to(b"who", to).ok()?;
+        let mut buf = [0u8; 256];
+        let n = s.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+}
+
+/// The status row of a Service port (`namespace/name:port`).
+fn service_row<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    let rows = status["services"].as_array().expect("services");
+    rows.iter().find(|s| s["service"] == name).unwrap_or_else(|| panic!("no row {name} in {status:#}"))
+}
+
+/// Scenario 9 (issue 27), the operator's tools against the running gateways
+/// (their admin endpoints, on each namespace's loopback): seed 000's ping
+/// answered by gw1 for the Local Service while pod-a is there and not after,
+/// while gw2 keeps answering; `xskgate status` with endpoint counts, health
+/// and per-Service counters; `xskgate explain --gateway` for a tracked flow
+/// (its live conntrack entry) and for a Local drop (pod-b and pod-c on the
+/// other node); `xskgate capture` read back by real tshark and tcpdump with
+/// `no_local_endpoints` in each packet's comment; and bad input that says
+/// what is wrong.
+#[test]
+fn s9_status_explain_capture_and_ping_on_running_gateways() {
+    let mut r = start();
+    r.via(Gw::Gw1);
+    assert!(ping(&r, LB_LOCAL), "gw1 answers a ping of the Local VIP while pod-a is local:\n{}", counters(&r));
+    assert!(!ping(&r, LB_NONE), "a VIP without endpoints is not answered");
+    assert!(r.metric(Gw::Gw1, "xskgate_echo_replies_total") >= 1);
+    assert!(r.metric(Gw::Gw1, "xskgate_drops_total{reason=\"echo_not_served\"}") >= 1);
+
+    // A tracked UDP flow, explained from the live conntrack.
+    let answer = udp_from(&r, 45_000, &format!("{LB_LOCAL}:53")).expect("UDP through gw1 is answered");
+    assert!(answer.starts_with("pod-a"), "{answer}");
+    let packet = format!("udp 198.18.1.100:45000 > {LB_LOCAL}:53");
+    let x = xskgate_json(&r, "gw1", &["explain", "--gateway", "127.0.0.1:10261", "--packet", &packet, "--json"]);
+    assert_eq!(x["verdict"], "forward", "{x:#}");
+    assert_eq!(x["conntrack"]["direction"], "original", "{x:#}");
+    assert_eq!(x["translated"]["dst"], "198.19.1.10:8080", "{x:#}");
+    assert_eq!(x["service"], "default/whoami-local:dns", "{x:#}");
+
+    // Workers publish their counters every 100 ms.
+    let mut status = serde_json::Value::Null;
+    wait_for("the flow's packets in gw1's status", Duration::from_secs(3), || {
+        status = xskgate_json(&r, "gw1", &["status", "--json"]);
+        service_row(&status, "default/whoami-local:dns")["packets"].as_u64() >= Some(2)
+    });
+    assert_eq!(status["node"], "gw1");
+    let dns = service_row(&status, "default/whoami-local:dns");
+    assert_eq!((dns["cluster_endpoints"].as_u64(), dns["local_endpoints"].as_u64()), (Some(3), Some(1)), "{dns:#}");
+    assert_eq!(dns["health"]["status"], 200, "{dns:#}");
+    assert!(status["conntrack"]["entries"].as_u64() >= Some(1), "{status:#}");
+    let (code, text, err) = xskgate_in(&r, "gw1", &["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("default/whoami-local:dns") && text.contains(":32080 200 (1 local)"), "{text}");
+
+    // pod-a goes: gw1 stops answering the Local VIP, gw2 goes on.
+    r.set_pod("pod-a", PodState::Deleted);
+    wait_for("gw1's health check to say 503", Duration::from_secs(5), || {
+        r.health(Gw::Gw1).is_ok_and(|(code, _)| code == 503)
+    });
+    assert!(!ping(&r, LB_LOCAL), "gw1 must not answer for a Service it would not serve");
+    r.via(Gw::Gw2);
+    assert!(ping(&r, LB_LOCAL), "gw2 still serves the Local Service");
+    r.via(Gw::Gw1);
+
+    // A capture of the Local drops, read by tshark and tcpdump.
+    let file = std::env::temp_dir().join(format!("{}-drops.pcapng", r.topo.prefix()));
+    let path = file.to_string_lossy().into_owned();
+    let capture = std::process::Command::new("ip")
+        .args(["netns", "exec", &r.topo.ns_name("gw1"), XSKGATE, "capture", "--seconds", "3"])
+        .args(["--reasons", "no_local_endpoints", "-w", &path])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("xskgate capture starts");
+    let sender = {
+        let ns = r.topo.ns_name("client");
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1000));
+            udp_flows(&ns, format!("{LB_LOCAL}:53").parse().unwrap(), 20, Duration::from_millis(300))
+        })
+    };
+    let capture = capture.wait_with_output().expect("xskgate capture runs");
+    let sent = sender.join().expect("the sender");
+    assert_eq!(sent.answered(), 0, "Local through gw1 without pod-a is dropped: {sent:?}");
+    assert!(capture.status.success(), "xskgate capture: {}", String::from_utf8_lossy(&capture.stderr));
+    let tshark = std::process::Command::new("tshark")
+        .args(["-r", &path, "-T", "fields", "-e", "frame.comment", "-e", "ip.dst", "-e", "udp.dstport"])
+        .output()
+        .expect("tshark (scripts/install-deps installs it) runs");
+    let tcpdump = std::process::Command::new("tcpdump").args(["-n", "-r", &path]).output().expect("tcpdump runs");
+    let _ = std::fs::remove_file(&file);
+    let lines = String::from_utf8_lossy(&tshark.stdout).into_owned();
+    assert!(tshark.status.success(), "tshark: {}", String::from_utf8_lossy(&tshark.stderr));
+    let rows: Vec<&str> = lines.lines().collect();
+    assert!(rows.len() >= 10, "most of the 20 dropped datagrams are captured: {lines}");
+    assert!(rows.iter().all(|l| *l == format!("no_local_endpoints\t{LB_LOCAL}\t53")), "{lines}");
+    let dump = String::from_utf8_lossy(&tcpdump.stdout).into_owned();
+    assert!(tcpdump.status.success(), "tcpdump: {}", String::from_utf8_lossy(&tcpdump.stderr));
+    assert!(dump.lines().count() == rows.len() && dump.contains(&format!("> {LB_LOCAL}.53: ")), "{dump}");
+
+    // The Local drop, explained and counted.
+    let packet = format!("udp 198.18.1.100:45001 > {LB_LOCAL}:53");
+    let x = xskgate_json(&r, "gw1", &["explain", "--gateway", "127.0.0.1:10261", "--packet", &packet, "--json"]);
+    assert_eq!((&x["verdict"], &x["reason"]), (&"drop".into(), &"no_local_endpoints".into()), "{x:#}");
+    let endpoints = x["endpoints"].as_array().expect("endpoints");
+    assert_eq!(endpoints.len(), 2, "pod-b and pod-c: {x:#}");
+    assert!(endpoints.iter().all(|e| e["usable"] == false && e["why"] == "on node gw2, not this node (gw1)"), "{x:#}");
+    wait_for("the drops in gw1's status", Duration::from_secs(3), || {
+        status = xskgate_json(&r, "gw1", &["status", "--json"]);
+        service_row(&status, "default/whoami-local:dns")["drops"]["no_local_endpoints"].as_u64() >= Some(20)
+    });
+    let dns = service_row(&status, "default/whoami-local:dns");
+    assert_eq!((dns["local_endpoints"].as_u64(), dns["health"]["status"].as_u64()), (Some(0), Some(503)), "{dns:#}");
+
+    // Bad input is named; an unreachable gateway is said to be one.
+    let (code, _, err) =
+        xskgate_in(&r, "gw1", &["explain", "--gateway", "127.0.0.1:10261", "--packet", "udp 1.2.3 > 4.5.6.7:53"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("source \"1.2.3\""), "{err}");
+    let (code, _, err) = xskgate_in(&r, "gw1", &["status", "--gateway", "127.0.0.1:1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot reach the gateway's admin endpoint at 127.0.0.1:1"), "{err}");
+    let (code, _, err) = xskgate_in(&r, "gw1", &["capture", "--reasons", "no_such", "-w", "/dev/null"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("\"no_such\" is not a drop reason"), "{err}");
+}

@@ -15,7 +15,9 @@
 //      reply of a flow that kept the client's address (Local policy, pod
 //      traffic);
 // or it is an ICMP/ICMPv6 error whose embedded packet matches 1–3 in the
-// reverse direction (the error is about a packet the pipeline translated).
+// reverse direction (the error is about a packet the pipeline translated),
+// or an echo request to a VIP (map `frontends`, protocol ICMP or ICMPv6,
+// port 0), which the pipeline answers only where the Service is served.
 // Owned frames go to the socket of (interface slot + rx queue) in `xsks`;
 // without a socket there, they fall to the kernel.
 //
@@ -33,6 +35,8 @@
 #define ICMP_DEST_UNREACH 3
 #define ICMP_TIME_EXCEEDED 11
 #define ICMP_PARAMETERPROB 12
+#define ICMP_ECHO 8
+#define ICMPV6_ECHO_REQUEST 128
 #define LOCAL_SNAT 1
 
 // A frontend or an endpoint: the address is IPv6 or IPv4-mapped
@@ -264,6 +268,9 @@ static __always_inline int classify(void *data, void *end)
 	__u8 *icmp = data + off;
 	if ((void *)(icmp + 8) > end)
 		return 0;
+	if ((!v6 && t.proto == IPPROTO_ICMP && icmp[0] == ICMP_ECHO) ||
+	    (v6 && t.proto == IPPROTO_ICMPV6 && icmp[0] == ICMPV6_ECHO_REQUEST))
+		return is_frontend(t.dst, 0, t.proto);
 	int error;
 	if (!v6 && t.proto == IPPROTO_ICMP)
 		error = icmp[0] == ICMP_DEST_UNREACH || icmp[0] == ICMP_TIME_EXCEEDED || icmp[0] == ICMP_PARAMETERPROB;

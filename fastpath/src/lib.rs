@@ -32,7 +32,7 @@ pub use pipeline::{
     BATCH, Frame, MasqueradeRule, Tables, WorkerState, flush_udp_flows_to, process, process_batch, process_batch_traced,
 };
 pub use service::{
-    BuildError, Cidr, Endpoint, EndpointSet, Found, Frontend, FrontendKind, NodeConfig, PortChange, ServicePort,
-    ServicePortName, ServiceTable, ServiceTableBuilder, ServiceTableHandle, TrafficPolicy,
+    BuildError, Cidr, Echo, Endpoint, EndpointSet, Found, Frontend, FrontendKind, NodeConfig, PortChange, ServicePort,
+    ServicePortName, ServiceTable, ServiceTableBuilder, ServiceTableHandle, TrafficPolicy, VipEcho,
 };
 pub use verdict::{Counters, DropReason, MAX_SERVICE_IDS, ServiceCounters, Verdict};

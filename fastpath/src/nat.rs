@@ -327,6 +327,29 @@ pub fn tcp_reset(buf: &mut [u8], p: &Parsed) -> Option<usize> {
     Some(l4 + 20)
 }
 
+/// Turns an echo request (ICMP type 8, ICMPv6 type 128) into its echo
+/// reply in place, from the address it was sent to (RFC 792, RFC 4443
+/// §4.2: identifier, sequence and data kept). IPv4 options are not copied.
+/// Returns the new frame length, or `None` if the message is too short.
+pub fn echo_reply(buf: &mut [u8], p: &Parsed) -> Option<usize> {
+    let icmp_len = p.end.checked_sub(p.l4).filter(|n| *n >= 8)?;
+    let (l4, proto) = if p.v6 { (p.l3 + 40, 58) } else { (p.l3 + 20, 1) };
+    // The header written below is never longer than the one it replaces.
+    buf.copy_within(p.l4..p.end, l4);
+    swap_macs(buf);
+    write_ip_header(buf, p.l3, p.v6, proto, &p.dst, &p.src, icmp_len);
+    buf[l4] = if p.v6 { 129 } else { 0 };
+    buf[l4 + 1] = 0;
+    put16(buf, l4 + 2, 0);
+    let end = l4 + icmp_len;
+    let mut acc = checksum::sum(&buf[l4..end]);
+    if p.v6 {
+        acc += checksum::pseudo_header(&p.dst.0, &p.src.0, 58, icmp_len as u32);
+    }
+    put16(buf, l4 + 2, checksum::finish(acc));
+    Some(end)
+}
+
 /// Largest IPv4 error datagram (RFC 1812 §4.3.2.3) and IPv6 minimum MTU
 /// (RFC 4443 §2.4): the quote of the offending packet is cut to fit.
 const ICMPV4_MAX: usize = 576;

@@ -497,6 +497,7 @@ fn first_look<T: Trace>(
                 Some(inner) => icmp_error(f, p, &inner, t, c),
                 None => Verdict::Pass,
             },
+            L4::EchoRequest => echo(f, p, t, c, tr),
             L4::Other => Verdict::Pass,
         },
         Err(Unparsed::NotIp) => Verdict::Pass,
@@ -522,7 +523,7 @@ fn tracked<T: Trace>(
     tr.step(Step::Parsed { key: key_of(p) });
     tr.step(Step::Tracked { service: view.service });
     if p.ttl <= 1 {
-        return c.drop(DropReason::TtlExpired);
+        return c.drop_for(view.service, DropReason::TtlExpired);
     }
     t.conntrack.touch(view, now, (p.end - p.l3) as u64, p.tcp_flags);
     rewrite(f, p, view, c, tr)
@@ -598,9 +599,9 @@ fn classify<'a>(services: &ServiceTable, svc: &'a ServicePort, kind: FrontendKin
 /// else its REJECT (no endpoint anywhere).
 fn no_endpoint(f: &mut Frame<'_>, p: &Parsed, svc: &ServicePort, c: &mut Counters) -> Verdict {
     if !svc.cluster.is_empty() || !svc.local.is_empty() {
-        return c.drop(DropReason::NoLocalEndpoints);
+        return c.drop_for(svc.id, DropReason::NoLocalEndpoints);
     }
-    reject(f, p, c)
+    reject(f, p, svc.id, c)
 }
 
 /// Stage 7, the endpoint: with `sessionAffinity: ClientIP` the client's
@@ -697,7 +698,7 @@ fn plan_new_flow<T: Trace>(
     let allowed = source_allowed(svc, kind, &p.src);
     tr.step(Step::SourceRanges { allowed });
     if !allowed {
-        return Some(c.drop(DropReason::SourceRange));
+        return Some(c.drop_for(svc.id, DropReason::SourceRange));
     }
     let class = classify(services, svc, kind, &p.src);
     let endpoints = class.set.endpoints().len();
@@ -706,16 +707,16 @@ fn plan_new_flow<T: Trace>(
         return Some(no_endpoint(f, p, svc, c));
     }
     if p.ttl <= 1 {
-        return Some(c.drop(DropReason::TtlExpired));
+        return Some(c.drop_for(svc.id, DropReason::TtlExpired));
     }
     let key = key_of(p);
     let fh = flow_hash(&key);
     let Some(ep) = pick_endpoint(svc, class.set, &p.src, fh, t.affinity, now, tr) else {
-        return Some(reject(f, p, c));
+        return Some(reject(f, p, svc.id, c));
     };
     tr.step(Step::Endpoint { id: ep.id, addr: ep.addr, port: ep.port });
     if ep.addr.is_v4() == p.v6 {
-        return Some(c.drop(DropReason::InvalidTuple));
+        return Some(c.drop_for(svc.id, DropReason::InvalidTuple));
     }
     let node = services.node();
     let rule = masquerade_rule(node, kind, &class, &p.src, &ep.addr);
@@ -723,7 +724,7 @@ fn plan_new_flow<T: Trace>(
     tr.step(Step::Masquerade { rule, snat });
     let (reply_dst, keep_port) = match (rule, snat) {
         (Some(_), Some(a)) => (a, false),
-        (Some(_), None) => return Some(c.drop(DropReason::NoSnatAddress)),
+        (Some(_), None) => return Some(c.drop_for(svc.id, DropReason::NoSnatAddress)),
         (None, _) => (p.src, true),
     };
     let search = PortSearch::new(node.snat_ports, keep_port, fh);
@@ -762,16 +763,17 @@ fn insert_planned<T: Trace>(
     };
     let inserted = t.conntrack.insert_missed_hashed(&plan.flow, hashes, now, first, next_port);
     c.snat_port_retries += taken;
+    let id = plan.flow.service;
     let view = match inserted {
         Ok(Inserted::New(v)) => {
             c.flows_created += 1;
             v
         }
         Ok(Inserted::Existing(v)) => v,
-        Err(InsertError::ReplyTaken) => return c.drop(DropReason::SnatExhausted),
-        Err(InsertError::Full | InsertError::ProbeLimit) => return c.drop(DropReason::ConntrackFull),
-        Err(InsertError::Contended) => return c.drop(DropReason::ConntrackContended),
-        Err(InsertError::InvalidTuple) => return c.drop(DropReason::InvalidTuple),
+        Err(InsertError::ReplyTaken) => return c.drop_for(id, DropReason::SnatExhausted),
+        Err(InsertError::Full | InsertError::ProbeLimit) => return c.drop_for(id, DropReason::ConntrackFull),
+        Err(InsertError::Contended) => return c.drop_for(id, DropReason::ConntrackContended),
+        Err(InsertError::InvalidTuple) => return c.drop_for(id, DropReason::InvalidTuple),
     };
     rewrite(f, p, &view, c, tr)
 }
@@ -869,7 +871,7 @@ impl PortSearch {
 
 /// Stage 6's kube-proxy REJECT for a Service without endpoints: TCP RST or ICMP
 /// port unreachable, generated in place.
-fn reject(f: &mut Frame<'_>, p: &Parsed, c: &mut Counters) -> Verdict {
+fn reject(f: &mut Frame<'_>, p: &Parsed, service: u32, c: &mut Counters) -> Verdict {
     let len = match p.proto {
         Proto::TCP => nat::tcp_reset(f.buf, p),
         _ => nat::port_unreachable(f.buf, p),
@@ -877,9 +879,34 @@ fn reject(f: &mut Frame<'_>, p: &Parsed, c: &mut Counters) -> Verdict {
     match len {
         Some(len) => {
             f.len = len;
+            c.rejected += 1;
             Verdict::Reply
         }
-        None => c.drop(DropReason::NoEndpoints),
+        None => c.drop_for(service, DropReason::NoEndpoints),
+    }
+}
+
+/// Stage 3 for an echo request: to a LoadBalancer IP or externalIP, the
+/// gateway answers it only where the Service would be served
+/// ([`ServiceTable::echo`]); to any other address it is the kernel's.
+fn echo<T: Trace>(f: &mut Frame<'_>, p: &Parsed, t: &Tables<'_>, c: &mut Counters, tr: &mut T) -> Verdict {
+    match t.services.echo(&p.dst) {
+        crate::service::Echo::NotVip => Verdict::Pass,
+        crate::service::Echo::NotServed => {
+            tr.step(Step::Echo { service: None });
+            c.drop(DropReason::EchoNotServed)
+        }
+        crate::service::Echo::Answer(id) => {
+            tr.step(Step::Echo { service: Some(id) });
+            match nat::echo_reply(f.buf, p) {
+                Some(len) => {
+                    f.len = len;
+                    c.echo_replies += 1;
+                    Verdict::Reply
+                }
+                None => c.drop(DropReason::Malformed),
+            }
+        }
     }
 }
 

@@ -37,6 +37,58 @@ impl TrafficPolicy {
     }
 }
 
+/// Which echo requests to a LoadBalancer IP or externalIP the gateway
+/// answers itself (`--vip-echo`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum VipEcho {
+    /// Only where a connection to one of the VIP's Services would be
+    /// served here: policy Cluster with any usable endpoint, Local with a
+    /// usable endpoint on this node. Otherwise dropped (`echo_not_served`),
+    /// so that a ping tells the truth about the Service.
+    #[default]
+    Served,
+    /// Every VIP of a Service in the table.
+    Always,
+    /// None: echo requests are the kernel's (answered if the VIP is one of
+    /// its addresses).
+    Never,
+}
+
+impl VipEcho {
+    pub const ALL: [VipEcho; 3] = [VipEcho::Served, VipEcho::Always, VipEcho::Never];
+
+    /// The flag's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            VipEcho::Served => "served",
+            VipEcho::Always => "always",
+            VipEcho::Never => "never",
+        }
+    }
+}
+
+impl std::str::FromStr for VipEcho {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<VipEcho, String> {
+        VipEcho::ALL
+            .into_iter()
+            .find(|v| v.name() == s)
+            .ok_or_else(|| format!("{s:?} is not one of served, always, never"))
+    }
+}
+
+/// What [`ServiceTable::echo`] decides for an echo request to an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Echo {
+    /// Not a VIP (or `--vip-echo never`): the kernel's.
+    NotVip,
+    /// Answer it; the id of the first service port that serves it.
+    Answer(u32),
+    /// A VIP whose Services would not be served here.
+    NotServed,
+}
+
 /// An address prefix, IPv4 or IPv6 (IPv4 held IPv4-mapped: prefix + 96).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Cidr {
@@ -268,6 +320,8 @@ pub struct NodeConfig {
     /// first prefix holding the endpoint gives its SNAT address; without
     /// one, `snat_v4`/`snat_v6` do.
     pub snat_routes: Vec<(Cidr, Addr)>,
+    /// Which echo requests to VIPs the gateway answers.
+    pub vip_echo: VipEcho,
 }
 
 impl NodeConfig {
@@ -292,6 +346,7 @@ impl Default for NodeConfig {
             snat_v6: None,
             snat_ports: (1024, 65535),
             snat_routes: Vec::new(),
+            vip_echo: VipEcho::Served,
         }
     }
 }
@@ -323,6 +378,9 @@ pub struct ServiceTable {
     frontends: Arc<FrontendIndex>,
     /// Keyed by (IPv6?, protocol, port): a dual-stack Service has one entry per family.
     node_ports: Arc<FastMap<(bool, Proto, u16), u32>>,
+    /// LoadBalancer IP or externalIP → ids of the service ports it fronts
+    /// (for echo requests).
+    vips: Arc<FastMap<Addr, Vec<u32>>>,
     generation: u64,
     /// For a table made by [`ServiceTable::with_changes`]: the generation
     /// it was made from and the ids of the ports it changed (upserted or
@@ -397,6 +455,33 @@ impl ServiceTable {
 
     pub fn node(&self) -> &NodeConfig {
         &self.node
+    }
+
+    /// Whether the gateway answers an echo request to `dst` itself: for a
+    /// LoadBalancer IP or externalIP, as `--vip-echo` says (the external
+    /// policy's endpoint set decides "served").
+    pub fn echo(&self, dst: &Addr) -> Echo {
+        if self.node.vip_echo == VipEcho::Never {
+            return Echo::NotVip;
+        }
+        let Some(ids) = self.vips.get(dst) else { return Echo::NotVip };
+        let served = |p: &ServicePort| match p.external_policy {
+            TrafficPolicy::Cluster => !p.cluster.is_empty(),
+            TrafficPolicy::Local => !p.local.is_empty(),
+        };
+        let ports = ids.iter().filter_map(|id| self.port(*id));
+        let always = self.node.vip_echo == VipEcho::Always;
+        match ports.clone().find(|p| always || served(p)) {
+            Some(p) => Echo::Answer(p.id),
+            None if ids.is_empty() => Echo::NotVip,
+            None => Echo::NotServed,
+        }
+    }
+
+    /// The LoadBalancer IPs and externalIPs of the table (the addresses
+    /// [`ServiceTable::echo`] may answer).
+    pub fn vips(&self) -> impl Iterator<Item = &Addr> {
+        self.vips.keys()
     }
 
     pub fn ports(&self) -> &[Arc<ServicePort>] {
@@ -488,6 +573,12 @@ impl ServiceTable {
                     Arc::make_mut(&mut self.frontends).insert(f.addr, port.proto, f.port, i, kind);
                 }
             }
+            if matches!(f.kind, FrontendKind::LoadBalancer | FrontendKind::ExternalIp) {
+                let ids = Arc::make_mut(&mut self.vips).entry(f.addr).or_default();
+                if !ids.contains(&port.id) {
+                    ids.push(port.id);
+                }
+            }
         }
         Arc::make_mut(&mut self.by_id).insert(port.id, i);
     }
@@ -515,6 +606,12 @@ impl ServiceTable {
                 }
                 _ => Arc::make_mut(&mut self.frontends).remove(&f.addr, port.proto, f.port).map(|(i, _)| i),
             };
+            if let Some(ids) = Arc::make_mut(&mut self.vips).get_mut(&f.addr) {
+                ids.retain(|id| *id != port.id);
+                if ids.is_empty() {
+                    Arc::make_mut(&mut self.vips).remove(&f.addr);
+                }
+            }
         }
         Arc::make_mut(&mut self.by_id).remove(&port.id);
         if i < self.ports.len() {

@@ -35,6 +35,9 @@ pub enum Step {
     /// Masquerade: the rule that asks for it (`None`: the client's address
     /// is kept) and the SNAT address used.
     Masquerade { rule: Option<MasqueradeRule>, snat: Option<Addr> },
+    /// An echo request to a VIP: answered for service port `service`, or
+    /// (`None`) not, since none of its Services would be served here.
+    Echo { service: Option<u32> },
     /// The tuple before and after the rewrite.
     Rewrite { before: FlowKey, after: FlowKey },
     /// The frame's final verdict.

@@ -26,8 +26,9 @@ pub enum Verdict {
     Pass,
     /// Dropped, for a reason an operator can see.
     Drop(DropReason),
-    /// A reject was generated in place (MACs swapped): send it back out of
-    /// the interface it came in on.
+    /// An answer was generated in place (a reject, or the reply to an echo
+    /// request for a served VIP; MACs swapped): send it back out of the
+    /// interface it came in on.
     Reply,
 }
 
@@ -64,6 +65,7 @@ reasons! {
     SnatExhausted => "snat_exhausted", "No free SNAT port for the new flow's reply tuple.";
     NoSnatAddress => "no_snat_address", "Masquerade needed but no SNAT address of the packet's family is configured.";
     InvalidTuple => "invalid_tuple", "NAT would give an impossible tuple (address family mismatch, reply equals original).";
+    EchoNotServed => "echo_not_served", "An echo request to a LoadBalancer IP or externalIP of Services none of which would be served here (no usable endpoint for its policy): not answered.";
 }
 
 /// Packets and bytes of one service port.
@@ -88,11 +90,18 @@ pub struct Counters {
     pub snat_port_retries: u64,
     pub icmp_errors_translated: u64,
     pub drops: [u64; DropReason::COUNT],
+    /// Echo requests to a served VIP answered by the gateway.
+    pub echo_replies: u64,
     /// Indexed by service port id (ids ≥ [`MAX_SERVICE_IDS`] share the last).
     pub per_service: Box<[ServiceCounters; MAX_SERVICE_IDS]>,
     /// Every entry of `per_service` from this index on is zero (the
     /// pipeline raises it as it counts), so copies and sums stop there.
     pub services_used: usize,
+    /// Drops of a known Service port by reason, indexed like `per_service`
+    /// (only written on the drop path; its pages stay untouched until then).
+    pub service_drops: Box<[[u64; DropReason::COUNT]; MAX_SERVICE_IDS]>,
+    /// Like `services_used`, for `service_drops`.
+    pub service_drops_used: usize,
 }
 
 impl Default for Counters {
@@ -105,11 +114,19 @@ impl Default for Counters {
             snat_port_retries: 0,
             icmp_errors_translated: 0,
             drops: [0; DropReason::COUNT],
+            echo_replies: 0,
             per_service: vec![ServiceCounters::default(); MAX_SERVICE_IDS]
                 .into_boxed_slice()
                 .try_into()
                 .expect("MAX_SERVICE_IDS entries"),
             services_used: 0,
+            // Zeroed memory straight from the allocator (calloc): untouched
+            // pages cost nothing.
+            service_drops: vec![[0u64; DropReason::COUNT]; MAX_SERVICE_IDS]
+                .into_boxed_slice()
+                .try_into()
+                .expect("MAX_SERVICE_IDS entries"),
+            service_drops_used: 0,
         }
     }
 }
@@ -123,6 +140,11 @@ impl Counters {
         self.per_service[(id as usize).min(MAX_SERVICE_IDS - 1)]
     }
 
+    /// Drops of service port `id` by reason (indexed as [`DropReason::ALL`]).
+    pub fn service_drops(&self, id: u32) -> &[u64; DropReason::COUNT] {
+        &self.service_drops[(id as usize).min(MAX_SERVICE_IDS - 1)]
+    }
+
     /// Adds another worker's counters into these.
     pub fn add(&mut self, o: &Counters) {
         self.forwarded += o.forwarded;
@@ -131,9 +153,17 @@ impl Counters {
         self.flows_created += o.flows_created;
         self.snat_port_retries += o.snat_port_retries;
         self.icmp_errors_translated += o.icmp_errors_translated;
+        self.echo_replies += o.echo_replies;
         for (a, b) in self.drops.iter_mut().zip(o.drops.iter()) {
             *a += b;
         }
+        let used = o.service_drops_used.min(o.service_drops.len());
+        for (a, b) in self.service_drops.iter_mut().zip(&o.service_drops[..used]) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+        }
+        self.service_drops_used = self.service_drops_used.max(used);
         let used = o.services_used.min(o.per_service.len());
         for (a, b) in self.per_service.iter_mut().zip(&o.per_service[..used]) {
             a.packets += b.packets;
@@ -152,7 +182,15 @@ impl Counters {
         self.flows_created = o.flows_created;
         self.snat_port_retries = o.snat_port_retries;
         self.icmp_errors_translated = o.icmp_errors_translated;
+        self.echo_replies = o.echo_replies;
         self.drops = o.drops;
+        let used = o.service_drops_used.min(o.service_drops.len()).min(self.service_drops.len());
+        self.service_drops[..used].copy_from_slice(&o.service_drops[..used]);
+        let stale = self.service_drops_used.min(self.service_drops.len());
+        if stale > used {
+            self.service_drops[used..stale].fill([0; DropReason::COUNT]);
+        }
+        self.service_drops_used = used;
         let used = o.services_used.min(o.per_service.len()).min(self.per_service.len());
         self.per_service[..used].copy_from_slice(&o.per_service[..used]);
         let stale = self.services_used.min(self.per_service.len());
@@ -181,13 +219,26 @@ impl Counters {
         Verdict::Drop(r)
     }
 
+    /// Counts a drop of a packet of service port `id` (overall and for the
+    /// Service) and returns its verdict.
+    #[inline]
+    pub(crate) fn drop_for(&mut self, id: u32, r: DropReason) -> Verdict {
+        let i = (id as usize).min(MAX_SERVICE_IDS - 1);
+        self.service_drops[i][r as usize] += 1;
+        if i >= self.service_drops_used {
+            self.service_drops_used = i + 1;
+        }
+        self.drop(r)
+    }
+
     /// Counts a final verdict (drops were counted with their reason).
     #[inline]
     pub(crate) fn account(&mut self, v: Verdict) -> Verdict {
         match v {
             Verdict::Forward { .. } => self.forwarded += 1,
             Verdict::Pass => self.passed += 1,
-            Verdict::Reply => self.rejected += 1,
+            // Counted where the answer is made (a reject or an echo reply).
+            Verdict::Reply => {}
             Verdict::Drop(_) => {}
         }
         v
@@ -225,6 +276,18 @@ mod tests {
         sum.add(&counters);
         assert_eq!(sum.service(7), ServiceCounters { packets: 4, bytes: 200 });
         assert_eq!(sum.services_used, 8);
+        // Drops of a Service are counted overall and for it, and copied.
+        counters.drop_for(5, DropReason::NoLocalEndpoints);
+        counters.drop_for(5, DropReason::NoLocalEndpoints);
+        assert_eq!(counters.drop_count(DropReason::NoLocalEndpoints), 2);
+        assert_eq!(counters.service_drops(5)[DropReason::NoLocalEndpoints as usize], 2);
+        assert_eq!(counters.service_drops_used, 6);
+        snapshot.copy_from(&counters);
+        assert_eq!(snapshot.service_drops(5)[DropReason::NoLocalEndpoints as usize], 2);
+        sum.add(&snapshot);
+        assert_eq!(sum.service_drops(5)[DropReason::NoLocalEndpoints as usize], 2);
+        snapshot.copy_from(&Counters::default());
+        assert_eq!(snapshot.service_drops(5)[DropReason::NoLocalEndpoints as usize], 0);
         // Ids past the shared last entry count there.
         counters.count_service(u32::MAX, 1);
         assert_eq!(counters.services_used, MAX_SERVICE_IDS);

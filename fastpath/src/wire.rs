@@ -42,7 +42,10 @@ pub enum L4 {
     /// packet too big, time exceeded, parameter problem); [`icmp_inner`]
     /// reads the TCP or UDP packet it quotes, if it quotes one.
     IcmpError,
-    /// Anything else (echo, other protocols): never a service frontend.
+    /// ICMP echo request (type 8) or ICMPv6 echo request (type 128): a
+    /// ping, answered for a served VIP (`ServiceTable::echo`).
+    EchoRequest,
+    /// Anything else (other ICMP, other protocols): never a service frontend.
     Other,
 }
 
@@ -246,6 +249,8 @@ pub fn parse_general(frame: &[u8]) -> Result<Parsed, Unparsed> {
             p.proto = Proto::ICMP;
             if matches!(s[0], 3 | 11 | 12) {
                 p.l4_kind = L4::IcmpError;
+            } else if s[0] == 8 && s[1] == 0 {
+                p.l4_kind = L4::EchoRequest;
             }
         }
         Some(TransportSlice::Icmpv6(i)) => {
@@ -254,6 +259,8 @@ pub fn parse_general(frame: &[u8]) -> Result<Parsed, Unparsed> {
             p.proto = Proto::ICMPV6;
             if matches!(s[0], 1..=4) {
                 p.l4_kind = L4::IcmpError;
+            } else if s[0] == 128 && s[1] == 0 {
+                p.l4_kind = L4::EchoRequest;
             }
         }
         _ => {

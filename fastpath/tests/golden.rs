@@ -19,8 +19,8 @@ use xskgate_fastpath::checksum;
 use xskgate_fastpath::trace::{NoTrace, Recorder, Step, Trace};
 use xskgate_fastpath::{
     AffinityTable, Cidr, DropReason, Endpoint, EndpointSet, Frame, Frontend, FrontendKind, MasqueradeRule, NodeConfig,
-    ServicePort, ServicePortName, ServiceTable, ServiceTableBuilder, Tables, TrafficPolicy, Verdict, WorkerState,
-    process, process_batch_traced,
+    ServicePort, ServicePortName, ServiceTable, ServiceTableBuilder, Tables, TrafficPolicy, Verdict, VipEcho,
+    WorkerState, process, process_batch_traced,
 };
 
 const CLIENT: [u8; 4] = [198, 18, 0, 10];
@@ -78,6 +78,7 @@ fn node() -> NodeConfig {
         snat_v6: Some(Addr::from_v6(v6("2001:db8::1"))),
         snat_ports: SNAT_PORTS,
         snat_routes: Vec::new(),
+        vip_echo: VipEcho::Served,
     }
 }
 
@@ -503,6 +504,68 @@ fn gw_v6(cluster: Vec<Endpoint>, local: Vec<Endpoint>, external: TrafficPolicy) 
         affinity: AffinityTable::new(64),
         worker: WorkerState::new(),
     }
+}
+
+fn echo4(src: [u8; 4], dst: [u8; 4], request: bool) -> Vec<u8> {
+    let (from, to) = if request { (MAC_CLIENT, MAC_GW) } else { (MAC_GW, MAC_CLIENT) };
+    let ip = PacketBuilder::ethernet2(from, to).ipv4(src, dst, 64);
+    let b = if request { ip.icmpv4_echo_request(7, 3) } else { ip.icmpv4_echo_reply(7, 3) };
+    let mut v = Vec::new();
+    b.write(&mut v, PAYLOAD).unwrap();
+    v
+}
+
+fn echo6(src: [u8; 16], dst: [u8; 16], request: bool) -> Vec<u8> {
+    let (from, to) = if request { (MAC_CLIENT, MAC_GW) } else { (MAC_GW, MAC_CLIENT) };
+    let ip = PacketBuilder::ethernet2(from, to).ipv6(src, dst, 64);
+    let b = if request { ip.icmpv6_echo_request(7, 3) } else { ip.icmpv6_echo_reply(7, 3) };
+    let mut v = Vec::new();
+    b.write(&mut v, PAYLOAD).unwrap();
+    v
+}
+
+/// Seed 000: a ping of the LoadBalancer IP is answered by the gateway only
+/// where a connection to the Service would be served (Local: a local
+/// endpoint); elsewhere it is dropped and counted. `--vip-echo always`
+/// answers regardless, `never` leaves every ping to the kernel, and a ping
+/// of an address that is no VIP (the node, a ClusterIP) is the kernel's.
+#[test]
+fn ping_of_a_vip_is_answered_only_where_the_service_is_served() {
+    let served = Svc { external: TrafficPolicy::Local, ..Svc::default() };
+    let mut gw = Gw::new(&[served]);
+    let (v, out) = gw.run(&echo4(CLIENT, LB, true));
+    assert_eq!(v, Verdict::Reply);
+    assert_eq!(out, echo4(LB, CLIENT, false), "an echo reply from the VIP, id/seq/data kept");
+    assert_eq!(gw.worker.counters.echo_replies, 1);
+    assert_eq!(gw.worker.counters.rejected, 0, "an answer is not a reject");
+    for kernels in [echo4(CLIENT, GW, true), echo4(CLIENT, CLUSTER_IP, true), echo4(LB, CLIENT, false)] {
+        assert_eq!(gw.run(&kernels).0, Verdict::Pass);
+    }
+
+    let unserved = || Svc { external: TrafficPolicy::Local, local: vec![], ..Svc::default() };
+    let mut gw = Gw::new(&[unserved()]);
+    let request = echo4(CLIENT, LB, true);
+    let (v, out) = gw.run(&request);
+    assert_eq!(v, Verdict::Drop(DropReason::EchoNotServed));
+    assert_eq!(out, request);
+    assert_eq!(gw.drops(DropReason::EchoNotServed), 1);
+    // Served by one of the VIP's Services is enough.
+    let mut gw = Gw::new(&[unserved(), Svc::default()]);
+    assert_eq!(gw.run(&request).0, Verdict::Reply);
+
+    let mut always = Gw::with_node(&[unserved()], NodeConfig { vip_echo: VipEcho::Always, ..node() });
+    assert_eq!(always.run(&request).0, Verdict::Reply);
+    let mut never = Gw::with_node(&[Svc::default()], NodeConfig { vip_echo: VipEcho::Never, ..node() });
+    assert_eq!(never.run(&request).0, Verdict::Pass);
+
+    let pod = Endpoint { addr: Addr::from_v6(v6("2001:db8:1::10")), port: 8080, id: 5 };
+    let (client, vip) = (v6("2001:db8::10"), v6("2001:db8:100::1"));
+    let mut local = gw_v6(vec![pod], vec![pod], TrafficPolicy::Local);
+    let (v, out) = local.run(&echo6(client, vip, true));
+    assert_eq!(v, Verdict::Reply);
+    assert_eq!(out, echo6(vip, client, false));
+    let mut elsewhere = gw_v6(vec![pod], vec![], TrafficPolicy::Local);
+    assert_eq!(elsewhere.run(&echo6(client, vip, true)).0, Verdict::Drop(DropReason::EchoNotServed));
 }
 
 #[test]

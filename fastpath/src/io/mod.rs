@@ -8,6 +8,7 @@
 //! - [`route`]: the FIB snapshot (routes, neighbours, links) the workers
 //!   read to rewrite L2 and choose the egress socket.
 
+pub mod capture;
 pub mod route;
 pub mod steer;
 pub mod xsk;

@@ -5,11 +5,12 @@
 //! Contract: after [`Steering::program`] with the [`SteerSet`] of a table,
 //! the sockets receive exactly the frames that the program's rules select
 //! (frontends, replies to SNAT addresses on SNAT ports, replies from
-//! endpoints, ICMP errors about them); every other frame goes to the
+//! endpoints, ICMP errors about them, echo requests to VIPs unless
+//! `--vip-echo never`); every other frame goes to the
 //! kernel. Map updates are diffs: a change of one Service touches only its
 //! keys.
 
-use crate::service::{FrontendKind, NodeConfig, ServicePort, ServiceTable};
+use crate::service::{FrontendKind, NodeConfig, ServicePort, ServiceTable, VipEcho};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, XskMap};
 use aya::programs::{Xdp, XdpFlags};
 use std::collections::HashMap;
@@ -108,6 +109,10 @@ fn contributions(p: &ServicePort, node: &NodeConfig) -> (Vec<SteerKey>, Vec<Stee
             }
         } else {
             fe.push((f.addr, p.proto, f.port));
+        }
+        // Echo requests to the VIP, for the pipeline to answer or drop.
+        if matches!(f.kind, FrontendKind::LoadBalancer | FrontendKind::ExternalIp) && node.vip_echo != VipEcho::Never {
+            fe.push((f.addr, if f.addr.is_v4() { Proto::ICMP } else { Proto::ICMPV6 }, 0));
         }
     }
     let ep = p.cluster.endpoints().iter().chain(p.local.endpoints()).map(|e| (e.addr, p.proto, e.port)).collect();

@@ -18,6 +18,7 @@
 
 use super::route::Fib;
 use crate::AffinityTable;
+use crate::io::capture::DropCapture;
 use crate::nat;
 use crate::pipeline::{self, BATCH, Frame, Tables, WorkerState};
 use crate::service::{ServiceTable, ServiceTableHandle};
@@ -359,6 +360,8 @@ pub struct Shared {
     pub conntrack: Arc<FlowTable>,
     pub affinity: Arc<AffinityTable>,
     pub fib: Arc<ArcSwap<Fib>>,
+    /// Dropped frames copied out while a capture is on.
+    pub capture: Arc<DropCapture>,
     /// Asks the control plane to resolve a next hop (ifindex, address);
     /// must not block (it is called on the drop path of a worker).
     pub resolve: Arc<dyn Fn(u32, Addr) + Send + Sync>,
@@ -431,6 +434,7 @@ impl Worker {
             let services = self.shared.services.load();
             let fib = self.shared.fib.load();
             let tables = Tables { services: &services, conntrack: &conntrack, affinity: &affinity };
+            let capture = self.shared.capture.reasons();
             let mut received = 0;
             for i in 0..self.ports.len() {
                 let port = &mut self.ports[i];
@@ -463,6 +467,12 @@ impl Worker {
                     pipeline::process_batch(&mut frames[..n], &tables, &mut self.state, now, &mut verdicts[..n]);
                     for j in 0..n {
                         let f = &mut frames[j];
+                        if capture != 0
+                            && let Verdict::Drop(reason) = verdicts[j]
+                        {
+                            let ifindex = self.ports[i].ifindex;
+                            self.shared.capture.offer(capture, reason, ifindex, &f.buf[..f.len.min(f.buf.len())]);
+                        }
                         let out = self.egress(i, f, verdicts[j], &fib, &services);
                         match out {
                             Out::Free => self.ports[i].free.push(rx_descs[j]),
