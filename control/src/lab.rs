@@ -10,7 +10,10 @@
 //! `case`, `policy`, `gateway`, `reachable`, `source_seen`,
 //! `client_address`, `gateway_address`, `shares` (pod → fraction of the
 //! answered flows) and `health_status` (the healthCheckNodePort's HTTP
-//! status; `null` for Cluster, which has none).
+//! status; `null` for Cluster, which has none); and `puzzles`, the seeds'
+//! puzzles each answered by one real command against the running gateways
+//! (`xskgate status`, `xskgate explain --gateway`, `ping`): `puzzle`,
+//! `command` and `answer` (the command's output).
 
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -63,9 +66,67 @@ fn udp_node_port_of(policy: TrafficPolicy) -> u16 {
     }
 }
 
-#[derive(Serialize)]
-struct Report {
-    scenarios: Vec<Row>,
+/// A seed's puzzle and the command that answers it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Puzzle {
+    pub puzzle: &'static str,
+    pub command: String,
+    /// What the command printed (trimmed).
+    pub answer: String,
+}
+
+/// What the lab found.
+#[derive(Clone, Debug, Serialize)]
+pub struct Lab {
+    pub scenarios: Vec<Row>,
+    pub puzzles: Vec<Puzzle>,
+}
+
+/// `xskgate ARGS` in gateway `gw`'s namespace (against its admin endpoint):
+/// the puzzle with the command as an operator types it and its output.
+fn ask_gateway(r: &Reference, xskgate: &Path, gw: Gw, puzzle: &'static str, args: &[&str]) -> Puzzle {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &r.topo.ns_name(gw.name())])
+        .arg(xskgate)
+        .args(args)
+        .output();
+    let answer = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim_end().to_string(),
+        Ok(o) => format!("failed: {}", String::from_utf8_lossy(&o.stderr).trim_end()),
+        Err(e) => format!("cannot run xskgate: {e}"),
+    };
+    let quoted: Vec<String> =
+        args.iter().map(|a| if a.contains(' ') { format!("'{a}'") } else { a.to_string() }).collect();
+    Puzzle { puzzle, command: format!("(on {}) xskgate {}", gw.name(), quoted.join(" ")), answer }
+}
+
+/// Whether a real `ping` from the client to `vip` through `gw` is answered.
+fn ping_via(r: &Reference, gw: Gw, vip: &str) -> bool {
+    r.via(gw);
+    std::process::Command::new("ip")
+        .args(["netns", "exec", &r.topo.ns_name("client"), "ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "1", vip])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The status rows of `whoami-local:dns` on both gateways, one line each.
+fn local_endpoint_counts(r: &Reference, xskgate: &Path) -> Puzzle {
+    let mut lines = Vec::new();
+    for gw in Gw::BOTH {
+        let p = ask_gateway(r, xskgate, gw, "", &["status"]);
+        if lines.is_empty()
+            && let Some(header) = p.answer.lines().find(|l| l.starts_with("SERVICE"))
+        {
+            lines.push(format!("     {header}"));
+        }
+        let row = p.answer.lines().find(|l| l.starts_with("default/whoami-local:dns")).unwrap_or(&p.answer);
+        lines.push(format!("{}: {row}", gw.name()));
+    }
+    Puzzle {
+        puzzle: "Why do clients split evenly over gw1 and gw2 give pod-a 50 % and pods b and c 25 % each (Local, seed 004)?",
+        command: "(on gw1 and on gw2) xskgate status".into(),
+        answer: lines.join("\n"),
+    }
 }
 
 fn progress(json: bool, msg: &str) {
@@ -118,8 +179,8 @@ fn flows(r: &Reference, policy: TrafficPolicy, gw: Gw, n: usize) -> Tally {
     udp_flows(&r.topo.ns_name("client"), to, n, Duration::from_secs(1))
 }
 
-/// Runs the lab; the rows, or why it could not run.
-pub fn run_lab(xskgate: &Path, json: bool) -> Result<Vec<Row>, ReferenceError> {
+/// Runs the lab; what it found, or why it could not run.
+pub fn run_lab(xskgate: &Path, json: bool) -> Result<Lab, ReferenceError> {
     progress(json, "building the reference topology (client, gw1 with pod-a, gw2 with pods b and c)");
     let mut r = Reference::start(xskgate)?;
     progress(json, &format!("gateways running (prefix {}); replaying seeds 003 and 004", r.topo.prefix()));
@@ -147,6 +208,7 @@ pub fn run_lab(xskgate: &Path, json: bool) -> Result<Vec<Row>, ReferenceError> {
             health_status: None,
         });
     }
+    let mut puzzles = vec![local_endpoint_counts(&r, xskgate)];
     progress(json, "scaling pod-a away: gw1 has no local endpoint now (seed 003)");
     r.set_pod("pod-a", PodState::Deleted);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -158,12 +220,54 @@ pub fn run_lab(xskgate: &Path, json: bool) -> Result<Vec<Row>, ReferenceError> {
         let t = flows(&r, policy, Gw::Gw1, 64);
         rows.push(row(&r, "pod-a scaled away", policy, Gw::Gw1, &t));
     }
+    progress(json, "asking the seeds' puzzles");
+    let local = format!("tcp 198.18.1.100:40000 > {LB_LOCAL}:80");
+    puzzles.push(ask_gateway(
+        &r,
+        xskgate,
+        Gw::Gw1,
+        "Some nodes reach the Local Service and others don't: why not through gw1, now that pod-a is gone?",
+        &["explain", "--gateway", "--packet", &local],
+    ));
+    let cluster = format!("tcp 198.18.1.100:40000 > {LB_CLUSTER}:80");
+    puzzles.push(ask_gateway(
+        &r,
+        xskgate,
+        Gw::Gw1,
+        "The pods behind the Cluster Service see the gateway, not the client: where is the client IP lost?",
+        &["explain", "--gateway", "--packet", &cluster],
+    ));
+    let (via1, via2) = (ping_via(&r, Gw::Gw1, LB_LOCAL), ping_via(&r, Gw::Gw2, LB_LOCAL));
+    let said = |answered: bool| if answered { "answered" } else { "no reply (dropped: echo_not_served)" };
+    let echo = ask_gateway(
+        &r,
+        xskgate,
+        Gw::Gw1,
+        "",
+        &["explain", "--gateway", "--packet", &format!("icmp 198.18.1.100 > {LB_LOCAL}")],
+    );
+    puzzles.push(Puzzle {
+        puzzle: "Ping of the Local LoadBalancer IP works through one gateway and not the other: which tells the truth?",
+        command: format!("(on the client) ping {LB_LOCAL} through gw1, then through gw2; (on gw1) xskgate explain --gateway --packet 'icmp 198.18.1.100 > {LB_LOCAL}'"),
+        answer: format!("through gw1: {}\nthrough gw2: {}\n{}", said(via1), said(via2), echo.answer),
+    });
     progress(json, "removing the topology");
-    Ok(rows)
+    Ok(Lab { scenarios: rows, puzzles })
 }
 
-/// The table a person reads.
-pub fn to_text(rows: &[Row]) -> String {
+/// The table a person reads, then the puzzles.
+pub fn to_text(lab: &Lab) -> String {
+    let mut out = scenarios_text(&lab.scenarios);
+    for p in &lab.puzzles {
+        out.push_str(&format!("\n{}\n$ {}\n", p.puzzle, p.command));
+        for l in p.answer.lines() {
+            out.push_str(&format!("  {l}\n"));
+        }
+    }
+    out
+}
+
+fn scenarios_text(rows: &[Row]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "{:<48} {:<8} {:<8} {:<10} {:<26} {:<22} {}\n",
@@ -202,16 +306,16 @@ pub fn to_text(rows: &[Row]) -> String {
 }
 
 /// The JSON object.
-pub fn to_json(rows: &[Row]) -> String {
-    serde_json::to_string_pretty(&Report { scenarios: rows.to_vec() }).expect("serializable")
+pub fn to_json(lab: &Lab) -> String {
+    serde_json::to_string_pretty(lab).expect("serializable")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn sample() -> Vec<Row> {
-        vec![Row {
+    fn sample() -> Lab {
+        let scenarios = vec![Row {
             case: "both gateways serving".into(),
             policy: TrafficPolicy::Local,
             gateway: "gw1",
@@ -221,7 +325,13 @@ mod tests {
             gateway_address: "198.18.1.1",
             shares: [("pod-a".to_string(), 1.0)].into(),
             health_status: Some(200),
-        }]
+        }];
+        let puzzles = vec![Puzzle {
+            puzzle: "Why?",
+            command: "(on gw1) xskgate explain --packet 'tcp …'".into(),
+            answer: "verdict        drop: no_local_endpoints".into(),
+        }];
+        Lab { scenarios, puzzles }
     }
 
     #[test]
@@ -242,11 +352,16 @@ mod tests {
         }
         assert_eq!(row["shares"]["pod-a"], 1.0);
         assert_eq!(row["health_status"], 200);
+        let puzzle = &v["puzzles"][0];
+        for key in ["puzzle", "command", "answer"] {
+            assert!(puzzle[key].is_string(), "missing {key}: {puzzle}");
+        }
     }
 
     #[test]
     fn text_reads_in_ten_seconds() {
         let t = to_text(&sample());
+        assert!(t.contains("\nWhy?\n$ (on gw1) xskgate explain") && t.contains("  verdict        drop"), "{t}");
         let line = t.lines().nth(1).unwrap();
         for want in ["Local", "gw1", "yes", "client 198.18.1.100", "100%", "200 (serve here)"] {
             assert!(line.contains(want), "{want} missing from {line:?}");

@@ -408,11 +408,11 @@ fn lab(json: bool) -> ExitCode {
         }
     };
     match xskgate_control::lab::run_lab(&exe, json) {
-        Ok(rows) => {
+        Ok(lab) => {
             if json {
-                println!("{}", xskgate_control::lab::to_json(&rows));
+                println!("{}", xskgate_control::lab::to_json(&lab));
             } else {
-                print!("{}", xskgate_control::lab::to_text(&rows));
+                print!("{}", xskgate_control::lab::to_text(&lab));
             }
             ExitCode::SUCCESS
         }
