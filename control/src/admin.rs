@@ -7,7 +7,8 @@
 //! writes:
 //! - `GET /status`: a [`Status`] as JSON (what `xskgate status` prints);
 //! - `GET /explain?packet=P`: an [`Explanation`] as JSON (400 with the
-//!   syntax for a bad packet);
+//!   syntax for a bad packet); `POST /explain?text=T` with an Ethernet frame
+//!   as the body (at most [`MAX_FRAME`] bytes): that frame's (`--pcap`);
 //! - `GET /capture?seconds=S[&reasons=R1,R2][&rate=N]`: the frames dropped
 //!   for those reasons during S seconds (at most [`MAX_CAPTURE_SECONDS`]), as
 //!   a pcapng file with each drop's reason in the packet's comment; 409
@@ -33,13 +34,20 @@ use xskgate_fastpath::{Counters, DropReason, FrontendKind, ServiceTable};
 
 /// `--admin-bind-address`'s default, and where the clients look.
 pub const DEFAULT_BIND: &str = "127.0.0.1:10261";
+/// The largest frame `POST /explain` takes.
+pub const MAX_FRAME: usize = 65_535;
 /// The longest capture one request may ask for.
 pub const MAX_CAPTURE_SECONDS: u64 = 300;
 
 /// What the endpoint asks of the control loop.
 pub enum Request {
     Status(oneshot::Sender<Status>),
-    Explain { packet: PacketSpec, text: String, reply: oneshot::Sender<Explanation> },
+    /// Explain this Ethernet frame, named `text` in the answer.
+    Explain {
+        frame: Vec<u8>,
+        text: String,
+        reply: oneshot::Sender<Explanation>,
+    },
 }
 
 /// What the endpoint holds besides the way to the loop.
@@ -458,8 +466,19 @@ async fn ask<T>(admin: &Admin, make: impl FnOnce(oneshot::Sender<T>) -> Request)
 async fn handle(admin: &Admin, req: hyper::Request<hyper::body::Incoming>) -> Response {
     let query: BTreeMap<String, String> =
         form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).into_owned().collect();
+    if req.method() == hyper::Method::POST && req.uri().path() == "/explain" {
+        let name = query.get("text").cloned().unwrap_or_else(|| "frame".into());
+        let body = match http_body_util::Limited::new(req.into_body(), MAX_FRAME).collect().await {
+            Ok(b) => b.to_bytes().to_vec(),
+            Err(e) => return text(413, format!("the frame: {e} (at most {MAX_FRAME} bytes)")),
+        };
+        return match ask(admin, |reply| Request::Explain { frame: body, text: name, reply }).await {
+            Ok(x) => json(&x),
+            Err(r) => r,
+        };
+    }
     if req.method() != hyper::Method::GET {
-        return text(405, format!("only GET; {PATHS}"));
+        return text(405, format!("GET, or POST /explain with a frame; {PATHS}"));
     }
     match req.uri().path() {
         "/status" => {
@@ -482,8 +501,8 @@ async fn handle(admin: &Admin, req: hyper::Request<hyper::body::Incoming>) -> Re
                 Ok(p) => p,
                 Err(e) => return text(400, e.to_string()),
             };
-            let text_packet = text_packet.clone();
-            match ask(admin, |reply| Request::Explain { packet, text: text_packet, reply }).await {
+            let (frame, name) = (packet.frame(), text_packet.clone());
+            match ask(admin, |reply| Request::Explain { frame, text: name, reply }).await {
                 Ok(x) => json(&x),
                 Err(r) => r,
             }
@@ -597,6 +616,18 @@ pub enum ClientError {
 /// No connection, no answer within `timeout`, or another status (its body
 /// is in the error).
 pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Bytes, ClientError> {
+    request(addr, hyper::Method::GET, path, Bytes::new(), timeout).await
+}
+
+/// One request with `body` to the endpoint at `addr`: the body of a 200
+/// answer. Errors as [`get`]'s.
+async fn request(
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<Bytes, ClientError> {
     let exchange = async {
         let stream =
             tokio::net::TcpStream::connect(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
@@ -604,9 +635,11 @@ pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Byte
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(http)?;
         tokio::spawn(conn);
-        let req = hyper::Request::get(path)
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
             .header(hyper::header::HOST, addr.to_string())
-            .body(http_body_util::Empty::<Bytes>::new())
+            .body(Full::new(body))
             .expect("a valid request");
         let resp = sender.send_request(req).await.map_err(http)?;
         let status = resp.status().as_u16();
@@ -640,6 +673,17 @@ pub async fn fetch_status(addr: SocketAddr) -> Result<Status, ClientError> {
 /// See [`get`]; or the answer is not JSON.
 pub async fn fetch_explain(addr: SocketAddr, packet: &str) -> Result<serde_json::Value, ClientError> {
     let body = get(addr, &format!("/explain?packet={}", encode(packet)), Duration::from_secs(10)).await?;
+    serde_json::from_slice(&body).map_err(|source| ClientError::Decode { addr, what: "explanation", source })
+}
+
+/// `xskgate explain --gateway --pcap`: one captured frame, named `text`.
+///
+/// # Errors
+/// See [`get`]; or the answer is not JSON.
+pub async fn fetch_explain_frame(addr: SocketAddr, frame: &[u8], text: &str) -> Result<serde_json::Value, ClientError> {
+    let path = format!("/explain?text={}", encode(text));
+    let body =
+        request(addr, hyper::Method::POST, &path, Bytes::copy_from_slice(frame), Duration::from_secs(10)).await?;
     serde_json::from_slice(&body).map_err(|source| ClientError::Decode { addr, what: "explanation", source })
 }
 

@@ -344,7 +344,39 @@ fn endpoint_row(
     EndpointRow { address: e.display(), node, usable, why }
 }
 
+/// Stands in for the packet of a frame that is not TCP, UDP or an echo
+/// request (the stages that read it never run for such a frame).
+const NOT_A_FLOW: PacketSpec = PacketSpec {
+    proto: PacketProto::Udp,
+    src: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    sport: 0,
+    dst: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    dport: 0,
+    tcp_flags: 0,
+};
+
 impl PacketSpec {
+    /// The packet a frame carries, as the pipeline parses it: `None` for
+    /// a frame that is not TCP, UDP or an echo request (or not parsable).
+    pub fn of_frame(frame: &[u8]) -> Option<PacketSpec> {
+        use xskgate_fastpath::wire::{self, L4};
+        let p = wire::parse(frame).ok()?;
+        let proto = match p.l4_kind {
+            L4::Tcp => PacketProto::Tcp,
+            L4::Udp => PacketProto::Udp,
+            L4::EchoRequest => PacketProto::Echo,
+            L4::IcmpError | L4::Other => return None,
+        };
+        Some(PacketSpec {
+            proto,
+            src: p.src.to_ip(),
+            sport: p.sport,
+            dst: p.dst.to_ip(),
+            dport: p.dport,
+            tcp_flags: p.tcp_flags,
+        })
+    }
+
     /// The flow key the pipeline parses from the frame (`None` for echo).
     pub fn key(&self) -> Option<FlowKey> {
         let proto = match self.proto {
@@ -374,9 +406,25 @@ pub fn explain(
     node: &NodeIdentity,
     live: Option<&Live<'_>>,
 ) -> Explanation {
+    explain_frame(&packet.frame(), text, table, entries, state, node, live)
+}
+
+/// [`explain`] for a frame as it was captured (`--pcap`): the pipeline
+/// runs on these very bytes; `text` names the packet in the output.
+pub fn explain_frame(
+    frame: &[u8],
+    text: &str,
+    table: &ServiceTable,
+    entries: &[PortEntry],
+    state: &ClusterState,
+    node: &NodeIdentity,
+    live: Option<&Live<'_>>,
+) -> Explanation {
+    let spec = PacketSpec::of_frame(frame);
+    let packet = spec.as_ref().unwrap_or(&NOT_A_FLOW);
     let conntrack = FlowTable::new(Config { capacity: 64, ..Config::default() }).expect("a small table");
     let mut tracked = None;
-    if let (Some(live), Some(key)) = (live, packet.key())
+    if let (Some(live), Some(key)) = (live, spec.as_ref().and_then(PacketSpec::key))
         && let Some(view) = live.conntrack.lookup(&key)
         && let Some(info) = live.conntrack.info(&view)
     {
@@ -400,9 +448,10 @@ pub fn explain(
     }
     let affinity = AffinityTable::new(64);
     let tables = Tables { services: table, conntrack: &conntrack, affinity: &affinity };
-    let mut bytes = packet.frame();
-    bytes.resize(bytes.len().max(2048), 0);
-    let len = packet.frame().len();
+    // Room for what the pipeline may write (a reject quotes the packet).
+    let len = frame.len();
+    let mut bytes = frame.to_vec();
+    bytes.resize(len.max(2048), 0);
     let mut frames = [Frame { buf: &mut bytes, len }];
     let mut verdicts = [Verdict::Pass];
     let mut recorder = Recorder::default();
@@ -602,6 +651,83 @@ pub fn explain(
     x
 }
 
+/// Why a `--pcap` file gave no frames.
+#[derive(Debug, thiserror::Error)]
+pub enum PcapError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} is not a pcap or pcapng file: {reason}")]
+    Format { path: String, reason: String },
+    #[error("{path}: link type {linktype:?} is not Ethernet; xskgate sees Ethernet frames")]
+    LinkType { path: String, linktype: pcap_file::DataLink },
+}
+
+/// The Ethernet frames of a pcap or pcapng file (tcpdump's, tshark's, or
+/// `xskgate capture`'s), in order; a frame cut by the capture's snaplen
+/// is given as captured.
+///
+/// # Errors
+/// The file cannot be read, is neither format, or is not Ethernet.
+pub fn read_pcap(path: &std::path::Path) -> Result<Vec<Vec<u8>>, PcapError> {
+    use pcap_file::pcapng::Block;
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| PcapError::Read { path: name.clone(), source })?;
+    let format = |e: pcap_file::PcapError| PcapError::Format { path: name.clone(), reason: e.to_string() };
+    let ethernet = |l: pcap_file::DataLink| {
+        if l == pcap_file::DataLink::ETHERNET {
+            Ok(())
+        } else {
+            Err(PcapError::LinkType { path: name.clone(), linktype: l })
+        }
+    };
+    let mut frames = Vec::new();
+    if bytes.starts_with(&[0x0a, 0x0d, 0x0d, 0x0a]) {
+        let mut r = pcap_file::pcapng::PcapNgReader::new(&bytes[..]).map_err(format)?;
+        let mut links = Vec::new();
+        while let Some(block) = r.next_block() {
+            match block.map_err(format)? {
+                Block::InterfaceDescription(i) => links.push(i.linktype),
+                Block::EnhancedPacket(p) => {
+                    if let Some(l) = links.get(p.interface_id as usize) {
+                        ethernet(*l)?;
+                    }
+                    frames.push(p.data.into_owned());
+                }
+                Block::SimplePacket(p) => frames.push(p.data.into_owned()),
+                _ => {}
+            }
+        }
+    } else {
+        let mut r = pcap_file::pcap::PcapReader::new(&bytes[..]).map_err(format)?;
+        ethernet(r.header().datalink)?;
+        while let Some(p) = r.next_packet() {
+            frames.push(p.map_err(format)?.data.into_owned());
+        }
+    }
+    Ok(frames)
+}
+
+/// How `--pcap` names frame `i` (from 1, as tshark numbers them) in the output.
+pub fn frame_text(i: usize, frame: &[u8]) -> String {
+    match PacketSpec::of_frame(frame) {
+        Some(p) => {
+            let proto = match (p.proto, p.src.is_ipv4()) {
+                (PacketProto::Tcp, _) => "tcp",
+                (PacketProto::Udp, _) => "udp",
+                (PacketProto::Echo, true) => "icmp",
+                (PacketProto::Echo, false) => "icmp6",
+            };
+            if p.proto == PacketProto::Echo {
+                format!("frame {i}: {proto} {} > {}", p.src, p.dst)
+            } else {
+                let (src, dst) = (endpoint_string(p.src, p.sport), endpoint_string(p.dst, p.dport));
+                format!("frame {i}: {proto} {src} > {dst}")
+            }
+        }
+        None => format!("frame {i}: {} bytes, not TCP, UDP or an echo request", frame.len()),
+    }
+}
+
 /// The translated entry of a service port of the table.
 fn find_entry<'a>(entries: &'a [PortEntry], p: &xskgate_fastpath::ServicePort) -> Option<&'a PortEntry> {
     entries.iter().find(|e| {
@@ -672,9 +798,18 @@ mod tests {
         assert!(p.src.is_ipv6() && p.dst.is_ipv6());
         let p: PacketSpec = "icmp6 2001:db8::1 > 2001:db8:100::10".parse().unwrap();
         assert_eq!(p.proto, PacketProto::Echo);
-        // The frame is one the fast path parses.
+        // The frame is one the fast path parses, back into the same packet.
         let frame = p.frame();
         assert!(etherparse::SlicedPacket::from_ethernet(&frame).is_ok());
+        for text in [
+            "tcp 198.18.1.100:40001 > 198.18.100.10:80 flags=SA",
+            "udp [2001:db8::1]:5 > [2001:db8::2]:53",
+            "icmp 198.18.1.1 > 198.18.100.10",
+        ] {
+            let p: PacketSpec = text.parse().unwrap();
+            assert_eq!(PacketSpec::of_frame(&p.frame()), Some(p), "{text}");
+        }
+        assert_eq!(PacketSpec::of_frame(&[0u8; 14]), None, "not IP");
     }
 
     #[test]

@@ -61,9 +61,13 @@ enum Cmd {
         node_address: Vec<std::net::IpAddr>,
         /// The packet: PROTO SRC[:PORT] > DST[:PORT] [flags=S|SA|A|F|R|P], e.g.
         /// 'tcp 198.18.1.100:40000 > 198.18.100.10:80'.
+        #[arg(long, required_unless_present = "pcap", conflicts_with = "pcap")]
+        packet: Option<String>,
+        /// Every frame of a pcap or pcapng file (tcpdump's, tshark's, `xskgate capture`'s),
+        /// as captured, instead of --packet.
         #[arg(long)]
-        packet: String,
-        /// One JSON object instead of one line per stage.
+        pcap: Option<PathBuf>,
+        /// One JSON object instead of one line per stage (with --pcap, one per line).
         #[arg(long)]
         json: bool,
     },
@@ -235,15 +239,23 @@ fn main() -> ExitCode {
         .init();
     match Cli::parse().cmd {
         Cmd::Lab { json } => lab(json),
-        Cmd::Explain { from, gateway: Some(gateway), packet, json, .. } => {
-            if from.node_name.is_some() || from.zone.is_some() || !from.cluster_cidr.is_empty() {
-                eprintln!("xskgate: --gateway explains with the gateway's own node, zone and CIDRs; drop the others");
-                return ExitCode::from(2);
+        Cmd::Explain { from, gateway, node_address, packet, pcap, json, vip_echo } => {
+            let packets = match packets(packet.as_deref(), pcap.as_deref()) {
+                Ok(p) => p,
+                Err(code) => return code,
+            };
+            match gateway {
+                Some(gateway) => {
+                    if from.node_name.is_some() || from.zone.is_some() || !from.cluster_cidr.is_empty() {
+                        eprintln!(
+                            "xskgate: --gateway explains with the gateway's own node, zone and CIDRs; drop the others"
+                        );
+                        return ExitCode::from(2);
+                    }
+                    explain_live(gateway, &packets, json)
+                }
+                None => explain(&from, node_address, vip_echo, &packets, json),
             }
-            explain_live(gateway, &packet, json)
-        }
-        Cmd::Explain { from, gateway: None, node_address, packet, json, vip_echo } => {
-            explain(&from, node_address, vip_echo, &packet, json)
         }
         Cmd::Status { gateway, json } => status(gateway, json),
         Cmd::Capture { gateway, seconds, reasons, rate, write } => capture(gateway, seconds, &reasons, rate, &write),
@@ -439,27 +451,78 @@ fn block_on<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
     }
 }
 
-fn explain_live(gateway: std::net::SocketAddr, packet: &str, json: bool) -> ExitCode {
-    // Checked here too, so that a typo is named without a round trip.
-    if let Err(e) = packet.parse::<xskgate_control::explain::PacketSpec>() {
-        eprintln!("xskgate: {e}");
-        return ExitCode::from(2);
-    }
-    block_on(async {
-        match xskgate_control::admin::fetch_explain(gateway, packet).await {
-            Ok(x) if json => {
-                println!("{}", serde_json::to_string_pretty(&x).expect("serializable"));
-                ExitCode::SUCCESS
-            }
-            Ok(x) => {
-                print!("{}", xskgate_control::explain::value_to_text(&x));
-                ExitCode::SUCCESS
-            }
+/// What `explain` is asked about: one `--packet`, or the frames of a `--pcap`.
+enum Packets {
+    One(String, xskgate_control::explain::PacketSpec),
+    /// (how the output names it, the frame as captured)
+    Frames(Vec<(String, Vec<u8>)>),
+}
+
+/// `--packet` parsed or `--pcap` read, or the exit code after saying why not.
+fn packets(packet: Option<&str>, pcap: Option<&std::path::Path>) -> Result<Packets, ExitCode> {
+    use xskgate_control::explain;
+    match (packet, pcap) {
+        (Some(text), _) => match text.parse() {
+            Ok(spec) => Ok(Packets::One(text.to_string(), spec)),
             Err(e) => {
                 eprintln!("xskgate: {e}");
-                ExitCode::FAILURE
+                Err(ExitCode::from(2))
+            }
+        },
+        (None, Some(path)) => match explain::read_pcap(path) {
+            Ok(frames) => Ok(Packets::Frames(
+                frames.into_iter().enumerate().map(|(i, f)| (explain::frame_text(i + 1, &f), f)).collect(),
+            )),
+            Err(e) => {
+                eprintln!("xskgate: --pcap {e}");
+                Err(ExitCode::FAILURE)
+            }
+        },
+        (None, None) => {
+            eprintln!("xskgate: give --packet or --pcap");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// Prints one explanation (JSON form): pretty for one packet, one line each
+/// for the frames of a capture.
+fn print_explanation(x: &serde_json::Value, json: bool, many: bool, first: bool) {
+    match (json, many) {
+        (true, false) => println!("{}", serde_json::to_string_pretty(x).expect("serializable")),
+        (true, true) => println!("{x}"),
+        (false, _) => {
+            if !first {
+                println!();
+            }
+            print!("{}", xskgate_control::explain::value_to_text(x));
+        }
+    }
+}
+
+fn explain_live(gateway: std::net::SocketAddr, packets: &Packets, json: bool) -> ExitCode {
+    use xskgate_control::admin;
+    block_on(async {
+        let answers = match packets {
+            Packets::One(text, _) => vec![admin::fetch_explain(gateway, text).await],
+            Packets::Frames(frames) => {
+                let mut out = Vec::new();
+                for (text, frame) in frames {
+                    out.push(admin::fetch_explain_frame(gateway, frame, text).await);
+                }
+                out
+            }
+        };
+        for (i, a) in answers.iter().enumerate() {
+            match a {
+                Ok(x) => print_explanation(x, json, matches!(packets, Packets::Frames(_)), i == 0),
+                Err(e) => {
+                    eprintln!("xskgate: {e}");
+                    return ExitCode::FAILURE;
+                }
             }
         }
+        ExitCode::SUCCESS
     })
 }
 
@@ -518,7 +581,7 @@ fn explain(
     from: &Manifests,
     addresses: Vec<std::net::IpAddr>,
     vip_echo: VipEcho,
-    packet: &str,
+    packets: &Packets,
     json: bool,
 ) -> ExitCode {
     let Manifests { manifests: dir, node_name: name, zone, cluster_cidr: cidrs } = from;
@@ -527,13 +590,6 @@ fn explain(
         Err(code) => return code,
     };
     use xskgate_control::explain;
-    let spec: explain::PacketSpec = match packet.parse() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("xskgate: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let given = parse_cidrs(cidrs).and_then(|c| Ok((c, node_name_or_exit(name.as_deref())?, load_state(dir)?)));
     let (pod_cidrs, name, state) = match given {
         Ok(given) => given,
@@ -543,11 +599,17 @@ fn explain(
     let identity = node::identity(name, zone.as_deref(), &state);
     let gw = explain::Gateway { node: identity, addresses, pod_cidrs, snat: Vec::new(), vip_echo };
     let (table, entries) = explain::table(&state, &gw);
-    let x = explain::explain(&spec, packet, &table, &entries, &state, &gw.node, None);
-    if json {
-        println!("{}", serde_json::to_string_pretty(&x).expect("serializable"));
-    } else {
-        print!("{}", explain::to_text(&x));
+    let one = |text: &str, frame: &[u8]| {
+        let x = explain::explain_frame(frame, text, &table, &entries, &state, &gw.node, None);
+        serde_json::to_value(&x).expect("serializable")
+    };
+    match packets {
+        Packets::One(text, spec) => print_explanation(&one(text, &spec.frame()), json, false, true),
+        Packets::Frames(frames) => {
+            for (i, (text, frame)) in frames.iter().enumerate() {
+                print_explanation(&one(text, frame), json, true, i == 0);
+            }
+        }
     }
     ExitCode::SUCCESS
 }

@@ -511,10 +511,10 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                         });
                         let _ = reply.send(status);
                     }
-                    crate::admin::Request::Explain { packet, text, reply } => {
+                    crate::admin::Request::Explain { frame, text, reply } => {
                         let live = crate::explain::Live { conntrack: &conntrack, now: epoch.elapsed().as_secs() as u32 };
                         let c = control.controller();
-                        let x = crate::explain::explain(&packet, &text, &table, &entries, c.state(), c.identity(), Some(&live));
+                        let x = crate::explain::explain_frame(&frame, &text, &table, &entries, c.state(), c.identity(), Some(&live));
                         let _ = reply.send(x);
                     }
                 }

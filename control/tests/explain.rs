@@ -124,3 +124,62 @@ fn ping_of_a_vip_is_answered_only_where_the_service_is_served() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("echo           not answered for 198.18.100.10"), "{out}");
 }
+
+/// `--pcap`: every frame of a capture, as captured, through the pipeline,
+/// one JSON object per line; the file is written by pcap-file's own pcap
+/// writer (the format tcpdump writes). A file of another link type or no
+/// capture at all is refused with a reason.
+#[test]
+fn every_frame_of_a_pcap_is_explained_as_captured() {
+    use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
+    let dir = std::env::temp_dir().join(format!("xskgate-explain-pcap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let frames: Vec<Vec<u8>> = vec![
+        "tcp 198.18.1.100:40000 > 198.18.100.11:80".parse::<xskgate_control::explain::PacketSpec>().unwrap().frame(),
+        "udp 198.18.1.100:40001 > 198.18.100.10:80".parse::<xskgate_control::explain::PacketSpec>().unwrap().frame(),
+        // An ARP request: not IP.
+        [vec![0xff; 6], vec![2, 0, 0, 0, 0, 1], vec![0x08, 0x06], vec![0; 28]].concat(),
+    ];
+    let write = |name: &str, datalink: pcap_file::DataLink| {
+        let path = dir.join(name);
+        let header = PcapHeader { datalink, ..PcapHeader::default() };
+        let mut w = PcapWriter::with_header(std::fs::File::create(&path).unwrap(), header).unwrap();
+        for f in &frames {
+            let p = PcapPacket::new(std::time::Duration::from_secs(1), f.len() as u32, f);
+            w.write_packet(&p).unwrap();
+        }
+        path
+    };
+    let capture = write("three.pcap", pcap_file::DataLink::ETHERNET);
+    let reference = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/reference");
+    let args = ["explain", "--manifests", reference, "--node-name", "gw1", "--cluster-cidr", "198.19.0.0/16"];
+    let out = Command::new(XSKGATE).args(args).arg("--pcap").arg(&capture).arg("--json").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!((lines[0]["verdict"].as_str(), lines[0]["snat"].as_bool()), (Some("forward"), Some(true)));
+    assert_eq!(lines[0]["packet"], "frame 1: tcp 198.18.1.100:40000 > 198.18.100.11:80");
+    // UDP to the TCP-only Local VIP: no such frontend, the kernel's.
+    assert_eq!(lines[1]["verdict"], "pass");
+    assert_eq!(lines[2]["packet"], "frame 3: 42 bytes, not TCP, UDP or an echo request");
+    assert_eq!(lines[2]["verdict"], "pass");
+    let text = Command::new(XSKGATE).args(args).arg("--pcap").arg(&capture).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert_eq!(text.matches("\npacket ").count() + usize::from(text.starts_with("packet ")), 3, "{text}");
+
+    let raw = write("raw.pcap", pcap_file::DataLink::RAW);
+    let out = Command::new(XSKGATE).args(args).arg("--pcap").arg(&raw).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not Ethernet"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let not = dir.join("not.pcap");
+    std::fs::write(&not, b"hello").unwrap();
+    let out = Command::new(XSKGATE).args(args).arg("--pcap").arg(&not).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a pcap or pcapng file"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

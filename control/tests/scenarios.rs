@@ -442,6 +442,8 @@ fn s9_status_explain_capture_and_ping_on_running_gateways() {
         .output()
         .expect("tshark (scripts/install-deps installs it) runs");
     let tcpdump = std::process::Command::new("tcpdump").args(["-n", "-r", &path]).output().expect("tcpdump runs");
+    // The capture explained frame by frame against the live tables.
+    let (code, explained, err) = xskgate_in(&r, "gw1", &["explain", "--gateway", "--pcap", &path, "--json"]);
     let _ = std::fs::remove_file(&file);
     let lines = String::from_utf8_lossy(&tshark.stdout).into_owned();
     assert!(tshark.status.success(), "tshark: {}", String::from_utf8_lossy(&tshark.stderr));
@@ -450,6 +452,10 @@ fn s9_status_explain_capture_and_ping_on_running_gateways() {
     assert!(rows.iter().all(|l| *l == format!("no_local_endpoints\t{LB_LOCAL}\t53")), "{lines}");
     let dump = String::from_utf8_lossy(&tcpdump.stdout).into_owned();
     assert!(tcpdump.status.success(), "tcpdump: {}", String::from_utf8_lossy(&tcpdump.stderr));
+    assert_eq!(code, 0, "{err}");
+    let explained: Vec<serde_json::Value> = explained.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(explained.len(), rows.len());
+    assert!(explained.iter().all(|x| x["reason"] == "no_local_endpoints"), "{explained:?}");
     assert!(dump.lines().count() == rows.len() && dump.contains(&format!("> {LB_LOCAL}.53: ")), "{dump}");
 
     // The Local drop, explained and counted.
