@@ -271,6 +271,16 @@ pub fn parse_general(frame: &[u8]) -> Result<Parsed, Unparsed> {
             }
         }
     }
+    // The transport header lies inside the IP payload (etherparse reads an
+    // IPv6 payload length of 0, a jumbogram's, as "to the end of the frame").
+    let header = match p.l4_kind {
+        L4::Tcp => 20,
+        L4::Udp | L4::IcmpError | L4::EchoRequest => 8,
+        L4::Other => 0,
+    };
+    if p.l4 + header > p.end {
+        return Err(Unparsed::Malformed);
+    }
     Ok(p)
 }
 

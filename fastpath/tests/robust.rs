@@ -204,3 +204,18 @@ proptest! {
         );
     }
 }
+
+/// Found by the `parse` fuzz target: IPv6 with a payload length of 0 (a
+/// jumbogram's) and a hop-by-hop header. etherparse reads on to the end of
+/// the frame, so the transport header began past the IP payload's end; it
+/// is malformed now, from both parsers.
+#[test]
+fn fuzz_regression_ipv6_payload_length_zero_with_an_extension_header() {
+    let frame: &[u8] = &[
+        2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 10, 134, 221, 96, 1, 0, 0, 0, 0, 0, 11, 17, 64, 32, 1, 13, 184, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 32, 1, 13, 0, 0, 0, 16, 32, 1, 13, 184, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 156,
+        96, 0, 64, 80, 0, 11, 32, 92, 119, 104, 111,
+    ];
+    assert_eq!(xskgate_fastpath::wire::parse(frame), Err(xskgate_fastpath::wire::Unparsed::Malformed));
+    assert_eq!(xskgate_fastpath::wire::parse_general(frame), Err(xskgate_fastpath::wire::Unparsed::Malformed));
+}
