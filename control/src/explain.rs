@@ -141,7 +141,8 @@ impl std::str::FromStr for PacketSpec {
                 Some(_) => return Err(PacketError::Flags("flags= is for tcp only".into())),
                 None => return Err(PacketError::Shape { text: text.to_string(), got: words.len() }),
             },
-            None => 0x02,
+            None if proto == PacketProto::Tcp => 0x02,
+            None => 0,
         };
         let dport = match (proto, dport) {
             (PacketProto::Echo, _) => 0,
