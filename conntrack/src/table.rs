@@ -53,9 +53,9 @@
 //! Nothing here allocates after [`FlowTable::new`] except the diagnostic
 //! [`FlowTable::flows`]; nothing takes a lock or makes a system call.
 
-use crate::key::{Addr, FlowKey};
+use crate::key::{Addr, FlowKey, Proto};
 use crate::mem::{AllZeroValid, ZeroedArray};
-use crate::state::{Dir, FlowState, StateWord, Timeouts, advance};
+use crate::state::{Dir, FlowState, StateWord, TcpState, Timeouts, advance};
 use crate::sync::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence, spin_loop};
 use Ordering::{AcqRel, Acquire, Relaxed, Release};
 
@@ -634,6 +634,9 @@ pub struct TableStats {
     pub early_drops: u64,
     pub expired: u64,
     pub flushed: u64,
+    /// Closed TCP flows (TIME_WAIT or CLOSE) removed because a new flow
+    /// needed their reply tuple (a SNAT port), as Linux's NAT reuses them.
+    pub closed_reused: u64,
 }
 
 #[derive(Default)]
@@ -642,6 +645,7 @@ struct SharedStats {
     early_drops: AtomicU64,
     expired: AtomicU64,
     flushed: AtomicU64,
+    closed_reused: AtomicU64,
 }
 
 /// A pre-computed key hash, so a batch can prefetch before it looks up.
@@ -841,6 +845,7 @@ impl FlowTable {
             early_drops: self.stats.early_drops.load(Relaxed),
             expired: self.stats.expired.load(Relaxed),
             flushed: self.stats.flushed.load(Relaxed),
+            closed_reused: self.stats.closed_reused.load(Relaxed),
         }
     }
 
@@ -1451,7 +1456,16 @@ impl FlowTable {
         let mut claimed = None;
         for _ in 0..=u16::MAX {
             if !same_key(&r.words, &o.words) {
-                match self.claim(&r.words, r.hash, Dir::Reply, Some(oc.slot)) {
+                // A closed TCP flow that holds the tuple gives it up: one
+                // removal, then one more claim of the same tuple.
+                let mut claim = self.claim(&r.words, r.hash, Dir::Reply, Some(oc.slot));
+                if let Ok(ClaimResult::Found(v)) = &claim
+                    && self.remove_if_closed(v)
+                {
+                    self.stats.closed_reused.fetch_add(1, Relaxed);
+                    claim = self.claim(&r.words, r.hash, Dir::Reply, Some(oc.slot));
+                }
+                match claim {
                     Ok(ClaimResult::Claimed(c)) => {
                         claimed = Some((r, c));
                         break;
@@ -1554,6 +1568,37 @@ impl FlowTable {
             }
             _ => false,
         }
+    }
+
+    /// Removes the TCP flow that `v` (either direction) belongs to if it
+    /// has closed: FIN both ways (TIME_WAIT) or a reset (CLOSE). A new flow
+    /// that needs one of its tuples takes it at once instead of waiting
+    /// out the closed flow's timeout, as Linux's NAT does when it picks a
+    /// source port. Returns whether the flow was removed here; false when
+    /// it is open, not TCP, or changed meanwhile.
+    fn remove_if_closed(&self, v: &FlowView) -> bool {
+        if v.proto != Proto::TCP.0 {
+            return false;
+        }
+        let i = match v.dir {
+            Dir::Original => v.slot,
+            Dir::Reply => v.peer_slot,
+        } as usize;
+        let Some(s) = self.slots.get(i) else {
+            return false;
+        };
+        let m = Meta(s.meta.load(Acquire));
+        if m.kind() != KIND_FULL || m.dir() != Dir::Original {
+            return false;
+        }
+        if !matches!(StateWord(s.state.load(Acquire)).state(), FlowState::Tcp(TcpState::TimeWait | TcpState::Close)) {
+            return false;
+        }
+        let same_flow = match v.dir {
+            Dir::Original => m.generation() == v.generation,
+            Dir::Reply => self.read_record(i, m).is_some_and(|r| r.key == v.peer_words()),
+        };
+        same_flow && self.remove_flow_at(i, m)
     }
 
     /// Removes the flow whose original slot is `i`, read as `m`. Returns

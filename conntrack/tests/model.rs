@@ -80,6 +80,12 @@ impl Model {
     }
 }
 
+/// A TCP flow that has closed (TIME_WAIT or CLOSE), whose tuples a new
+/// flow may take.
+fn closed(f: &ModelFlow) -> bool {
+    matches!(f.state.state(), FlowState::Tcp(TcpState::TimeWait | TcpState::Close))
+}
+
 fn short_timeouts() -> Timeouts {
     Timeouts {
         tcp_syn: 60,
@@ -117,9 +123,13 @@ fn run(ops: Vec<Op>, seed: u64) -> Result<(), TestCaseError> {
                 } else if model.flows.len() == CAPACITY {
                     // A full table says so before any SNAT retry could help.
                     Err(InsertError::Full)
-                } else if model.index.contains_key(&r) {
+                } else if model.index.get(&r).is_some_and(|&(holder, _)| !closed(&model.flows[&holder])) {
                     Err(InsertError::ReplyTaken)
                 } else {
+                    // A closed TCP flow holding the reply tuple gives it up.
+                    if let Some(&(holder, _)) = model.index.get(&r) {
+                        model.remove_flow(holder);
+                    }
                     model.index.insert(o, (o, Dir::Original));
                     model.index.insert(r, (o, Dir::Reply));
                     let f = ModelFlow {
@@ -444,5 +454,68 @@ fn insert_after_a_miss_moves_a_taken_reply_port() {
     };
     assert_eq!(v.peer(), with_port(taken, 84));
     assert_eq!(t.len(), 4);
+    t.check_invariants().unwrap();
+}
+
+/// A SNAT port whose TCP flow has closed is reusable at once, as Linux's
+/// NAT reuses it: a new flow that needs the reply tuple of a flow in
+/// TIME_WAIT (FIN both ways) or CLOSE (a reset) removes that flow and takes
+/// the tuple; a flow that is still open (established, or half closed)
+/// keeps it and the search moves on. Each reuse is counted.
+#[test]
+fn a_closed_tcp_flow_gives_up_its_reply_tuple_an_open_one_keeps_it() {
+    use tcp_flags::{ACK, FIN, RST, SYN};
+    let t = FlowTable::new(Config { capacity: 8, early_drop: false, seed: Some(9), ..Config::default() }).unwrap();
+    let syn = FirstPacket { bytes: 60, tcp_flags: SYN };
+    let tcp = |o: u8, r: u8| NewFlow { state: FlowState::Tcp(TcpState::SynSent), ..flow_of(o, r) };
+    let open = |o: u8, r: u8| {
+        let Ok(Inserted::New(v)) = t.insert_missed(&tcp(o, r), 1, syn, || None) else { panic!("a new flow {o}") };
+        let back = t.lookup(&v.peer()).unwrap();
+        t.touch(&back, 1, 60, SYN | ACK).unwrap();
+        assert_eq!(t.touch(&v, 1, 40, ACK), Some(FlowState::Tcp(TcpState::Established)));
+        (v, back)
+    };
+    // Flow 0 closes with FIN both ways, flow 2 with a reset, flow 4 only
+    // half (FIN from the client), flow 6 stays established.
+    let (v, back) = open(0, 1);
+    t.touch(&v, 2, 40, FIN | ACK).unwrap();
+    t.touch(&back, 2, 40, FIN | ACK).unwrap();
+    assert_eq!(t.touch(&v, 2, 40, ACK), Some(FlowState::Tcp(TcpState::TimeWait)));
+    let (_, back) = open(2, 3);
+    assert_eq!(t.touch(&back, 2, 40, RST), Some(FlowState::Tcp(TcpState::Close)));
+    let (v, _) = open(4, 5);
+    assert_eq!(t.touch(&v, 2, 40, FIN | ACK), Some(FlowState::Tcp(TcpState::FinWait)));
+    open(6, 7);
+    assert_eq!(t.len(), 4);
+
+    // New flows that want each one's reply tuple, with no other port to try.
+    for (o, r, reused) in [(10, 1, true), (11, 3, true), (12, 5, false), (13, 7, false)] {
+        let got = t.insert_missed(&tcp(o, r), 3, syn, || None);
+        if reused {
+            let Ok(Inserted::New(v)) = got else { panic!("flow {o} takes the closed flow's tuple: {got:?}") };
+            assert_eq!(v.peer(), tuple(r));
+            assert_eq!(t.lookup(&tuple(r)).map(|b| b.peer()), Some(tuple(o)), "the tuple is the new flow's");
+            assert!(t.lookup(&tuple(r - 1)).is_none(), "the closed flow is gone, both directions");
+        } else {
+            assert_eq!(got, Err(InsertError::ReplyTaken), "flow {o}: the open flow keeps its tuple");
+            assert_eq!(t.lookup(&tuple(r)).map(|b| b.peer()), Some(tuple(r - 1)));
+        }
+    }
+    assert_eq!(t.stats().closed_reused, 2);
+    assert_eq!(t.len(), 4, "two closed flows out, two new ones in");
+
+    // The search goes on past an open flow's tuple (flow 6's, port 80) to
+    // the next port's, which a reset flow holds.
+    let port_81 = FlowKey { dport: 81, ..tuple(7) };
+    let Ok(Inserted::New(v)) = t.insert_missed(&NewFlow { reply: port_81, ..tcp(20, 0) }, 4, syn, || None) else {
+        panic!("a new flow")
+    };
+    let back = t.lookup(&v.peer()).unwrap();
+    assert_eq!(t.touch(&back, 4, 40, RST), Some(FlowState::Tcp(TcpState::Close)));
+    let mut ports = [81].into_iter();
+    let Ok(Inserted::New(v)) = t.insert_missed(&tcp(22, 7), 5, syn, || ports.next()) else { panic!("a new flow") };
+    assert_eq!(v.peer(), port_81, "moved past the open flow to the closed flow's port");
+    assert!(t.lookup(&tuple(20)).is_none());
+    assert_eq!(t.stats().closed_reused, 3);
     t.check_invariants().unwrap();
 }

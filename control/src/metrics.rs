@@ -233,8 +233,34 @@ pub fn render(s: &Sources) -> String {
     let _ = writeln!(out, "xskgate_worker_polls_total{{state=\"busy\"}} {}", io.busy_polls);
     let _ = writeln!(out, "xskgate_worker_polls_total{{state=\"idle\"}} {}", io.idle_polls);
     let (entries, capacity) = s.data_path.as_ref().map_or((0, 0), |d| (d.conntrack.len(), d.conntrack.capacity()));
-    gauge(&mut out, "xskgate_conntrack_entries", "Flow directions in the conntrack table.", entries as u64);
-    gauge(&mut out, "xskgate_conntrack_capacity", "Capacity of the conntrack table.", capacity as u64);
+    gauge(
+        &mut out,
+        "xskgate_conntrack_entries",
+        "Flows in the conntrack table (each both directions).",
+        entries as u64,
+    );
+    gauge(
+        &mut out,
+        "xskgate_conntrack_capacity",
+        "Capacity of the conntrack table in flows (--conntrack-max).",
+        capacity as u64,
+    );
+    let ct = s.data_path.as_ref().map(|d| d.conntrack.stats()).unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "# HELP xskgate_conntrack_events_total Conntrack table events: inserts refused as full, flows evicted \
+         early to make room, expired, flushed with their endpoint, closed TCP flows whose SNAT port a new flow took."
+    );
+    let _ = writeln!(out, "# TYPE xskgate_conntrack_events_total counter");
+    for (event, v) in [
+        ("full", ct.full),
+        ("early_drop", ct.early_drops),
+        ("expired", ct.expired),
+        ("flushed", ct.flushed),
+        ("closed_reused", ct.closed_reused),
+    ] {
+        let _ = writeln!(out, "xskgate_conntrack_events_total{{event=\"{event}\"}} {v}");
+    }
     let st = s.data_path.as_ref().map(|d| (d.steer)()).unwrap_or_default();
     let _ = writeln!(out, "# HELP xskgate_xdp_frames_total Frames seen by the XDP steering program, by decision.");
     let _ = writeln!(out, "# TYPE xskgate_xdp_frames_total counter");
@@ -318,5 +344,6 @@ mod tests {
         assert!(text.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.002\"} 1"));
         assert!(text.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"+Inf\"} 2"));
         assert!(text.contains("xskgate_conntrack_capacity "));
+        assert!(text.contains("xskgate_conntrack_events_total{event=\"closed_reused\"} 0"));
     }
 }
