@@ -66,8 +66,11 @@ use xskgate_conntrack::{
 /// Frames per batch (the AF_XDP ring batch).
 pub const BATCH: usize = 64;
 
-/// How many SNAT ports a new flow tries before giving up.
-pub const SNAT_TRIES: u16 = 64;
+/// The most SNAT ports a new flow tries before giving up: all of a range
+/// that is smaller. Linux's NAT tries up to about 240 ports of a range
+/// (128, then halves at random offsets); with 64 a range of 200 ports could
+/// not be filled: the last free ports were out of reach of most searches.
+pub const SNAT_TRIES: u16 = 256;
 /// How many times a batch moves a new flow whose reply tuple looks taken
 /// to the next SNAT port before its insert (which then tries the rest).
 const SNAT_PRECHECK_ROUNDS: usize = 2;
@@ -759,7 +762,7 @@ fn insert_planned<T: Trace>(
     let mut taken = 0;
     let next_port = || {
         taken += 1;
-        next_attempt(&mut attempt).map(|a| search.port(p.sport, a))
+        next_attempt(&mut attempt, search.tries).map(|a| search.port(p.sport, a))
     };
     let inserted = t.conntrack.insert_missed_hashed(&plan.flow, hashes, now, first, next_port);
     c.snat_port_retries += taken;
@@ -793,7 +796,7 @@ impl Planned {
     /// `None` (unchanged) after [`SNAT_TRIES`] ports.
     #[inline]
     fn next_port(&mut self, sport: u16) -> Option<u16> {
-        let attempt = next_attempt(&mut self.attempt)?;
+        let attempt = next_attempt(&mut self.attempt, self.search.tries)?;
         let port = self.search.port(sport, attempt);
         self.flow.reply.dport = port;
         Some(port)
@@ -801,10 +804,10 @@ impl Planned {
 }
 
 /// The SNAT search's attempt after `attempt`, counted in it; `None`
-/// (unchanged) after [`SNAT_TRIES`] ports.
+/// (unchanged) after `tries` ports ([`PortSearch::tries`]).
 #[inline]
-fn next_attempt(attempt: &mut u16) -> Option<u16> {
-    if *attempt + 1 >= SNAT_TRIES {
+fn next_attempt(attempt: &mut u16, tries: u16) -> Option<u16> {
+    if *attempt + 1 >= tries {
         return None;
     }
     *attempt += 1;
@@ -828,6 +831,9 @@ struct PortSearch {
     span: u32,
     start: u32,
     stride: u32,
+    /// How many ports the search tries: [`SNAT_TRIES`], or the whole range
+    /// when that is smaller (and the client's own port first).
+    tries: u16,
 }
 
 /// The SNAT search's strides: primes above 65,536, so that each is
@@ -852,6 +858,7 @@ impl PortSearch {
             start: (flow_hash % u64::from(span)) as u32,
             // Not reduced here (see `SNAT_STRIDES`).
             stride: SNAT_STRIDES[(flow_hash >> 60) as usize],
+            tries: (span + u32::from(keep_port)).min(u32::from(SNAT_TRIES)) as u16,
         }
     }
 
@@ -863,7 +870,7 @@ impl PortSearch {
         match attempt {
             0 if self.keep_port => sport,
             0 => self.lo.wrapping_add(self.start as u16),
-            // At most 65,535 + 63 × 65,651: no overflow.
+            // At most 65,535 + 255 × 65,651: no overflow.
             _ => self.lo.wrapping_add(((self.start + u32::from(attempt) * self.stride) % self.span) as u16),
         }
     }
@@ -949,18 +956,23 @@ mod tests {
     #[test]
     fn snat_search_tries_distinct_ports_of_the_range() {
         for span in [1u32, 2, 3, 64, 1000, 28_976, 64_512, 65_536] {
-            let lo = 1024u16;
+            let lo = if span > 64_512 { 0 } else { 1024u16 };
             for (k, &stride) in SNAT_STRIDES.iter().enumerate() {
                 let start = (k as u32 * 7919) % span;
-                let search = PortSearch { keep_port: false, lo, span, start, stride: stride % span };
-                let tries = SNAT_TRIES.min(span as u16);
+                let search = PortSearch::new((lo, lo + (span - 1) as u16), false, 0);
+                let search = PortSearch { start, stride, ..search };
+                let tries = search.tries;
+                assert_eq!(u32::from(tries), span.min(u32::from(SNAT_TRIES)), "a small range is tried whole");
                 let ports: std::collections::HashSet<u16> = (0..tries).map(|a| search.port(9, a)).collect();
                 assert_eq!(ports.len(), usize::from(tries), "span {span}, stride {stride}");
                 assert!(ports.iter().all(|&p| u32::from(p - lo) < span), "span {span}");
             }
         }
-        let kept = PortSearch { keep_port: true, lo: 2000, span: 10, start: 3, stride: 7 };
+        let kept = PortSearch { start: 3, stride: 7, ..PortSearch::new((2000, 2009), true, 0) };
         assert_eq!((kept.port(40_000, 0), kept.port(40_000, 1), kept.port(40_000, 2)), (40_000, 2000, 2007));
+        assert_eq!(kept.tries, 11, "the client's port, then all ten of the range");
+        let ports: std::collections::HashSet<u16> = (1..kept.tries).map(|a| kept.port(40_000, a)).collect();
+        assert_eq!(ports.len(), 10);
     }
 
     #[test]
