@@ -141,6 +141,18 @@ enum Cmd {
         /// Conntrack capacity in flows.
         #[arg(long, default_value_t = 1 << 20)]
         conntrack_max: usize,
+        /// Idle timeout of an established TCP flow (a Go duration, as kube-proxy's flag).
+        #[arg(long, default_value = "24h0m0s", value_parser = go_duration_secs)]
+        conntrack_tcp_timeout_established: u32,
+        /// Idle timeout of a TCP flow in CLOSE_WAIT.
+        #[arg(long, default_value = "1h0m0s", value_parser = go_duration_secs)]
+        conntrack_tcp_timeout_close_wait: u32,
+        /// Idle timeout of a UDP flow that has not been replied to.
+        #[arg(long, default_value = "30s", value_parser = go_duration_secs)]
+        conntrack_udp_timeout: u32,
+        /// Idle timeout of a UDP flow that has been replied to.
+        #[arg(long, default_value = "2m0s", value_parser = go_duration_secs)]
+        conntrack_udp_timeout_stream: u32,
         /// The admin endpoint (`xskgate status`, `explain --gateway`, `capture`);
         /// keep it on loopback: it shows the whole table and copies dropped packets.
         #[arg(long, default_value = xskgate_control::admin::DEFAULT_BIND)]
@@ -218,6 +230,35 @@ enum PortsError {
     Empty(String),
 }
 
+/// A Go duration as kube-proxy's flags take it (`24h0m0s`, `90s`, `1m30s`,
+/// `1500ms`), in whole seconds, at least one.
+fn go_duration_secs(s: &str) -> Result<u32, String> {
+    let mut rest = s.trim();
+    let mut ms: u64 = 0;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let n: u64 = rest[..digits].parse().map_err(|_| format!("{s:?}: expected a number before each unit"))?;
+        rest = &rest[digits..];
+        let unit = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let scale = match &rest[..unit] {
+            "h" => 3_600_000,
+            "m" => 60_000,
+            "s" => 1_000,
+            "ms" => 1,
+            u => return Err(format!("{s:?}: unit {u:?} is not one of h, m, s, ms")),
+        };
+        ms = n.checked_mul(scale).and_then(|v| v.checked_add(ms)).ok_or_else(|| format!("{s:?}: too long"))?;
+        rest = &rest[unit..];
+    }
+    if ms % 1000 != 0 || ms == 0 {
+        return Err(format!("{s:?}: conntrack timeouts are whole seconds, at least 1s"));
+    }
+    u32::try_from(ms / 1000).map_err(|_| format!("{s:?}: too long"))
+}
+
 fn parse_ports(s: &str) -> Result<(u16, u16), PortsError> {
     let (lo, hi) = s.split_once('-').ok_or_else(|| PortsError::NotARange(s.to_string()))?;
     let port = |p: &str| p.trim().parse::<u16>().map_err(|source| PortsError::NotAPort { text: s.to_string(), source });
@@ -282,6 +323,10 @@ fn main() -> ExitCode {
             healthz_bind_address,
             metrics_bind_address,
             conntrack_max,
+            conntrack_tcp_timeout_established,
+            conntrack_tcp_timeout_close_wait,
+            conntrack_udp_timeout,
+            conntrack_udp_timeout_stream,
             admin_bind_address,
             vip_echo,
             capture_drops,
@@ -324,6 +369,13 @@ fn main() -> ExitCode {
                 healthz_bind: healthz_bind_address,
                 metrics_bind: metrics_bind_address,
                 conntrack_capacity: conntrack_max,
+                conntrack_timeouts: xskgate_conntrack::Timeouts {
+                    tcp_established: conntrack_tcp_timeout_established,
+                    tcp_close_wait: conntrack_tcp_timeout_close_wait,
+                    udp_unreplied: conntrack_udp_timeout,
+                    udp_replied: conntrack_udp_timeout_stream,
+                    ..xskgate_conntrack::Timeouts::default()
+                },
                 poll: std::time::Duration::from_millis(poll_ms),
                 admin_bind: admin_bind_address,
                 vip_echo,
@@ -673,4 +725,23 @@ fn table(from: &Manifests, json: bool) -> ExitCode {
         print!("{}", table_cmd::to_text(&identity.name, &t.entries));
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::go_duration_secs;
+
+    #[test]
+    fn go_durations_as_kube_proxy_writes_them() {
+        assert_eq!(go_duration_secs("24h0m0s"), Ok(86_400));
+        assert_eq!(go_duration_secs("1h0m0s"), Ok(3_600));
+        assert_eq!(go_duration_secs("1m30s"), Ok(90));
+        assert_eq!(go_duration_secs("2000ms"), Ok(2));
+        assert!(go_duration_secs("1500ms").unwrap_err().contains("whole seconds"));
+        assert!(go_duration_secs("0s").unwrap_err().contains("at least 1s"));
+        assert!(go_duration_secs("5d").unwrap_err().contains("unit \"d\""));
+        assert!(go_duration_secs("s").unwrap_err().contains("expected a number"));
+        assert!(go_duration_secs("").is_err());
+        assert!(go_duration_secs("99999999999h").unwrap_err().contains("too long"));
+    }
 }

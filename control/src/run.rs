@@ -56,6 +56,8 @@ pub struct RunConfig {
     pub healthz_bind: SocketAddr,
     pub metrics_bind: SocketAddr,
     pub conntrack_capacity: usize,
+    /// Idle timeouts per state (`--conntrack-*-timeout*`).
+    pub conntrack_timeouts: xskgate_conntrack::Timeouts,
     pub poll: Duration,
     pub admin_bind: SocketAddr,
     pub vip_echo: VipEcho,
@@ -314,6 +316,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let conntrack = Arc::new(
         FlowTable::new(xskgate_conntrack::Config {
             capacity: cfg.conntrack_capacity,
+            timeouts: cfg.conntrack_timeouts,
             ..xskgate_conntrack::Config::default()
         })
         .map_err(|source| RunError::Conntrack { capacity: cfg.conntrack_capacity, source })?,
