@@ -1,0 +1,284 @@
+//! Fault tests under load: real `xskgate run` workers on real AF_XDP
+//! sockets and veths in namespaces the test makes, real kernel TCP and UDP
+//! sockets as clients and pods. Each pushes one limit of the gateway past
+//! its end and asserts what must stay true: flows that were working keep
+//! working, what is refused is counted by reason, service comes back.
+//! Needs root; fails loudly without it.
+//!
+//! ```text
+//!  client 198.18.0.100 ── g0 198.18.0.1 [gw: xskgate on g0,g1] g1 198.19.1.1 ── pod-a 198.19.1.10
+//! ```
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use xskgate_tests::{Daemon, Topology, in_ns, spawn_in_ns};
+
+const XSKGATE: &str = env!("CARGO_BIN_EXE_xskgate");
+const VIP: &str = "198.18.100.11";
+
+/// One Cluster LoadBalancer Service (TCP 80 and UDP 53 → pod-a:8080).
+const SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.19.128.11
+  externalTrafficPolicy: Cluster
+  ports:
+  - {name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30081}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 8080, nodePort: 30054}
+status: {loadBalancer: {ingress: [{ip: 198.18.100.11}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 8080, protocol: UDP}]
+endpoints:
+- {addresses: [198.19.1.10], nodeName: gw1, targetRef: {kind: Pod, name: pod-a}, conditions: {ready: true}}
+"#;
+
+/// The topology, the manifest directory and the daemon's arguments.
+struct Lab {
+    t: Topology,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn lab() -> Lab {
+    let mut t = Topology::new();
+    for ns in ["client", "gw", "pa"] {
+        t.add_ns(ns);
+    }
+    t.link("client", "c0", "198.18.0.100/24", "gw", "g0", "198.18.0.1/24");
+    t.link("gw", "g1", "198.19.1.1/24", "pa", "a0", "198.19.1.10/24");
+    t.forwarding("gw");
+    t.route("client", "198.18.100.0/24", "198.18.0.1");
+    t.route("pa", "default", "198.19.1.1");
+    let dir = std::env::temp_dir().join(format!("{}-manifests", t.prefix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("services.yaml"), SERVICE).unwrap();
+    Lab { t, dir }
+}
+
+impl Lab {
+    fn start(&self, extra: &[&str], log: &str) -> Daemon {
+        let interfaces = [self.t.if_name("g0"), self.t.if_name("g1")].join(",");
+        let mut args =
+            vec!["--manifests", self.dir.to_str().unwrap(), "--node-name", "gw1", "--interfaces", &interfaces];
+        args.extend_from_slice(&["--cluster-cidr", "198.19.0.0/16"]);
+        args.extend_from_slice(extra);
+        Daemon::start(Path::new(XSKGATE), &self.t.ns_name("gw"), &args, &self.dir.join(log), Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// One sample of the gateway's `/metrics`.
+    fn metric(&self, sample: &str) -> u64 {
+        let (_, text) =
+            xskgate_tests::reference::http_get(&self.t.ns_name("gw"), "http://127.0.0.1:10249/metrics".into())
+                .expect("metrics answer");
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no sample {sample} in /metrics"))
+    }
+}
+
+/// A pod server that keeps each TCP connection open: every line it reads
+/// comes back, and it closes when the client does. It runs until the
+/// topology's namespaces go (its listener is non-blocking and checks
+/// `deadline`).
+fn line_server(t: &Topology, port: u16, deadline: Instant) {
+    let listener = in_ns(&t.ns_name("pa"), move || TcpListener::bind(("198.19.1.10", port)).expect("bind"));
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        while Instant::now() < deadline {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    std::thread::spawn(move || {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+                        let mut w = conn.try_clone().expect("clone");
+                        for line in BufReader::new(conn).lines() {
+                            let Ok(line) = line else { break };
+                            if writeln!(w, "{line}").is_err() {
+                                break;
+                            }
+                        }
+                        // EOF: the client closed; dropping closes our side.
+                    });
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    });
+}
+
+/// `n` TCP connections to `to` opened in the client namespace at once
+/// (one thread each), each given `timeout`; the ones that connected.
+fn connect_all(t: &Topology, to: SocketAddr, n: usize, timeout: Duration) -> Vec<TcpStream> {
+    spawn_in_ns(&t.ns_name("client"), move || {
+        let tries: Vec<_> =
+            (0..n).map(|_| std::thread::spawn(move || TcpStream::connect_timeout(&to, timeout).ok())).collect();
+        tries.into_iter().filter_map(|h| h.join().ok().flatten()).collect::<Vec<_>>()
+    })
+    .join()
+    .expect("connect thread")
+}
+
+/// Sends one line on each connection and counts those whose answer is that
+/// line.
+fn round_trips(conns: &[TcpStream], tag: &str) -> usize {
+    conns
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| {
+            let line = format!("{tag} {i}");
+            let _ = c.set_read_timeout(Some(Duration::from_secs(3)));
+            let mut w: &TcpStream = c;
+            if writeln!(w, "{line}").is_err() {
+                return false;
+            }
+            let mut got = String::new();
+            let mut r = BufReader::new(*c);
+            r.read_line(&mut got).is_ok() && got.trim_end() == line
+        })
+        .count()
+}
+
+/// Closes each connection as an application does (FIN), and waits until
+/// the pod's FIN came back, so that each flow has closed both ways
+/// (TIME_WAIT on the client and in the gateway's conntrack).
+fn close_both_ways(conns: Vec<TcpStream>) -> usize {
+    conns
+        .into_iter()
+        .filter(|c| {
+            let _ = c.shutdown(std::net::Shutdown::Write);
+            let _ = c.set_read_timeout(Some(Duration::from_secs(3)));
+            let mut rest = String::new();
+            BufReader::new(c).read_line(&mut rest).is_ok_and(|n| n == 0)
+        })
+        .count()
+}
+
+/// SNAT ports exhausted, then freed by closing flows, as a user tried it
+/// against Linux: 200 SNAT ports, more connections to one backend than
+/// ports, then half of them closed. Every established connection keeps
+/// working throughout; the connections that find no port are refused and
+/// counted as `snat_exhausted`, never by taking a live flow's port; and a
+/// port whose flow has closed both ways is reusable at once, as Linux's
+/// NAT reuses it: 20 of 20 new connections open right after the close.
+#[test]
+fn snat_ports_exhausted_keep_established_flows_and_closed_ports_are_reused_at_once() {
+    xskgate_tests::require_root();
+    let lab = lab();
+    line_server(&lab.t, 8080, Instant::now() + Duration::from_secs(120));
+    let gw = lab.start(&["--snat-ports", "40000-40199"], "xskgate.log");
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+
+    // 200 connections take every SNAT port toward pod-a:8080.
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        conns.extend(connect_all(&lab.t, vip, 50, Duration::from_secs(3)));
+    }
+    assert_eq!(conns.len(), 200, "200 connections for 200 ports\n{}", gw.log_text());
+    assert_eq!(round_trips(&conns, "first"), 200, "every connection answers");
+
+    // 20 more find no port: refused (dropped, so connect times out), counted.
+    let exhausted = "xskgate_drops_total{reason=\"snat_exhausted\"}";
+    let before = lab.metric(exhausted);
+    let extra = connect_all(&lab.t, vip, 20, Duration::from_millis(1500));
+    assert_eq!(extra.len(), 0, "no port is free, yet {} connected", extra.len());
+    let refused = lab.metric(exhausted) - before;
+    assert!(refused >= 20, "each refused SYN is counted as snat_exhausted: {refused}");
+    assert_eq!(round_trips(&conns, "during"), 200, "no live flow lost its port to a new one");
+
+    // Half of them close both ways; their ports are free at once.
+    let rest = conns.split_off(100);
+    assert_eq!(close_both_ways(conns), 100, "each close completes both ways");
+    let reused_before = lab.metric("xskgate_conntrack_events_total{event=\"closed_reused\"}");
+    std::thread::sleep(Duration::from_millis(200));
+    let fresh = connect_all(&lab.t, vip, 20, Duration::from_secs(2));
+    assert_eq!(fresh.len(), 20, "20 of 20 new connections after the close (Linux: 20 of 20)");
+    assert_eq!(round_trips(&fresh, "fresh"), 20);
+    let reused = lab.metric("xskgate_conntrack_events_total{event=\"closed_reused\"}") - reused_before;
+    assert!(reused >= 20, "each took a closed flow's port: {reused}");
+    assert_eq!(round_trips(&rest, "after"), 100, "the 100 still open are untouched");
+    drop(gw);
+}
+
+/// UDP flows of one client socket each, opened in the client namespace;
+/// each has asked once and been answered (so the flow is replied, as Linux
+/// calls it assured, and early drop may not evict it).
+fn udp_flows(t: &Topology, to: SocketAddr, n: usize, timeout: Duration) -> (Vec<UdpSocket>, usize) {
+    in_ns(&t.ns_name("client"), move || {
+        let socks: Vec<UdpSocket> = (0..n).map(|_| UdpSocket::bind("198.18.0.100:0").expect("bind")).collect();
+        let answered = socks.iter().filter(|s| ask(s, to, timeout)).count();
+        (socks, answered)
+    })
+}
+
+/// One datagram to `to` and its answer within `timeout`.
+fn ask(s: &UdpSocket, to: SocketAddr, timeout: Duration) -> bool {
+    let _ = s.set_read_timeout(Some(timeout));
+    let mut buf = [0u8; 256];
+    s.send_to(b"who", to).is_ok() && s.recv_from(&mut buf).is_ok_and(|(n, _)| buf[..n].starts_with(b"pod-a"))
+}
+
+/// The conntrack table full: a 64-flow table, 64 replied UDP flows in it,
+/// then new flows. Every packet of every old flow is delivered while new
+/// flows are refused and counted as `conntrack_full` (replied flows are not
+/// early-dropped, as Linux keeps assured ones); once the old flows go idle
+/// past `--conntrack-udp-timeout-stream`, the sweeper expires them and new
+/// flows are served again.
+#[test]
+fn conntrack_full_keeps_established_flows_and_resumes_when_flows_expire() {
+    xskgate_tests::require_root();
+    let mut lab = lab();
+    lab.t.echo_thread("pa", "pod-a", 8080);
+    let gw = lab.start(
+        &["--conntrack-max", "64", "--conntrack-udp-timeout", "2s", "--conntrack-udp-timeout-stream", "3s"],
+        "xskgate.log",
+    );
+    let vip: SocketAddr = format!("{VIP}:53").parse().unwrap();
+    let timeout = Duration::from_secs(2);
+
+    let (old, answered) = udp_flows(&lab.t, vip, 64, timeout);
+    assert_eq!(answered, 64, "64 flows fit in a 64-flow table\n{}", gw.log_text());
+    assert_eq!(lab.metric("xskgate_conntrack_entries"), 64);
+
+    let full = "xskgate_drops_total{reason=\"conntrack_full\"}";
+    let before = lab.metric(full);
+    let mut delivered = 0;
+    let mut refused_new = 0;
+    for round in 0..10 {
+        delivered += old.iter().filter(|s| ask(s, vip, timeout)).count();
+        // A new flow between rounds: refused.
+        let (_, answered) = udp_flows(&lab.t, vip, 1, Duration::from_millis(300));
+        refused_new += 1 - answered;
+        assert_eq!(answered, 0, "round {round}: a new flow got in while the table was full");
+    }
+    assert_eq!(delivered, 640, "every packet of every old flow is delivered");
+    assert_eq!(refused_new, 10);
+    let counted = lab.metric(full) - before;
+    assert!(counted >= 10, "each refused new flow is counted as conntrack_full: {counted}");
+
+    // Idle past the replied-UDP timeout (3 s) and a sweep (every second).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while lab.metric("xskgate_conntrack_entries") > 0 {
+        assert!(Instant::now() < deadline, "the idle flows did not expire");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(lab.metric("xskgate_conntrack_events_total{event=\"expired\"}") >= 64);
+    let (_, answered) = udp_flows(&lab.t, vip, 20, timeout);
+    assert_eq!(answered, 20, "service resumes once the old flows expired");
+    drop(gw);
+}
