@@ -6,8 +6,8 @@
 //! Each watcher lists, then watches from the list's resourceVersion. A
 //! (re)list arrives as `Init`, `InitApply`…, `InitDone`: the objects are
 //! buffered and replace that kind at once (a resync). When the API server
-//! goes away the watchers retry with back-off while the last published table
-//! stays in force; when it comes back they resume from the last
+//! goes away the watchers retry with back-off (at most 500 ms apart,
+//! [`WatchBackoff`]) while the last published table stays in force; when it comes back they resume from the last
 //! resourceVersion, or relist if it expired (410 Gone).
 //!
 //! Events become [`Change`]s: a list is `Change::Kind`, an added, modified or
@@ -18,9 +18,11 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
+use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Why no Kubernetes client could be made.
 #[derive(Debug, thiserror::Error)]
@@ -42,13 +44,63 @@ pub struct WatchError {
     pub message: String,
 }
 
+/// How a watcher retries while the API server is away: after 100 ms, then
+/// doubling up to 500 ms apart; after 2 s without a failure, from 100 ms
+/// again. A change made during an outage is therefore applied within about
+/// half a second of the API server's return. client-go's informers back
+/// off to 30 s, which a gateway would spend serving a stale table; a
+/// gateway set is a handful of nodes, so the load this puts on a recovering
+/// API server is small (three requests per gateway per half second).
+///
+/// The restart is by time, not by [`Backoff::reset`]: the watcher yields
+/// `Init` before each relist attempt, which the stream's back-off takes for
+/// a success, so a reset on success would retry every 100 ms.
+#[derive(Clone, Copy, Debug)]
+pub struct WatchBackoff {
+    next: Duration,
+    last_failure: Option<Instant>,
+}
+
+impl WatchBackoff {
+    pub const FIRST: Duration = Duration::from_millis(100);
+    pub const MAX: Duration = Duration::from_millis(500);
+    /// Quiet time after which a failure counts as the first.
+    pub const RESTART_AFTER: Duration = Duration::from_secs(2);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> WatchBackoff {
+        WatchBackoff { next: WatchBackoff::FIRST, last_failure: None }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        if self.last_failure.is_some_and(|t| now.duration_since(t) > WatchBackoff::RESTART_AFTER) {
+            self.next = WatchBackoff::FIRST;
+        }
+        self.last_failure = Some(now);
+        let delay = self.next;
+        self.next = (delay * 2).min(WatchBackoff::MAX);
+        Some(delay)
+    }
+}
+
+impl Backoff for WatchBackoff {
+    /// Nothing: see the type's note; the delay restarts after
+    /// [`WatchBackoff::RESTART_AFTER`] without a failure.
+    fn reset(&mut self) {}
+}
+
 /// Builds a client from a kubeconfig file, or infers one (in-cluster
 /// service account, else `$KUBECONFIG` / `~/.kube/config`).
 ///
 /// # Errors
 /// What could not be read or inferred.
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
-    let config = match kubeconfig {
+    let mut config = match kubeconfig {
         Some(path) => {
             let at = |source| ClientError::Kubeconfig { path: path.to_path_buf(), source };
             let kc = kube::config::Kubeconfig::read_from(path).map_err(at)?;
@@ -56,6 +108,10 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
         }
         None => kube::Config::infer().await?,
     };
+    // kube's own retry of 429/503/504 backs off to minutes within one
+    // request (15 tries from 5 ms, doubling), so after an outage a change
+    // could wait that long; the watchers' [`WatchBackoff`] retries instead.
+    config.default_retry = false;
     Ok(Client::try_from(config)?)
 }
 
@@ -75,7 +131,7 @@ pub fn changes(
         F: Fn(K) -> Object + Send + 'static,
     {
         let mut buffer: Vec<Object> = Vec::new();
-        watcher::watcher(api, cfg).default_backoff().filter_map(move |ev| {
+        watcher::watcher(api, cfg).backoff(WatchBackoff::default()).filter_map(move |ev| {
             let edit = |applied, deleted| Change::Edit { applied, deleted, warnings: Vec::new() };
             let out = match ev {
                 Ok(Event::Init) => {
@@ -111,4 +167,22 @@ pub fn changes(
         |n| Object::Node(Box::new(n)),
     );
     futures::stream::select_all([services.boxed(), slices.boxed(), nodes.boxed()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WatchBackoff;
+    use kube::runtime::utils::Backoff;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn watch_retries_double_up_to_half_a_second_and_a_success_does_not_restart_them() {
+        let mut b = WatchBackoff::default();
+        let ms: Vec<u128> = b.by_ref().take(5).map(|d| d.as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 500, 500]);
+        b.reset();
+        assert_eq!(b.next(), Some(Duration::from_millis(500)), "an Init between attempts is not a success");
+        let mut quiet = WatchBackoff { last_failure: Some(Instant::now() - Duration::from_secs(3)), ..b };
+        assert_eq!(quiet.next(), Some(WatchBackoff::FIRST), "after 2 s without a failure, from the start");
+    }
 }

@@ -275,7 +275,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,netlink_packet_route=error".into()),
+                .unwrap_or_else(|_| "info,netlink_packet_route=error,kube_client::client::builder=off".into()),
         )
         .init();
     match Cli::parse().cmd {
