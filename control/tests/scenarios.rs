@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use xskgate_tests::reference::{
     Gw, LB_CLUSTER, LB_LOCAL, LB_NONE, NAMESPACES, PodState, Reference, http_get, udp_flows,
 };
-use xskgate_tests::{UDP_RECEIVE_BUFFER, grow_receive_buffer, in_ns};
+use xskgate_tests::{UdpStream, in_ns};
 
 const XSKGATE: &str = env!("CARGO_BIN_EXE_xskgate");
 const NO_LOCAL: &str = "xskgate_drops_total{reason=\"no_local_endpoints\"}";
@@ -68,9 +68,14 @@ fn counters(r: &Reference) -> String {
     out
 }
 
-/// Waits until `gw` has published another table after `before` syncs.
+/// Waits until `gw` has published another table after `before` syncs
+/// (polled every 5 ms: the manifest directory is read every 50 ms).
 fn wait_publication(r: &Reference, gw: Gw, before: u64) {
-    wait_for("a table publication", Duration::from_secs(5), || r.metric(gw, SYNCS) > before);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while r.metric(gw, SYNCS) <= before {
+        assert!(Instant::now() < deadline, "no table publication within 5 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Scenario 1 (seed 003): Cluster through either gateway reaches a pod that
@@ -188,95 +193,20 @@ fn s5_no_endpoints_is_refused_not_silent() {
 #[test]
 fn s6_udp_flow_moves_when_its_endpoint_goes() {
     let mut r = start();
-    let sock = in_ns(&r.topo.ns_name("client"), || {
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.connect(format!("{LB_CLUSTER}:53")).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        s
-    });
-    let ask = |s: &UdpSocket, r: &Reference| -> String {
-        s.send(b"who").unwrap();
-        let mut buf = [0u8; 128];
-        let n = s.recv(&mut buf).unwrap_or_else(|e| panic!("no answer ({e}):\n{}", counters(r)));
-        String::from_utf8_lossy(&buf[..n]).split(' ').next().unwrap().to_string()
-    };
-    let first = ask(&sock, &r);
-    assert_eq!(ask(&sock, &r), first, "the flow sticks to its endpoint");
-    let pod: &'static str = ["pod-a", "pod-b", "pod-c"].into_iter().find(|p| *p == first).expect("a known pod");
-    let before = r.metric(Gw::Gw1, SYNCS);
-    r.set_pod(pod, PodState::Deleted);
-    wait_publication(&r, Gw::Gw1, before);
-    let next = ask(&sock, &r);
-    assert_ne!(next, first, "the next datagram reached a live endpoint");
-}
-
-/// Scenario 7: a bounded continuous UDP stream loses nothing while 100
-/// table updates that leave its endpoint in place are published.
-#[test]
-fn s7_no_loss_across_100_table_updates() {
-    let mut r = start();
-    let sock = in_ns(&r.topo.ns_name("client"), || {
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        grow_receive_buffer(&s, UDP_RECEIVE_BUFFER).unwrap();
-        s.connect(format!("{LB_CLUSTER}:53")).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        s
-    });
-    // The flow exists (endpoint chosen, next hops resolved) before counting.
-    sock.send(b"who").unwrap();
-    let mut buf = [0u8; 128];
-    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    sock.recv(&mut buf).expect("the flow answers before the stream starts");
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sender = {
-        let (s, stop) = (sock.try_clone().unwrap(), stop.clone());
-        std::thread::spawn(move || {
-            let mut sent = 0u64;
-            let start = Instant::now();
-            // At most 60 s and 200,000 datagrams, about 2,000 per second.
-            while !stop.load(std::sync::atomic::Ordering::Relaxed)
-                && start.elapsed() < Duration::from_secs(60)
-                && sent < 200_000
-            {
-                if s.send(b"who").is_ok() {
-                    sent += 1;
-                }
-                std::thread::sleep(Duration::from_micros(500));
-            }
-            sent
-        })
-    };
-    let receiver = {
-        let s = sock.try_clone().unwrap();
-        std::thread::spawn(move || {
-            let mut got = 0u64;
-            let mut buf = [0u8; 128];
-            let mut quiet_since = Instant::now();
-            loop {
-                match s.recv(&mut buf) {
-                    Ok(_) => {
-                        got += 1;
-                        quiet_since = Instant::now();
-                    }
-                    Err(_) if quiet_since.elapsed() > Duration::from_secs(2) => return got,
-                    Err(_) => {}
-                }
-            }
-        })
-    };
+    let to: SocketAddr = format!("{LB_CLUSTER}:53").parse().unwrap();
+    // At most 240 s and 400,000 datagrams.
+    let stream = UdpStream::start(&r.topo.ns_name("client"), to, Duration::from_secs(240), 400_000)
+        .expect("the flow answers before the stream starts");
     std::thread::sleep(Duration::from_millis(200));
     let published_before = r.metric(Gw::Gw1, SYNCS);
-    for _ in 0..100 {
+    for _ in 0..1000 {
         let before = r.metric(Gw::Gw1, SYNCS);
         r.churn();
         wait_publication(&r, Gw::Gw1, before);
     }
     let published = r.metric(Gw::Gw1, SYNCS) - published_before;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let sent = sender.join().unwrap();
-    let got = receiver.join().unwrap();
-    assert!(published >= 100, "{published} publications");
+    let (sent, got) = stream.finish();
+    assert!(published >= 1000, "{published} publications");
     assert!(sent > 500, "the stream ran ({sent} datagrams)");
     assert_eq!(got, sent, "datagrams lost across {published} table updates:\n{}", counters(&r));
 }

@@ -19,8 +19,10 @@
 pub mod alloc;
 pub mod daemon;
 pub mod reference;
+pub mod stream;
 
 pub use daemon::{Daemon, DaemonError};
+pub use stream::UdpStream;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
