@@ -29,8 +29,7 @@ pub mod wire;
 
 pub use affinity::AffinityTable;
 pub use pipeline::{
-    BATCH, Frame, MasqueradeRule, SNAT_TRIES, SNAT_TRIES_EXHAUSTED, Tables, WorkerState, flush_udp_flows_to, process,
-    process_batch, process_batch_traced,
+    BATCH, Frame, MasqueradeRule, Tables, WorkerState, flush_udp_flows_to, process, process_batch, process_batch_traced,
 };
 pub use service::{
     BuildError, Cidr, Echo, Endpoint, EndpointSet, Found, Frontend, FrontendKind, NodeConfig, PortChange, ServicePort,

@@ -83,73 +83,12 @@ pub struct Frame<'a> {
     pub len: usize,
 }
 
-/// Everything a worker owns: its counters, the scratch space of a batch,
-/// and what it remembers of failed SNAT searches. Allocated once.
+/// Everything a worker owns: its counters and the scratch space of a
+/// batch. Allocated once.
 #[derive(Clone, Debug, Default)]
 pub struct WorkerState {
     pub counters: Counters,
     scratch: Box<BatchScratch>,
-    snat: SnatMemory,
-}
-
-/// How many SNAT ports a new flow tries when a search for its endpoint
-/// failed within the current second ([`SnatMemory`]).
-pub const SNAT_TRIES_EXHAUSTED: u16 = 8;
-
-/// Endpoints whose SNAT search failed, per worker: for each of 64 buckets
-/// of endpoint ids, the second of the last failure. While every port of an
-/// endpoint is taken, a new flow to it tries only [`SNAT_TRIES_EXHAUSTED`]
-/// ports instead of [`SNAT_TRIES`]: a flood of new flows then costs a few
-/// probes each, not 256 (about 6 µs a packet on this machine's Zen 4,
-/// against 1.3 µs with 64 tries), so that established flows keep the
-/// worker. A port freed meanwhile is still likely found (8 tries), and
-/// surely by the next second's full searches.
-#[derive(Clone, Copy, Debug)]
-struct SnatMemory {
-    /// `now + 1` of the last failure (0: none).
-    failed: [u32; 64],
-}
-
-impl Default for SnatMemory {
-    fn default() -> SnatMemory {
-        SnatMemory { failed: [0; 64] }
-    }
-}
-
-impl SnatMemory {
-    #[inline]
-    fn bucket(endpoint: u32) -> usize {
-        (endpoint % 64) as usize
-    }
-
-    /// The tries a search for `endpoint` gets at `now`.
-    #[inline]
-    fn tries(&self, endpoint: u32, now: u32, full: u16) -> u16 {
-        if self.failed[SnatMemory::bucket(endpoint)] == now.wrapping_add(1) {
-            full.min(SNAT_TRIES_EXHAUSTED)
-        } else {
-            full
-        }
-    }
-
-    #[inline]
-    fn failed(&mut self, endpoint: u32, now: u32) {
-        self.failed[SnatMemory::bucket(endpoint)] = now.wrapping_add(1);
-    }
-
-    /// Limits `plan`'s search when its endpoint's failed this second.
-    #[inline]
-    fn limit(&self, plan: &mut Planned, now: u32) {
-        plan.search.tries = self.tries(plan.flow.backend, now, plan.search.tries);
-    }
-
-    /// Remembers a search that ended with every port taken.
-    #[inline]
-    fn record(&mut self, plan: &Planned, v: Verdict, now: u32) {
-        if v == Verdict::Drop(DropReason::SnatExhausted) {
-            self.failed(plan.flow.backend, now);
-        }
-    }
 }
 
 impl WorkerState {
@@ -243,15 +182,15 @@ pub fn process_batch_traced<T: Trace>(
 ) {
     assert!(verdicts.len() >= frames.len(), "one verdict per frame");
     for (chunk, (frames, verdicts)) in frames.chunks_mut(BATCH).zip(verdicts.chunks_mut(BATCH)).enumerate() {
-        let WorkerState { counters, scratch, snat } = &mut *w;
+        let WorkerState { counters, scratch } = &mut *w;
         let first = chunk * BATCH;
         let hashed = scratch.parse(frames, t);
         let absent = scratch.probe_conntrack(hashed, t);
         let likely_new = scratch.find_frontends(absent, t);
         scratch.prefetch_endpoints(likely_new, t);
         let to_insert = scratch.decide(frames, hashed, t, counters, now, verdicts, trace, first);
-        scratch.prefetch_replies(to_insert, t, counters, snat, now);
-        scratch.store(frames, to_insert, hashed, t, counters, snat, now, verdicts, trace, first);
+        scratch.prefetch_replies(to_insert, t, counters);
+        scratch.store(frames, to_insert, hashed, t, counters, now, verdicts, trace, first);
     }
 }
 
@@ -433,21 +372,13 @@ impl BatchScratch {
     /// nothing prefetched (with half an endpoint's SNAT ports in use that
     /// was most of a new flow's cost). The insert still checks for real.
     #[inline(always)]
-    fn prefetch_replies(
-        &mut self,
-        to_insert: u64,
-        t: &Tables<'_>,
-        counters: &mut Counters,
-        snat: &SnatMemory,
-        now: u32,
-    ) {
+    fn prefetch_replies(&mut self, to_insert: u64, t: &Tables<'_>, counters: &mut Counters) {
         // Hashed here, not as pass 5 writes each plan: read straight after
         // the out-of-line decision stored it, the tuple's ports (stored as
         // two halves, loaded as one word) wait for those stores to reach
         // the cache, which behind the batch's misses takes long.
         for i in bits(to_insert) {
-            if let Some(plan) = &mut self.planned[i] {
-                snat.limit(plan, now);
+            if let Some(plan) = &self.planned[i] {
                 self.reply_hashes[i] = t.conntrack.hash(&plan.flow.reply);
                 t.conntrack.prefetch_insert(&self.reply_hashes[i]);
             }
@@ -488,7 +419,6 @@ impl BatchScratch {
         hashed: u64,
         t: &Tables<'_>,
         counters: &mut Counters,
-        snat: &mut SnatMemory,
         now: u32,
         verdicts: &mut [Verdict],
         tr: &mut T,
@@ -501,7 +431,6 @@ impl BatchScratch {
                 // in pass 1 if the frame was hashed there.
                 let orig = if hashed & 1 << i != 0 { self.hashes[i] } else { t.conntrack.hash(&plan.flow.orig) };
                 let v = insert_planned(f, p, plan, [&orig, &self.reply_hashes[i]], t, counters, now, tr);
-                snat.record(plan, v, now);
                 verdicts[i] = finish(counters, v, tr);
             }
         }
@@ -525,14 +454,11 @@ pub fn process(f: &mut Frame<'_>, t: &Tables<'_>, w: &mut WorkerState, now: u32)
     let p = wire::parse(&f.buf[..f.len.min(f.buf.len())]);
     let (c, tr) = (&mut w.counters, &mut NoTrace);
     let mut plan = None;
-    let v = match (first_look(f, &p, t, c, now, &mut plan, tr), &p, &mut plan) {
+    let v = match (first_look(f, &p, t, c, now, &mut plan, tr), &p, &plan) {
         (Some(v), _, _) => v,
         (None, Ok(p), Some(plan)) => {
-            w.snat.limit(plan, now);
             let hashes = [plan.flow.orig, plan.flow.reply].map(|k| t.conntrack.hash(&k));
-            let v = insert_planned(f, p, plan, [&hashes[0], &hashes[1]], t, c, now, tr);
-            w.snat.record(plan, v, now);
-            v
+            insert_planned(f, p, plan, [&hashes[0], &hashes[1]], t, c, now, tr)
         }
         // No verdict means a plan, and a plan comes only from a parsed frame.
         (None, _, _) => Verdict::Pass,
