@@ -200,6 +200,10 @@ struct Load {
     /// Distinct flows: established (small) or, with `new_flows`, every packet new.
     flows: u32,
     new_flows: bool,
+    /// With `new_flows`: every other packet is of the `flows` established
+    /// ones instead, sent to this address (a mix of both, as under a flood
+    /// of new flows).
+    mixed: Option<[u8; 4]>,
     /// Packets per second, or 0 for as fast as possible.
     rate: u64,
     duration: Duration,
@@ -274,6 +278,11 @@ impl Generator {
                         }
                     }
                     let n = port.send_with(if l.rate > 0 { 1 } else { 64 }, |_, buf| {
+                        if let Some(dst) = l.mixed.filter(|_| flow % 2 == 0) {
+                            flow += 1;
+                            let sport = 10_000 + ((flow / 2) % u64::from(l.flows)) as u16;
+                            return write_frame(buf, macs, GEN, sport, &Load { dst, ..l });
+                        }
                         let (src, sport) = if l.new_flows {
                             // 2^15 source addresses in 198.18.128.0/17 × 60,000 ports.
                             let f = flow;
@@ -789,7 +798,16 @@ fn measure_mode(lab: &Lab, plan: &Plan, mode: &str, flow_base: &mut u64) -> Resu
     let g = Gateway::start(lab, mode, &svcs)?;
     let (dst, dport) = if mode == "routing" { (PODS[0], POD_LOAD_PORT) } else { (VIP, LOAD_PORT) };
     let count_at = if mode == "reflector" { ("gen", "e0") } else { ("sink", "s0") };
-    let est = Load { dst, dport, flows: 64, new_flows: false, rate: 0, duration: plan.load, max_packets: 50_000_000 };
+    let est = Load {
+        dst,
+        dport,
+        flows: 64,
+        new_flows: false,
+        mixed: None,
+        rate: 0,
+        duration: plan.load,
+        max_packets: 50_000_000,
+    };
     // Warm-up: flows exist, neighbours resolved.
     let mut warm = est;
     warm.duration = Duration::from_millis(300);
@@ -834,6 +852,131 @@ fn measure_mode(lab: &Lab, plan: &Plan, mode: &str, flow_base: &mut u64) -> Resu
     Ok(r)
 }
 
+/// One sample of the running xskgate's `/metrics` (0 when absent).
+fn xskgate_metric(lab: &Lab, name: &str) -> f64 {
+    Command::new("ip")
+        .args(["netns", "exec", &lab.t.ns_name("gw"), "bash", "-c"])
+        .arg("exec 3<>/dev/tcp/127.0.0.1/10249; printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// One mode's figures under SNAT port exhaustion.
+#[derive(Clone, Copy, Debug, Default)]
+struct SnatRow {
+    /// 64 established flows at [`SNAT_ESTABLISHED_PPS`], alone.
+    before_mpps: f64,
+    /// The same flows at the same rate, mixed 1:1 with new flows after
+    /// every SNAT port of the measured Service's endpoints was taken.
+    after_mpps: f64,
+    /// Flows the gateway holds after the fill: xskgate's conntrack entries,
+    /// or the kernel's `nf_conntrack_count` (shows that the ports filled).
+    flows_after_fill: u64,
+    /// xskgate: new flows of the mixed phase refused as `snat_exhausted`.
+    refused: Option<u64>,
+}
+
+/// The established flows' offered rate in the SNAT exhaustion row: well
+/// below every mode's saturation, so that what the flood of new flows costs
+/// shows as lost established packets.
+const SNAT_ESTABLISHED_PPS: u64 = 100_000;
+/// The established flows' Service in that row: one pod, on its own pod port
+/// (so the sink counts its packets apart, and its SNAT space is its own).
+const SNAT_EST_VIP: [u8; 4] = [198, 18, 100, 30];
+const SNAT_EST_POD_PORT: u16 = 10;
+
+/// SNAT port exhaustion, side by side (nftables masquerade and xskgate,
+/// both over ports 1024–65535): 64 established flows to a Service of their
+/// own, counted at the sink by their pod port, alone; then mixed 1:1 with
+/// new flows to the measured Service after its 3 pods' SNAT space was
+/// filled (400,000 new flows first, twice 3 × 64,512 ports), so that the
+/// new flows are refused (or, where the gateway evicts unreplied flows to
+/// make room, as Linux's full conntrack table does, NATed at a cost).
+/// `after / before` is what the flood costs the established flows.
+fn snat_exhaustion(lab: &Lab, plan: &Plan, mode: &str, flow_base: &mut u64) -> Result<SnatRow, String> {
+    progress(&format!("snat exhaustion: {mode}"));
+    let mut svcs = services(1, 3);
+    svcs.push(SvcSpec {
+        cluster_ip: "198.19.255.30".into(),
+        lb_ip: ip(SNAT_EST_VIP),
+        port: LOAD_PORT,
+        target: SNAT_EST_POD_PORT,
+        endpoints: vec![ip(PODS[0])],
+    });
+    let g = Gateway::start(lab, mode, &svcs)?;
+    sh(&lab.t, "sink", &format!("nft add rule ip sink pre udp dport {SNAT_EST_POD_PORT} counter drop"))?;
+    let counted = || -> Result<u64, String> {
+        let out = sh(&lab.t, "sink", "nft list chain ip sink pre")?;
+        let line = out.lines().find(|l| l.contains(&format!("dport {SNAT_EST_POD_PORT}"))).unwrap_or("");
+        let n = line.split_whitespace().skip_while(|w| *w != "packets").nth(1);
+        n.and_then(|n| n.parse().ok()).ok_or_else(|| format!("no counter in the sink's chain:\n{out}"))
+    };
+    let est = Load {
+        dst: SNAT_EST_VIP,
+        dport: LOAD_PORT,
+        flows: 64,
+        new_flows: false,
+        mixed: None,
+        rate: SNAT_ESTABLISHED_PPS,
+        duration: plan.load,
+        max_packets: 50_000_000,
+    };
+    let _ = generate(lab, Load { duration: Duration::from_millis(300), rate: 10_000, ..est }, 0)?;
+    let rate = |run: &dyn Fn() -> Result<u64, String>| -> Result<f64, String> {
+        let (c0, start) = (counted()?, Instant::now());
+        run()?;
+        let elapsed = start.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(r3((counted()? - c0) as f64 / elapsed / 1e6))
+    };
+    let before_mpps = rate(&|| generate(lab, est, 0))?;
+    // At 200,000 new flows a second: a gateway that is slow to refuse must
+    // not lose the fill itself at its rings.
+    let fill = Load {
+        dst: VIP,
+        new_flows: true,
+        rate: 200_000,
+        max_packets: 400_000,
+        duration: Duration::from_secs(30),
+        ..est
+    };
+    let filled = generate(lab, fill, *flow_base)?;
+    *flow_base += filled + 1_000_000;
+    std::thread::sleep(Duration::from_millis(500));
+    let xskgate = mode.starts_with("xskgate");
+    let flows_after_fill = if xskgate {
+        xskgate_metric(lab, "xskgate_conntrack_entries") as u64
+    } else {
+        sh(&lab.t, "gw", "cat /proc/sys/net/netfilter/nf_conntrack_count")?.trim().parse().unwrap_or(0)
+    };
+    let exhausted = "xskgate_drops_total{reason=\"snat_exhausted\"}";
+    let refused_before = xskgate_metric(lab, exhausted);
+    let mixed = Load { dst: VIP, new_flows: true, mixed: Some(SNAT_EST_VIP), rate: 2 * SNAT_ESTABLISHED_PPS, ..est };
+    let first = *flow_base;
+    let after_mpps = rate(&|| generate(lab, mixed, first))?;
+    *flow_base += (mixed.rate as f64 * plan.load.as_secs_f64()) as u64 + 1_000_000;
+    let refused = xskgate.then(|| (xskgate_metric(lab, exhausted) - refused_before) as u64);
+    let row = SnatRow { before_mpps, after_mpps, flows_after_fill, refused };
+    progress(&format!(
+        "snat exhaustion: {mode}: {before_mpps} Mpps established alone, {after_mpps} Mpps of them with the ports full \
+         and new flows arriving ({filled} sent to fill them, {flows_after_fill} flows held, {refused:?} refused)"
+    ));
+    stop_gateway(lab, g);
+    let _ = sh(
+        &lab.t,
+        "sink",
+        &format!(
+            "nft -a list chain ip sink pre | grep 'dport {SNAT_EST_POD_PORT}' | sed 's/.*handle //' | xargs -r -I{{}} nft delete rule ip sink pre handle {{}}"
+        ),
+    );
+    Ok(row)
+}
+
 /// Per-packet cost (ns, from established Mpps) with `n` Services.
 fn scaling(lab: &Lab, plan: &Plan, mode: &str, n: usize) -> Result<f64, String> {
     progress(&format!("scaling: {mode} with {n} Services"));
@@ -844,6 +987,7 @@ fn scaling(lab: &Lab, plan: &Plan, mode: &str, n: usize) -> Result<f64, String> 
         dport: LOAD_PORT,
         flows: 64,
         new_flows: false,
+        mixed: None,
         rate: 0,
         duration: plan.load,
         max_packets: 50_000_000,
@@ -885,18 +1029,7 @@ fn programming(lab: &Lab, n: usize) -> Result<BTreeMap<&'static str, f64>, Strin
     }
     progress(&format!("programming: xskgate with {n} Services, five endpoint changes"));
     let g = Gateway::start(lab, "xskgate_cluster", &svcs)?;
-    let metric = |name: &str| -> f64 {
-        Command::new("ip")
-            .args(["netns", "exec", &lab.t.ns_name("gw"), "bash", "-c"])
-            .arg("exec 3<>/dev/tcp/127.0.0.1/10249; printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let metric = |name: &str| xskgate_metric(lab, name);
     // Five changes, one at a time: the first endpoint of the first Service
     // is replaced and put back. Each change's time is the growth of the
     // network-programming histogram's sum. The metrics endpoint is read
@@ -955,6 +1088,7 @@ fn generator_crosscheck(lab: &Lab, plan: &Plan) -> Result<BTreeMap<&'static str,
         dport: POD_LOAD_PORT,
         flows: 64,
         new_flows: false,
+        mixed: None,
         rate: 0,
         duration: plan.load,
         max_packets: 50_000_000,
@@ -1046,9 +1180,9 @@ pub fn run(args: &Args) -> Result<(), String> {
         "xskgate_local",
         "reflector",
     ];
-    // E2E_MODES=routing,reflector runs a subset (and skips scaling, the
-    // generator cross-check and programming unless E2E_MODES names
-    // "scaling", "crosscheck" or "programming").
+    // E2E_MODES=routing,reflector runs a subset (and skips scaling, SNAT
+    // exhaustion, the generator cross-check and programming unless
+    // E2E_MODES names "scaling", "snat", "crosscheck" or "programming").
     let only: Option<Vec<String>> =
         std::env::var("E2E_MODES").ok().map(|v| v.split(',').map(|m| m.trim().to_string()).collect());
     let wanted = |m: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == m));
@@ -1063,6 +1197,10 @@ pub fn run(args: &Args) -> Result<(), String> {
             let ns = scaling(&lab, &plan, m, n)?;
             scale.entry(m).or_default().push((n, r3(ns)));
         }
+    }
+    let mut snat: BTreeMap<&str, SnatRow> = BTreeMap::new();
+    for m in ["nftables_cluster", "xskgate_cluster"].into_iter().filter(|_| wanted("snat")) {
+        snat.insert(m, snat_exhaustion(&lab, &plan, m, &mut flow_base)?);
     }
     let crosscheck = if wanted("crosscheck") { generator_crosscheck(&lab, &plan)? } else { BTreeMap::new() };
     let prog = if wanted("programming") { programming(&lab, plan.program_services)? } else { BTreeMap::new() };
@@ -1084,6 +1222,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         "xskgate_vs_routing": ratio(x.established_mpps, route.established_mpps),
         "xskgate_new_flows_vs_nftables": ratio(x.new_flow_mpps, nft.new_flow_mpps),
         "cost_10k_vs_1": { "xskgate": scale_ratio("xskgate_cluster"), "iptables": scale_ratio("iptables_cluster"), "nftables": scale_ratio("nftables_cluster") },
+        "snat_exhaustion_after_vs_before": snat.iter().map(|(m, r)| ((*m).to_string(), json!(ratio(r.after_mpps, r.before_mpps)))).collect::<serde_json::Map<_, _>>(),
     });
     if args.json {
         let mut modes_json = serde_json::Map::new();
@@ -1108,6 +1247,10 @@ pub fn run(args: &Args) -> Result<(), String> {
             "ratios": ratios,
             "scaling_ns_per_packet": scale.iter().map(|(m, v)| ((*m).to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "programming": prog,
+            "snat_exhaustion": snat
+                .iter()
+                .map(|(m, r)| ((*m).to_string(), json!({ "before_mpps": r.before_mpps, "after_mpps": r.after_mpps, "after_vs_before": ratio(r.after_mpps, r.before_mpps), "flows_after_fill": r.flows_after_fill, "refused": r.refused })))
+                .collect::<serde_json::Map<_, _>>(),
             "generator_crosscheck": crosscheck
                 .iter()
                 .map(|(g, r)| ((*g).to_string(), json!({ "offered_mpps": r.offered_mpps, "delivered_mpps": r.delivered_mpps })))
@@ -1117,6 +1260,15 @@ pub fn run(args: &Args) -> Result<(), String> {
         println!("{}", serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?);
     } else {
         println!("{}", markdown(&results, &ratios, &scale, &prog, &plan));
+        if !snat.is_empty() {
+            println!(
+                "\n| SNAT exhaustion ({} kpps established) | established alone, Mpps | with every port taken and new flows refused, Mpps | after / before |\n|---|---|---|---|",
+                SNAT_ESTABLISHED_PPS / 1000
+            );
+            for (m, r) in &snat {
+                println!("| {m} | {} | {} | {} |", r.before_mpps, r.after_mpps, ratio(r.after_mpps, r.before_mpps));
+            }
+        }
         if !crosscheck.is_empty() {
             println!("\n| generator (routing mode) | offered Mpps | delivered Mpps |\n|---|---|---|");
             for (name, r) in &crosscheck {
