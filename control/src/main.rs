@@ -253,7 +253,7 @@ fn go_duration_secs(s: &str) -> Result<u32, String> {
         ms = n.checked_mul(scale).and_then(|v| v.checked_add(ms)).ok_or_else(|| format!("{s:?}: too long"))?;
         rest = &rest[unit..];
     }
-    if ms % 1000 != 0 || ms == 0 {
+    if !ms.is_multiple_of(1000) || ms == 0 {
         return Err(format!("{s:?}: conntrack timeouts are whole seconds, at least 1s"));
     }
     u32::try_from(ms / 1000).map_err(|_| format!("{s:?}: too long"))
