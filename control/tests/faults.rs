@@ -338,16 +338,7 @@ fn api_server_gone_60_s_forwarding_and_health_unchanged_changes_applied_on_retur
         api.apply(o);
     }
     let kubeconfig = lab.dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: stand-in, cluster: {{server: \"{}\"}}}}]\n\
-             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: stand-in, user: u}}}}]\n\
-             current-context: c\n",
-            api.url
-        ),
-    )
-    .unwrap();
+    api.write_kubeconfig(&kubeconfig);
     let gw = lab.start_from(&["--kubeconfig", kubeconfig.to_str().unwrap()], "xskgate.log");
     let health = || {
         xskgate_tests::reference::http_get(&lab.t.ns_name("client"), "http://198.18.0.1:32100/".into())

@@ -141,16 +141,7 @@ async fn xskgate_watch_with_a_kubeconfig_publishes_follows_and_measures() {
     let dir = std::env::temp_dir().join(format!("xskgate-kubeconfig-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("config");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: stand-in, cluster: {{server: \"{}\"}}}}]\n\
-             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: stand-in, user: u}}}}]\n\
-             current-context: c\n",
-            api.url
-        ),
-    )
-    .unwrap();
+    api.write_kubeconfig(&kubeconfig);
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_xskgate"))
         .args(["watch", "--node-name", "gw1", "--metrics-bind-address", "127.0.0.1:0", "--kubeconfig"])
         .arg(&kubeconfig)

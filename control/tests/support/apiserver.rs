@@ -137,6 +137,17 @@ impl ApiServer {
         let _ = self.events.send(());
     }
 
+    /// Writes a kubeconfig file that points at this server (no credentials).
+    pub fn write_kubeconfig(&self, path: &std::path::Path) {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: stand-in, cluster: {{server: \"{}\"}}}}]\n\
+             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: stand-in, user: u}}}}]\n\
+             current-context: c\n",
+            self.url
+        );
+        std::fs::write(path, text).expect("write the kubeconfig");
+    }
+
     /// Forgets all history: resuming watches must relist (410 Gone).
     pub fn compact(&self) {
         let mut st = self.state.lock().unwrap();
