@@ -12,6 +12,8 @@
 //! - [`table`]: the table and its slot protocol (read its module docs for the
 //!   concurrency argument).
 //! - [`mem`]: the zeroed, huge-page, pre-faulted arrays the table lives in.
+//! - [`persist`]: the table in a file that outlives the process (a gateway
+//!   restarted, even by `kill -9`, keeps its flows).
 //!
 //! A flow is stored under both of its tuples: the original one (client →
 //! service) and the reply one (endpoint → client, or → gateway after SNAT),
@@ -39,6 +41,8 @@
 
 pub mod key;
 pub mod mem;
+#[cfg(not(loom))]
+pub mod persist;
 pub mod state;
 pub mod table;
 

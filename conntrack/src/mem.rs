@@ -1,4 +1,5 @@
-//! The table's allocations: anonymous mappings of zeroed elements, asked
+//! The table's allocations: anonymous mappings of zeroed elements (or, for
+//! a table that outlives its process, shared mappings of a file), asked
 //! for transparent huge pages and faulted in at creation, so that no later
 //! lookup or insert ever takes a page fault or a TLB walk per 4 KiB.
 //!
@@ -39,10 +40,7 @@ impl<T: AllZeroValid> ZeroedArray<T> {
     /// The `mmap` error when the memory cannot be had (e.g. too large for the
     /// machine's overcommit policy).
     pub fn new(len: usize) -> std::io::Result<ZeroedArray<T>> {
-        let bytes = len
-            .checked_mul(std::mem::size_of::<T>())
-            .map(|b| b.max(1))
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "table size overflows"))?;
+        let bytes = Self::bytes_of(len)?;
         // SAFETY: an anonymous private mapping with no address hint touches no
         // existing memory; the result is checked against MAP_FAILED.
         let raw = unsafe {
@@ -59,22 +57,78 @@ impl<T: AllZeroValid> ZeroedArray<T> {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: `raw` is the start of the `bytes`-long mapping made above.
-        // Both calls are advice; failure (e.g. THP disabled, kernel < 5.14)
-        // only costs speed, so their results are ignored on purpose.
+        unsafe { Self::populate(raw, bytes) };
+        let ptr = std::ptr::NonNull::new(raw.cast::<T>()).expect("mmap never returns null on success");
+        Ok(ZeroedArray { ptr, len, bytes })
+    }
+
+    /// Maps `len` elements of the file `fd` from byte `offset` (a multiple
+    /// of the page size), shared: writes go to the file, and a later
+    /// process that maps the same range sees them. The range must exist
+    /// (the caller sized the file); a range the file never had written is
+    /// zeroes. Faulted in as [`ZeroedArray::new`] is.
+    ///
+    /// Elements are whatever the file holds: valid for any `T` of
+    /// integers (`AllZeroValid`), though not necessarily zero.
+    ///
+    /// # Errors
+    /// The `mmap` error.
+    pub fn map_shared(fd: &impl std::os::fd::AsRawFd, offset: u64, len: usize) -> std::io::Result<ZeroedArray<T>> {
+        let bytes = Self::bytes_of(len)?;
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "offset overflows"))?;
+        // SAFETY: a shared mapping of the caller's open file with no address
+        // hint touches no existing memory; the result is checked against
+        // MAP_FAILED.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                offset,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is the start of the `bytes`-long mapping made above.
+        // Advice only, as in `new`; the file is sized, so the writes of the
+        // fallback stay inside it.
+        unsafe { Self::populate(raw, bytes) };
+        let ptr = std::ptr::NonNull::new(raw.cast::<T>()).expect("mmap never returns null on success");
+        Ok(ZeroedArray { ptr, len, bytes })
+    }
+
+    fn bytes_of(len: usize) -> std::io::Result<usize> {
+        len.checked_mul(std::mem::size_of::<T>())
+            .map(|b| b.max(1))
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "table size overflows"))
+    }
+
+    /// Asks for huge pages and faults the mapping in.
+    ///
+    /// # Safety
+    /// `raw` is the start of a writable mapping of `bytes` bytes.
+    unsafe fn populate(raw: *mut libc::c_void, bytes: usize) {
+        // SAFETY: the caller's mapping. Both calls are advice; failure (e.g.
+        // THP disabled, kernel < 5.14) only costs speed, so their results
+        // are ignored on purpose.
         unsafe {
             libc::madvise(raw, bytes, libc::MADV_HUGEPAGE);
             if libc::madvise(raw, bytes, libc::MADV_POPULATE_WRITE) != 0 {
-                // Older kernels: fault the pages in by hand, one write per page.
+                // Older kernels: fault the pages in by hand, one read and
+                // write back per page (a shared mapping keeps its contents).
                 let base = raw.cast::<u8>();
                 let mut off = 0;
                 while off < bytes {
-                    base.add(off).write_volatile(0);
+                    let p = base.add(off);
+                    p.write_volatile(p.read_volatile());
                     off += 4096;
                 }
             }
         }
-        let ptr = std::ptr::NonNull::new(raw.cast::<T>()).expect("mmap never returns null on success");
-        Ok(ZeroedArray { ptr, len, bytes })
     }
 
     /// Bytes mapped.

@@ -695,6 +695,9 @@ pub enum TableError {
     /// The memory could not be mapped.
     #[error("cannot allocate the conntrack table: {0}")]
     Memory(std::io::Error),
+    /// The table's file could not be opened, locked, sized or mapped.
+    #[error("conntrack file {}: {source}", path.display())]
+    File { path: std::path::PathBuf, source: std::io::Error },
 }
 
 /// Largest capacity: slot numbers must fit in 32 bits.
@@ -715,6 +718,11 @@ pub struct FlowTable {
     /// Flows stored (a flow counts once for both directions).
     len: CachePadded<AtomicUsize>,
     stats: SharedStats,
+    /// When the table's clock read 0 (see [`FlowTable::epoch`]).
+    epoch: std::time::Instant,
+    /// The file the arrays live in, locked, for [`FlowTable::open_file`].
+    #[cfg(not(loom))]
+    _file: Option<std::fs::File>,
 }
 
 #[repr(align(128))]
@@ -770,6 +778,20 @@ fn fold(a: u64, b: u64) -> u64 {
     (p as u64) ^ ((p >> 64) as u64)
 }
 
+/// The table's arrays, however they were mapped.
+struct Arrays {
+    slots: ZeroedArray<Slot>,
+    wide: ZeroedArray<Wide>,
+    hints: ZeroedArray<Hint>,
+    counters: Option<ZeroedArray<Counters>>,
+}
+
+/// A seed from the standard library's per-process random keys.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
+}
+
 fn splitmix(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
     let mut z = *state;
@@ -791,28 +813,182 @@ impl FlowTable {
         if config.capacity > MAX_CAPACITY {
             return Err(TableError::TooLarge(config.capacity));
         }
-        let n = (config.capacity * SLOTS_PER_FLOW_NUM).div_ceil(SLOTS_PER_FLOW_DEN).max(8);
+        let n = Self::slots_for(config.capacity);
         let slots = ZeroedArray::new(n).map_err(TableError::Memory)?;
         let wide = ZeroedArray::new(n).map_err(TableError::Memory)?;
         let hints = ZeroedArray::new(n).map_err(TableError::Memory)?;
         let counters = if config.accounting { Some(ZeroedArray::new(n).map_err(TableError::Memory)?) } else { None };
-        let mut s = config.seed.unwrap_or_else(|| {
-            use std::hash::{BuildHasher, Hasher};
-            std::collections::hash_map::RandomState::new().build_hasher().finish()
-        });
+        let s = config.seed.unwrap_or_else(random_seed);
+        Ok(FlowTable::from_arrays(config, Arrays { slots, wide, hints, counters }, s, std::time::Instant::now()))
+    }
+
+    /// Slots for `capacity` flows.
+    fn slots_for(capacity: usize) -> usize {
+        (capacity * SLOTS_PER_FLOW_NUM).div_ceil(SLOTS_PER_FLOW_DEN).max(8)
+    }
+
+    fn from_arrays(config: Config, a: Arrays, mut s: u64, epoch: std::time::Instant) -> FlowTable {
         let seed = std::array::from_fn(|_| splitmix(&mut s) | 1);
-        Ok(FlowTable {
-            slots,
-            wide,
-            hints,
-            counters,
-            n,
+        FlowTable {
+            n: a.slots.len(),
+            slots: a.slots,
+            wide: a.wide,
+            hints: a.hints,
+            counters: a.counters,
             seed,
             capacity: config.capacity,
             config,
             len: CachePadded(AtomicUsize::new(0)),
             stats: SharedStats::default(),
-        })
+            epoch,
+            #[cfg(not(loom))]
+            _file: None,
+        }
+    }
+
+    /// The table in the file at `path` (see [`crate::persist`] for the
+    /// contract): its flows resumed when the file holds a table of this
+    /// layout and capacity from this boot, else a new, empty table in a file
+    /// made anew; [`Resume`](crate::persist::Resume) says which, and why.
+    /// `config.seed` is used only for a new file (a resumed one keeps its
+    /// own, as its flows are placed by it).
+    ///
+    /// # Errors
+    /// [`TableError::File`] when the file cannot be opened, locked (another
+    /// process holds it past [`LOCK_WAIT`](crate::persist::LOCK_WAIT)),
+    /// sized or mapped; the capacity errors of [`FlowTable::new`].
+    #[cfg(not(loom))]
+    pub fn open_file(
+        config: Config,
+        path: &std::path::Path,
+    ) -> Result<(FlowTable, crate::persist::Resume), TableError> {
+        use crate::persist::{self, Resume};
+        if config.capacity == 0 {
+            return Err(TableError::ZeroCapacity);
+        }
+        if config.capacity > MAX_CAPACITY {
+            return Err(TableError::TooLarge(config.capacity));
+        }
+        let file_err = |source| TableError::File { path: path.to_path_buf(), source };
+        let n = Self::slots_for(config.capacity);
+        let sizes = [size_of::<Slot>(), size_of::<Wide>(), size_of::<Hint>(), size_of::<Counters>()].map(|s| s as u32);
+        let seed = config.seed.unwrap_or_else(random_seed);
+        let want = persist::header_for(config.capacity, n, config.accounting, sizes, seed);
+        let opened = persist::open(path, want).map_err(file_err)?;
+        let (offsets, _) = opened.header.offsets();
+        let arrays = Arrays {
+            slots: ZeroedArray::map_shared(&opened.file, offsets[0], n).map_err(file_err)?,
+            wide: ZeroedArray::map_shared(&opened.file, offsets[1], n).map_err(file_err)?,
+            hints: ZeroedArray::map_shared(&opened.file, offsets[2], n).map_err(file_err)?,
+            counters: match config.accounting {
+                true => Some(ZeroedArray::map_shared(&opened.file, offsets[3], n).map_err(file_err)?),
+                false => None,
+            },
+        };
+        let epoch = persist::epoch_of(opened.header.created_ns);
+        let mut table = FlowTable::from_arrays(config, arrays, opened.header.seed, epoch);
+        table._file = Some(opened.file);
+        let resume = match opened.resume {
+            Resume::Resumed { .. } => {
+                let (flows, dropped) = table.repair();
+                Resume::Resumed { flows, dropped }
+            }
+            other => other,
+        };
+        Ok((table, resume))
+    }
+
+    /// The instant at which the table's clock read 0: `now` for its
+    /// operations is `epoch().elapsed()` in seconds. A new table's is its
+    /// creation; a resumed one's is its file's, so that its flows' ages
+    /// carry over.
+    pub fn epoch(&self) -> std::time::Instant {
+        self.epoch
+    }
+
+    /// Makes a table written by a process that may have died mid-write
+    /// whole again, before anyone else uses it: a slot left `BUSY` is
+    /// emptied; a flow whose two directions do not point at each other,
+    /// whose tag is not its key's, or whose key is stored twice, is dropped
+    /// (both slots); then the hints (tags and overflow counts) and the flow
+    /// count are recomputed from the flows kept. Returns (flows kept, flows
+    /// dropped). Exclusive use: called before the table is shared.
+    #[cfg(not(loom))]
+    fn repair(&self) -> (usize, usize) {
+        let mut dropped = 0;
+        let clear = |i: usize| {
+            let s = &self.slots[i];
+            let m = Meta(s.meta.load(Relaxed));
+            s.meta.store(Meta::new(m.generation().wrapping_add(1), 0, KIND_EMPTY, Dir::Original).0, Relaxed);
+        };
+        for i in 0..self.n {
+            if !matches!(Meta(self.slots[i].meta.load(Relaxed)).kind(), KIND_EMPTY | KIND_FULL) {
+                clear(i);
+            }
+        }
+        // A slot is whole when its key's tag is its own and its peer is its
+        // other half; dropping one half makes its peer not whole, hence the
+        // passes until none is dropped (two at most).
+        let whole = |i: usize| -> Option<[u64; 5]> {
+            let m = Meta(self.slots[i].meta.load(Relaxed));
+            let r = self.read_record(i, m)?;
+            let p = r.peer_slot as usize;
+            let pm = Meta(self.slots.get(p)?.meta.load(Relaxed));
+            let pr = self.read_record(p, pm)?;
+            let ok = m.tag() == tag_of(self.hash_words(&r.key))
+                && pm.kind() == KIND_FULL
+                && pm.dir() != m.dir()
+                && pm.compact() == m.compact()
+                && pr.key == r.peer_words()
+                && pr.peer_slot as usize == i;
+            ok.then_some(r.key)
+        };
+        loop {
+            let mut seen = std::collections::HashSet::new();
+            let mut bad = Vec::new();
+            for i in 0..self.n {
+                let m = Meta(self.slots[i].meta.load(Relaxed));
+                if m.kind() != KIND_FULL {
+                    continue;
+                }
+                match whole(i) {
+                    Some(key) if seen.insert(key) => {}
+                    _ => bad.push(i),
+                }
+            }
+            if bad.is_empty() {
+                break;
+            }
+            for &i in &bad {
+                if Meta(self.slots[i].meta.load(Relaxed)).dir() == Dir::Original {
+                    dropped += 1;
+                }
+                clear(i);
+            }
+        }
+        for h in self.hints.iter() {
+            h.0.store(0, Relaxed);
+        }
+        let mut flows = 0;
+        for i in 0..self.n {
+            let s = &self.slots[i];
+            let m = Meta(s.meta.load(Relaxed));
+            if m.kind() != KIND_FULL {
+                continue;
+            }
+            let key = Self::load_key(s, &self.wide[i], m);
+            let hash = self.hash_words(&key);
+            self.hints[i].0.fetch_or(HINT_OCCUPIED | u32::from(tag_of(hash)) << 16, Relaxed);
+            let home = self.home(hash);
+            let dist = if i >= home { i - home } else { i + self.n - home };
+            self.add_overflow(home, dist, true);
+            if m.dir() == Dir::Original {
+                flows += 1;
+            }
+        }
+        self.len.0.store(flows, Relaxed);
+        std::sync::atomic::fence(Release);
+        (flows, dropped)
     }
 
     /// Maximum number of flows.
@@ -2078,5 +2254,168 @@ mod tests {
             assert!(homes.len() > 7_200, "{what}: {} distinct homes of {}", homes.len(), table.n);
             assert!(tags.len() > 7_000, "{what}: {} distinct tags", tags.len());
         }
+    }
+
+    /// A table file in a fresh temporary directory (removed on drop).
+    struct TempFile(std::path::PathBuf);
+    impl TempFile {
+        fn new(name: &str) -> TempFile {
+            let dir = std::env::temp_dir().join(format!("xskgate-ct-{}-{name}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempFile(dir.join("conntrack"))
+        }
+    }
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0.parent().unwrap());
+        }
+    }
+
+    /// `count` Cluster flows (SNAT to the gateway, ports from 61000), every
+    /// third one IPv6.
+    fn snat_flows(count: u16) -> Vec<NewFlow> {
+        (0..count)
+            .map(|i| {
+                let (client, vip, pod, gw): (Addr, Addr, Addr, Addr) = if i % 3 == 2 {
+                    let a = |s: &str| s.parse::<Ipv6Addr>().unwrap().into();
+                    (a("2001:db8::10"), a("2001:db8:1::1"), a("2001:db8:2::5"), a("2001:db8::1"))
+                } else {
+                    let a = |o: u8| Ipv4Addr::new(198, 18, o, 1 + o).into();
+                    (a(0), a(1), a(2), a(3))
+                };
+                NewFlow {
+                    orig: FlowKey::new(Proto::TCP, client, 30000 + i, vip, 80),
+                    reply: FlowKey::new(Proto::TCP, pod, 8080, gw, 61000 + i),
+                    backend: u32::from(i % 5),
+                    service: 1,
+                    state: FlowState::Tcp(TcpState::Established),
+                }
+            })
+            .collect()
+    }
+
+    /// A table reopened from its file has every flow, found by either
+    /// tuple with the same translation, the same clock, and passes the
+    /// invariants; a new flow goes in beside them.
+    #[test]
+    fn a_table_file_reopened_resumes_every_flow() {
+        let f = TempFile::new("resume");
+        let config = Config { capacity: 300, ..Config::default() };
+        let flows = snat_flows(200);
+        let (epoch, seen) = {
+            let (t, resume) = FlowTable::open_file(config.clone(), &f.0).unwrap();
+            assert_eq!(resume, crate::persist::Resume::Created);
+            for (i, fl) in flows.iter().enumerate() {
+                assert!(matches!(t.insert(fl, i as u32), Ok(Inserted::New(_))));
+            }
+            (t.epoch(), t.lookup(&flows[7].orig).map(|v| t.info(&v).unwrap().last_seen))
+        };
+        let (t, resume) = FlowTable::open_file(config, &f.0).unwrap();
+        assert_eq!(resume, crate::persist::Resume::Resumed { flows: 200, dropped: 0 });
+        assert_eq!(t.len(), 200);
+        t.check_invariants().unwrap();
+        let drift = t.epoch().max(epoch) - t.epoch().min(epoch);
+        assert!(drift < std::time::Duration::from_millis(5), "the clock moved by {drift:?}");
+        for fl in &flows {
+            let back = t.lookup(&fl.reply).expect("the reply tuple");
+            assert_eq!(back.rewrite(), fl.orig.reversed());
+            assert_eq!(t.lookup(&fl.orig).unwrap().rewrite(), fl.reply.reversed());
+            assert_eq!(back.backend, fl.backend);
+        }
+        assert_eq!(t.lookup(&flows[7].orig).map(|v| t.info(&v).unwrap().last_seen), seen);
+        let more = snat_flows(201)[200];
+        assert!(matches!(t.insert(&more, 9), Ok(Inserted::New(_))));
+        assert!(matches!(t.insert(&flows[3], 9), Ok(Inserted::Existing(_))), "no duplicate of a resumed flow");
+        t.check_invariants().unwrap();
+    }
+
+    /// What a process killed mid-write leaves (a slot `BUSY`, a flow with
+    /// one direction) is dropped on reopening, and only that.
+    #[test]
+    fn a_half_written_flow_is_dropped_on_reopening() {
+        let f = TempFile::new("torn");
+        let config = Config { capacity: 300, ..Config::default() };
+        let flows = snat_flows(100);
+        {
+            let (t, _) = FlowTable::open_file(config.clone(), &f.0).unwrap();
+            for fl in &flows {
+                t.insert(fl, 1).unwrap();
+            }
+            // Flow 10: its original slot caught mid-write. Flow 20: its
+            // reply slot gone (emptied), the original left pointing at it.
+            let o = t.lookup(&flows[10].orig).unwrap().slot as usize;
+            let m = Meta(t.slots[o].meta.load(Relaxed));
+            t.slots[o].meta.store(m.next(KIND_BUSY).0, Relaxed);
+            let r = t.lookup(&flows[20].reply).unwrap().slot as usize;
+            let m = Meta(t.slots[r].meta.load(Relaxed));
+            t.slots[r].meta.store(m.next(KIND_EMPTY).0, Relaxed);
+        }
+        let (t, resume) = FlowTable::open_file(config, &f.0).unwrap();
+        assert_eq!(resume, crate::persist::Resume::Resumed { flows: 98, dropped: 1 });
+        t.check_invariants().unwrap();
+        for (i, fl) in flows.iter().enumerate() {
+            let gone = i == 10 || i == 20;
+            assert_eq!(t.lookup(&fl.orig).is_none(), gone, "flow {i}");
+            assert_eq!(t.lookup(&fl.reply).is_none(), gone, "flow {i}");
+        }
+        // Their tuples are free again.
+        assert!(matches!(t.insert(&flows[10], 2), Ok(Inserted::New(_))));
+        assert!(matches!(t.insert(&flows[20], 2), Ok(Inserted::New(_))));
+        t.check_invariants().unwrap();
+    }
+
+    /// A file of another capacity, with a corrupt header, or not a table
+    /// file at all, is replaced by an empty table and the reason named.
+    #[test]
+    fn a_file_that_does_not_fit_is_replaced_with_its_reason() {
+        use crate::persist::Resume;
+        let f = TempFile::new("replace");
+        let config = Config { capacity: 300, ..Config::default() };
+        let fill = |t: &FlowTable| {
+            for fl in snat_flows(10) {
+                t.insert(&fl, 1).unwrap();
+            }
+        };
+        fill(&FlowTable::open_file(config.clone(), &f.0).unwrap().0);
+        let reason = |r: Resume| match r {
+            Resume::Replaced { reason } => reason,
+            other => panic!("not replaced: {other:?}"),
+        };
+        let (t, r) = FlowTable::open_file(Config { capacity: 400, ..config.clone() }, &f.0).unwrap();
+        assert!(reason(r).contains("capacity 300 flows, asked for 400"));
+        assert!(t.is_empty());
+        fill(&t);
+        drop(t);
+        let mut bytes = std::fs::read(&f.0).unwrap();
+        bytes[30] ^= 0xff;
+        std::fs::write(&f.0, &bytes).unwrap();
+        let (t, r) = FlowTable::open_file(Config { capacity: 400, ..config.clone() }, &f.0).unwrap();
+        assert!(reason(r).contains("checksum"));
+        assert!(t.is_empty() && t.lookup(&snat_flows(1)[0].orig).is_none());
+        drop(t);
+        std::fs::write(&f.0, b"hello").unwrap();
+        let (t, r) = FlowTable::open_file(config, &f.0).unwrap();
+        assert!(reason(r).contains("shorter than a header"));
+        t.check_invariants().unwrap();
+    }
+
+    /// A second opener waits for the first to let go of the file (a
+    /// restarted gateway whose predecessor is still stopping).
+    #[test]
+    fn a_second_opener_waits_for_the_first() {
+        let f = TempFile::new("lock");
+        let config = Config { capacity: 64, ..Config::default() };
+        let (t, _) = FlowTable::open_file(config.clone(), &f.0).unwrap();
+        t.insert(&snat_flows(1)[0], 0).unwrap();
+        let started = std::time::Instant::now();
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(t);
+        });
+        let (t2, r) = FlowTable::open_file(config, &f.0).unwrap();
+        assert!(started.elapsed() >= std::time::Duration::from_millis(300), "it did not wait");
+        assert_eq!(r, crate::persist::Resume::Resumed { flows: 1, dropped: 0 });
+        holder.join().unwrap();
+        t2.check_invariants().unwrap();
     }
 }
