@@ -171,6 +171,16 @@ enum Cmd {
         /// At most this many captured packets per second.
         #[arg(long, default_value_t = xskgate_fastpath::io::capture::DEFAULT_RATE)]
         capture_rate: u32,
+        /// Keep the flows across a restart (even `kill -9`): the conntrack table
+        /// lives in DIR/conntrack (a memory file system, e.g. /dev/shm/xskgate), the
+        /// XDP program stays attached (pinned in --bpf-pin-dir) and drops, rather
+        /// than hands to the kernel, the frames of the gap; the next `xskgate run`
+        /// with the same directories takes over.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Where --state-dir pins the XDP links and counters (on a BPF file system).
+        #[arg(long, default_value = "/sys/fs/bpf/xskgate")]
+        bpf_pin_dir: PathBuf,
     },
 }
 
@@ -332,6 +342,8 @@ fn main() -> ExitCode {
             capture_drops,
             capture_reasons,
             capture_rate,
+            state_dir,
+            bpf_pin_dir,
         } => {
             let capture_reasons = match xskgate_control::admin::parse_reasons(&capture_reasons) {
                 Ok(r) => r,
@@ -382,6 +394,7 @@ fn main() -> ExitCode {
                 capture_drops,
                 capture_reasons,
                 capture_rate,
+                restart: state_dir.map(|state_dir| xskgate_control::run::RestartState { state_dir, bpf_pin_dir }),
             };
             let runtime = match runtime() {
                 Ok(r) => r,

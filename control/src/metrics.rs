@@ -262,11 +262,15 @@ pub fn render(s: &Sources) -> String {
         let _ = writeln!(out, "xskgate_conntrack_events_total{{event=\"{event}\"}} {v}");
     }
     let st = s.data_path.as_ref().map(|d| (d.steer)()).unwrap_or_default();
-    let _ = writeln!(out, "# HELP xskgate_xdp_frames_total Frames seen by the XDP steering program, by decision.");
+    let _ = writeln!(
+        out,
+        "# HELP xskgate_xdp_frames_total Frames seen by the XDP steering program, by decision (held: dropped for want of a socket while a restart was under way)."
+    );
     let _ = writeln!(out, "# TYPE xskgate_xdp_frames_total counter");
     let _ = writeln!(out, "xskgate_xdp_frames_total{{decision=\"steered\"}} {}", st.steered);
     let _ = writeln!(out, "xskgate_xdp_frames_total{{decision=\"passed\"}} {}", st.passed);
     let _ = writeln!(out, "xskgate_xdp_frames_total{{decision=\"no_interface\"}} {}", st.no_interface);
+    let _ = writeln!(out, "xskgate_xdp_frames_total{{decision=\"held\"}} {}", st.held);
 
     let table: Arc<ServiceTable> = s.services.load_full();
     for (metric, help) in [

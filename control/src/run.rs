@@ -67,6 +67,34 @@ pub struct RunConfig {
     pub capture_reasons: Vec<xskgate_fastpath::DropReason>,
     /// Captured packets per second, over all workers.
     pub capture_rate: u32,
+    /// `--state-dir`: what outlives the process, for a restart that keeps
+    /// the flows.
+    pub restart: Option<RestartState>,
+}
+
+/// Where the state a successor takes over lives.
+#[derive(Clone, Debug)]
+pub struct RestartState {
+    /// The conntrack table's file is `state_dir/conntrack` (a memory file
+    /// system: the table is read and written at packet rate).
+    pub state_dir: PathBuf,
+    /// The XDP links and counters, on a BPF file system.
+    pub bpf_pin_dir: PathBuf,
+}
+
+/// `statfs` magic of a BPF file system.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Whether `dir` (or, when it does not exist yet, its parent) is on a BPF
+/// file system.
+fn on_bpffs(dir: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let probe = if dir.exists() { dir } else { dir.parent().unwrap_or(dir) };
+    let Ok(c) = std::ffi::CString::new(probe.as_os_str().as_bytes()) else { return false };
+    // SAFETY: a NUL-terminated path and a zeroed, writable statfs.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the result is checked.
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
 }
 
 /// The node's addresses and SNAT choice, from the interfaces.
@@ -221,6 +249,10 @@ pub enum RunError {
     Capture { path: PathBuf, source: std::io::Error },
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(std::io::Error),
+    #[error("--bpf-pin-dir {} is not on a BPF file system (mount one: mount -t bpf bpf {})", .0.display(), .0.parent().unwrap_or(.0).display())]
+    NotBpffs(PathBuf),
+    #[error("cannot create --state-dir {}: {source}", path.display())]
+    StateDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Kubernetes(#[from] ClientError),
 }
@@ -313,19 +345,43 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         snat_routes: if cfg.snat_addresses.is_empty() { snat_routes(&ifindexes, &addrs, &fib) } else { Vec::new() },
         vip_echo: cfg.vip_echo,
     };
-    let conntrack = Arc::new(
-        FlowTable::new(xskgate_conntrack::Config {
-            capacity: cfg.conntrack_capacity,
-            timeouts: cfg.conntrack_timeouts,
-            ..xskgate_conntrack::Config::default()
-        })
-        .map_err(|source| RunError::Conntrack { capacity: cfg.conntrack_capacity, source })?,
-    );
+    let ct_config = xskgate_conntrack::Config {
+        capacity: cfg.conntrack_capacity,
+        timeouts: cfg.conntrack_timeouts,
+        ..xskgate_conntrack::Config::default()
+    };
+    let conntrack_err = |source| RunError::Conntrack { capacity: cfg.conntrack_capacity, source };
+    let conntrack = Arc::new(match &cfg.restart {
+        None => FlowTable::new(ct_config).map_err(conntrack_err)?,
+        Some(r) => {
+            if !on_bpffs(&r.bpf_pin_dir) {
+                return Err(RunError::NotBpffs(r.bpf_pin_dir.clone()));
+            }
+            std::fs::create_dir_all(&r.state_dir)
+                .map_err(|source| RunError::StateDir { path: r.state_dir.clone(), source })?;
+            let path = r.state_dir.join("conntrack");
+            let (table, resume) = FlowTable::open_file(ct_config, &path).map_err(conntrack_err)?;
+            use xskgate_conntrack::persist::Resume;
+            match resume {
+                Resume::Created => info!(file = %path.display(), "conntrack table created"),
+                Resume::Resumed { flows, dropped } => {
+                    info!(file = %path.display(), flows, dropped_half_written = dropped, "conntrack table resumed")
+                }
+                Resume::Replaced { reason } => {
+                    warn!(file = %path.display(), "conntrack table replaced by an empty one: {reason}")
+                }
+            }
+            table
+        }
+    });
     let affinity = Arc::new(AffinityTable::new(1 << 16));
     let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
     let fib_handle = Arc::new(ArcSwap::from_pointee(fib));
 
     let mut steering = Steering::load()?;
+    if let Some(r) = &cfg.restart {
+        steering.pin_links(&r.bpf_pin_dir)?;
+    }
     for (slot, (name, ifindex)) in cfg.interfaces.iter().zip(&ifindexes).enumerate() {
         steering.attach(name, *ifindex, slot as u32)?;
     }
@@ -353,7 +409,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             let _ = resolve_tx.try_send((ifindex, addr));
         }),
         stop: stop.clone(),
-        epoch: Instant::now(),
+        epoch: conntrack.epoch(),
     };
     let mut snapshots = Vec::new();
     let mut workers = Vec::new();
@@ -435,9 +491,33 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     // flush); network programming ends there: the change is live.
     {
         let (steering, local, m) = (dp.steering.clone(), dp.local.clone(), control_metrics.clone());
+        // With --state-dir, the first table's maps programmed, this
+        // program takes the interfaces over from a predecessor's.
+        let mut take_over = cfg.restart.is_some();
+        let started_at = started;
         publisher.on_publish(Box::new(move |table| {
             program_steering(&steering, &local, table, &m);
             m.network_programming.record(m.since_received());
+            if std::mem::take(&mut take_over) {
+                let mut s = steering.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match s.take_over() {
+                    Ok(t) if t.replaced.is_empty() && t.attached_afresh.is_empty() => {
+                        info!("XDP links pinned: a restart keeps the flows")
+                    }
+                    Ok(t) => {
+                        for (ifname, why) in &t.attached_afresh {
+                            warn!(interface = %ifname, "the predecessor's XDP link could not be taken over ({why}): attached afresh");
+                        }
+                        info!(
+                            interfaces = %t.replaced.join(","),
+                            held_frames = t.held,
+                            since_start_ms = started_at.elapsed().as_millis() as u64,
+                            "took over from the predecessor (its frames of the gap were dropped, not passed to the kernel)"
+                        );
+                    }
+                    Err(e) => error!("taking over the predecessor's XDP links: {e}; the predecessor's program stays"),
+                }
+            }
         }));
     }
     let source = match &cfg.manifests {
@@ -596,6 +676,13 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         let s = capture.stats();
         info!(file = %path.display(), captured = s.captured, rate_limited = s.rate_limited, overflow = s.overflow, "drop capture closed");
     }
-    info!("stopped; XDP program detached");
+    match &cfg.restart {
+        None => info!("stopped; XDP program detached"),
+        Some(r) => info!(
+            bpf_pin_dir = %r.bpf_pin_dir.display(),
+            state_dir = %r.state_dir.display(),
+            "stopped; the XDP program stays attached and holds this node's flows for the next xskgate run (remove the pins to detach)"
+        ),
+    }
     Ok(())
 }

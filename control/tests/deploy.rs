@@ -1,8 +1,8 @@
 //! The shipped `control/deploy/` manifests are real Kubernetes YAML: they
 //! parse into the API types, the DaemonSet runs in the host network on
 //! gateway nodes with the capabilities XDP and AF_XDP need, the RBAC grants
-//! what the watchers list and watch, and every flag the DaemonSet passes is
-//! one `xskgate run` accepts.
+//! what the watchers list and watch, every flag the DaemonSet passes is
+//! one `xskgate run` accepts, and what a restart keeps is on the host.
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::rbac::v1::ClusterRole;
@@ -39,6 +39,19 @@ fn daemonset_is_a_gateway_daemonset_with_valid_flags() {
     for a in &args[1..] {
         let flag = a.split('=').next().unwrap();
         assert!(help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")), "xskgate run has no {flag}");
+    }
+    // What outlives a restart is on the host: --state-dir and --bpf-pin-dir
+    // are inside hostPath mounts (else a new pod would start empty).
+    let mounts = c.volume_mounts.clone().unwrap();
+    let volumes = pod.volumes.clone().unwrap();
+    for flag in ["--state-dir", "--bpf-pin-dir"] {
+        let dir = args.iter().find_map(|a| a.strip_prefix(&format!("{flag}="))).unwrap_or_else(|| panic!("no {flag}"));
+        let m = mounts
+            .iter()
+            .find(|m| dir.starts_with(&m.mount_path))
+            .unwrap_or_else(|| panic!("{flag} {dir} is not mounted"));
+        let v = volumes.iter().find(|v| v.name == m.name).unwrap();
+        assert!(v.host_path.is_some(), "{flag} {dir} is on volume {}, not a hostPath", v.name);
     }
     let probe = c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
     assert_eq!(probe.path.as_deref(), Some("/livez"));

@@ -19,7 +19,11 @@
 // or an echo request to a VIP (map `frontends`, protocol ICMP or ICMPv6,
 // port 0), which the pipeline answers only where the Service is served.
 // Owned frames go to the socket of (interface slot + rx queue) in `xsks`;
-// without a socket there, they fall to the kernel.
+// without a socket there, they fall to the kernel, unless `config` says
+// HOLD: then they are dropped and counted (stats[3]). A gateway whose
+// process restarts sets HOLD, so that in the gap between two processes the
+// kernel never answers a flow's packets (with a TCP reset to a SNAT port)
+// and the peers retransmit instead.
 //
 // The maps are written by the control plane; the program keeps no state.
 
@@ -55,8 +59,10 @@ struct addr_key {
 struct config {
 	__u16 snat_lo; // host byte order
 	__u16 snat_hi;
-	__u32 pad;
+	__u32 flags; // CONFIG_HOLD
 };
+
+#define CONFIG_HOLD 1
 
 struct {
 	__uint(type, BPF_MAP_TYPE_XSKMAP);
@@ -104,7 +110,7 @@ struct {
 // Per-verdict counters: 0 = steered, 1 = passed, 2 = steered but no socket.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 3);
+	__uint(max_entries, 4);
 	__type(key, __u32);
 	__type(value, __u64);
 } stats SEC(".maps");
@@ -309,6 +315,12 @@ int xskgate_steer(struct xdp_md *ctx)
 		return XDP_PASS;
 	}
 	__u32 key = *base + ctx->rx_queue_index;
+	__u32 zero = 0;
+	struct config *c = bpf_map_lookup_elem(&config, &zero);
+	if (c && (c->flags & CONFIG_HOLD) && !bpf_map_lookup_elem(&xsks, &key)) {
+		count(3);
+		return XDP_DROP;
+	}
 	count(0);
 	// Without a socket at `key`, the frame falls to the kernel.
 	return bpf_redirect_map(&xsks, key, XDP_PASS);

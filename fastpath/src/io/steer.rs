@@ -12,6 +12,8 @@
 
 use crate::service::{FrontendKind, NodeConfig, ServicePort, ServiceTable, VipEcho};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, XskMap};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::XdpLink;
 use aya::programs::{Xdp, XdpFlags};
 use std::collections::HashMap;
 use std::collections::HashSet;
@@ -52,8 +54,11 @@ unsafe impl aya::Pod for AddrKey {}
 struct ConfigValue {
     snat_lo: u16,
     snat_hi: u16,
-    pad: u32,
+    /// `CONFIG_HOLD`: drop owned frames that have no socket.
+    flags: u32,
 }
+
+const CONFIG_HOLD: u32 = 1;
 
 // SAFETY: plain old data, `repr(C)`, no implicit padding (2 + 2 + 4 bytes).
 unsafe impl aya::Pod for ConfigValue {}
@@ -160,6 +165,9 @@ pub struct SteerStats {
     pub steered: u64,
     pub passed: u64,
     pub no_interface: u64,
+    /// Owned frames dropped because their queue had no socket while the
+    /// program holds ([`Steering::pin_links`]).
+    pub held: u64,
 }
 
 /// The loaded program and what it has been told.
@@ -168,6 +176,26 @@ pub struct Steering {
     attached: Vec<String>,
     current: SteerSet,
     followed: Followed,
+    /// Where the links are pinned, when they outlive the process.
+    pin_dir: Option<std::path::PathBuf>,
+    /// Links of a predecessor, taken over by [`Steering::take_over`].
+    pending: Vec<(String, XdpLink)>,
+    /// Frames the predecessor's program held (its `stats` map, pinned as
+    /// `dir/stats`), added to this one's [`SteerStats::held`].
+    held_before: u64,
+}
+
+/// What [`Steering::take_over`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TakeOver {
+    /// Interfaces whose predecessor's program this one replaced.
+    pub replaced: Vec<String>,
+    /// Interfaces whose pinned link could not be updated (gone with its
+    /// interface): attached afresh, with the reason.
+    pub attached_afresh: Vec<(String, String)>,
+    /// Owned frames the predecessor's program dropped for want of a socket
+    /// (the frames of the gap between the two processes).
+    pub held: u64,
 }
 
 impl Steering {
@@ -181,7 +209,95 @@ impl Steering {
             .try_into()
             .map_err(|e| SteerError(format!("xskgate_steer is not an XDP program: {e}")))?;
         prog.load().map_err(|e| SteerError(format!("the kernel refused the XDP program: {}", chain(&e))))?;
-        Ok(Steering { ebpf, attached: Vec::new(), current: SteerSet::default(), followed: Followed::default() })
+        Ok(Steering {
+            ebpf,
+            attached: Vec::new(),
+            current: SteerSet::default(),
+            followed: Followed::default(),
+            pin_dir: None,
+            pending: Vec::new(),
+            held_before: 0,
+        })
+    }
+
+    /// Makes the attachments outlive the process, for a restart without
+    /// loss: each interface's link is pinned as `dir/link-<interface>` (`dir`
+    /// on a BPF file system), and the program holds (drops, counted as
+    /// [`SteerStats::held`]) owned frames that have no socket, so that
+    /// between this process and its successor the kernel never answers a
+    /// flow's packets. An interface that already has a pinned link (a
+    /// predecessor's) keeps its program until [`Steering::take_over`]. To
+    /// detach for good, remove the pins (`rm dir/link-*`) once no process
+    /// runs.
+    pub fn pin_links(&mut self, dir: &std::path::Path) -> Result<(), SteerError> {
+        std::fs::create_dir_all(dir).map_err(|e| SteerError(format!("creating {}: {e}", dir.display())))?;
+        self.pin_dir = Some(dir.to_path_buf());
+        Ok(())
+    }
+
+    fn pin_path(&self, ifname: &str) -> Option<std::path::PathBuf> {
+        self.pin_dir.as_ref().map(|d| d.join(format!("link-{ifname}")))
+    }
+
+    /// Replaces each predecessor's program by this one (atomically, one
+    /// link update per interface), reads what the predecessor's program
+    /// held, and pins this program's counters for the next successor. Call
+    /// once, when the maps are programmed from the first table, so that
+    /// the successor owns exactly what the predecessor did. An interface
+    /// whose pinned link cannot be updated is attached afresh.
+    pub fn take_over(&mut self) -> Result<TakeOver, SteerError> {
+        let mut done = TakeOver::default();
+        if self.pending.is_empty() {
+            self.pin_stats()?;
+            return Ok(done);
+        }
+        for (ifname, link) in std::mem::take(&mut self.pending) {
+            let prog = self.program_ref();
+            match prog.attach_to_link(link) {
+                Ok(_) => done.replaced.push(ifname),
+                Err(e) => {
+                    let why = chain(&e);
+                    if let Some(path) = self.pin_path(&ifname) {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    self.attach_new(&ifname)?;
+                    done.attached_afresh.push((ifname, why));
+                }
+            }
+        }
+        // The predecessor's program is gone from every interface: its
+        // count is final.
+        done.held = self.predecessor_held().unwrap_or(0);
+        self.held_before = done.held;
+        self.pin_stats()?;
+        Ok(done)
+    }
+
+    /// `held` of the program whose `stats` map is pinned in the pin
+    /// directory.
+    fn predecessor_held(&self) -> Option<u64> {
+        let path = self.pin_dir.as_ref()?.join("stats");
+        let data = MapData::from_pin(&path).ok()?;
+        let arr = PerCpuArray::<_, u64>::try_from(aya::maps::Map::PerCpuArray(data)).ok()?;
+        arr.get(&3, 0).ok().map(|v| v.iter().sum())
+    }
+
+    /// Pins this program's `stats` map as `dir/stats`, in place of a
+    /// predecessor's, for the successor's [`TakeOver::held`].
+    fn pin_stats(&self) -> Result<(), SteerError> {
+        let Some(path) = self.pin_dir.as_ref().map(|d| d.join("stats")) else { return Ok(()) };
+        let _ = std::fs::remove_file(&path);
+        let stats = self.ebpf.map("stats").ok_or_else(|| SteerError("no map stats".into()))?;
+        stats.pin(&path).map_err(|e| SteerError(format!("pinning {}: {}", path.display(), chain(&e))))
+    }
+
+    /// Whether links of a predecessor wait for [`Steering::take_over`].
+    pub fn taking_over(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    fn program_ref(&mut self) -> &mut Xdp {
+        self.ebpf.program_mut("xskgate_steer").and_then(|p| p.try_into().ok()).expect("loaded in load()")
     }
 
     /// Attaches to `ifname` (driver mode, else generic mode) and maps its
@@ -189,12 +305,30 @@ impl Steering {
     pub fn attach(&mut self, ifname: &str, ifindex: u32, slot: u32) -> Result<(), SteerError> {
         let mut base: BpfHashMap<&mut MapData, u32, u32> = self.map("if_base")?;
         base.insert(ifindex, slot * QUEUES_PER_INTERFACE, 0).map_err(|e| SteerError(format!("if_base map: {e}")))?;
-        let prog: &mut Xdp =
-            self.ebpf.program_mut("xskgate_steer").and_then(|p| p.try_into().ok()).expect("loaded in load()");
-        match prog.attach(ifname, XdpFlags::DRV_MODE) {
-            Ok(_) => {}
+        if let Some(path) = self.pin_path(ifname).filter(|p| p.exists()) {
+            let link = PinnedLink::from_pin(&path)
+                .map_err(|e| SteerError(format!("the pinned link {}: {}", path.display(), chain(&e))))
+                .and_then(|p| {
+                    XdpLink::try_from(FdLink::from(p))
+                        .map_err(|e| SteerError(format!("the pinned link {}: {}", path.display(), chain(&e))))
+                })?;
+            self.pending.push((ifname.to_string(), link));
+        } else {
+            self.attach_new(ifname)?;
+        }
+        self.attached.push(ifname.to_string());
+        Ok(())
+    }
+
+    /// Attaches to `ifname` (driver mode, else generic mode), pinning the
+    /// link in pin mode.
+    fn attach_new(&mut self, ifname: &str) -> Result<(), SteerError> {
+        let pin = self.pin_path(ifname);
+        let prog = self.program_ref();
+        let id = match prog.attach(ifname, XdpFlags::DRV_MODE) {
+            Ok(id) => id,
             Err(drv) => {
-                prog.attach(ifname, XdpFlags::SKB_MODE).map_err(|skb| {
+                let id = prog.attach(ifname, XdpFlags::SKB_MODE).map_err(|skb| {
                     SteerError(format!(
                         "cannot attach XDP to {ifname}: driver mode: {}; generic mode: {}",
                         chain(&drv),
@@ -202,9 +336,22 @@ impl Steering {
                     ))
                 })?;
                 tracing::warn!(interface = ifname, "XDP in generic (skb) mode: driver mode failed: {drv}");
+                id
             }
+        };
+        if let Some(path) = pin {
+            let pinned = prog
+                .take_link(id)
+                .map_err(|e| SteerError(format!("taking the link of {ifname}: {}", chain(&e))))
+                .and_then(|l| {
+                    FdLink::try_from(l).map_err(|e| SteerError(format!("the link of {ifname}: {}", chain(&e))))
+                })
+                .and_then(|l| {
+                    l.pin(&path).map_err(|e| SteerError(format!("pinning {}: {}", path.display(), chain(&e))))
+                })?;
+            // The pin holds the link; this descriptor is not needed.
+            drop(pinned);
         }
-        self.attached.push(ifname.to_string());
         Ok(())
     }
 
@@ -268,7 +415,8 @@ impl Steering {
                 .ok_or_else(|| SteerError("no map config".into()))?
                 .try_into()
                 .map_err(|e| SteerError(format!("config: {e}")))?;
-            let v = ConfigValue { snat_lo: want.snat_ports.0, snat_hi: want.snat_ports.1, pad: 0 };
+            let flags = if self.pin_dir.is_some() { CONFIG_HOLD } else { 0 };
+            let v = ConfigValue { snat_lo: want.snat_ports.0, snat_hi: want.snat_ports.1, flags };
             note(cfg.set(0, v, 0), "config");
         }
         self.current = want.clone();
@@ -434,7 +582,7 @@ impl Steering {
         let Some(m) = self.ebpf.map("stats") else { return SteerStats::default() };
         let Ok(arr) = PerCpuArray::<&MapData, u64>::try_from(m) else { return SteerStats::default() };
         let sum = |i: u32| arr.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
-        SteerStats { steered: sum(0), passed: sum(1), no_interface: sum(2) }
+        SteerStats { steered: sum(0), passed: sum(1), no_interface: sum(2), held: self.held_before + sum(3) }
     }
 
     /// Interfaces the program is attached to.
