@@ -15,134 +15,16 @@ mod apiserver;
 use apiserver::ApiServer;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use xskgate_tests::{Daemon, Topology, UdpStream, ask_udp, in_ns, spawn_in_ns};
+use xskgate_tests::single::{Lab, VIP, connect_all, line_server};
+use xskgate_tests::{Topology, UdpStream, ask_udp, in_ns};
 
 const XSKGATE: &str = env!("CARGO_BIN_EXE_xskgate");
-const VIP: &str = "198.18.100.11";
-
-/// One Cluster LoadBalancer Service (TCP 80 and UDP 53 → pod-a:8080).
-const SERVICE: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  type: LoadBalancer
-  clusterIP: 198.19.128.11
-  externalTrafficPolicy: Cluster
-  ports:
-  - {name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30081}
-  - {name: dns, port: 53, protocol: UDP, targetPort: 8080, nodePort: 30054}
-status: {loadBalancer: {ingress: [{ip: 198.18.100.11}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 8080, protocol: UDP}]
-endpoints:
-- {addresses: [198.19.1.10], nodeName: gw1, targetRef: {kind: Pod, name: pod-a}, conditions: {ready: true}}
-"#;
-
-/// The topology, the manifest directory and the daemon's arguments.
-struct Lab {
-    t: Topology,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn lab() -> Lab {
-    let mut t = Topology::new();
-    for ns in ["client", "gw", "pa"] {
-        t.add_ns(ns);
-    }
-    t.link("client", "c0", "198.18.0.100/24", "gw", "g0", "198.18.0.1/24");
-    t.link("gw", "g1", "198.19.1.1/24", "pa", "a0", "198.19.1.10/24");
-    t.forwarding("gw");
-    t.route("client", "198.18.100.0/24", "198.18.0.1");
-    t.route("pa", "default", "198.19.1.1");
-    let dir = std::env::temp_dir().join(format!("{}-manifests", t.prefix()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("services.yaml"), SERVICE).unwrap();
-    Lab { t, dir }
-}
-
-impl Lab {
-    /// `xskgate run` on the manifest directory, with `extra` flags.
-    fn start(&self, extra: &[&str], log: &str) -> Daemon {
-        let mut args = vec!["--manifests", self.dir.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        self.start_from(&args, log)
-    }
-
-    /// `xskgate run` with `source` (and other) flags, as gw1 on g0 and g1.
-    fn start_from(&self, source: &[&str], log: &str) -> Daemon {
-        let interfaces = [self.t.if_name("g0"), self.t.if_name("g1")].join(",");
-        let mut args = vec!["--node-name", "gw1", "--interfaces", &interfaces, "--cluster-cidr", "198.19.0.0/16"];
-        args.extend_from_slice(source);
-        Daemon::start(Path::new(XSKGATE), &self.t.ns_name("gw"), &args, &self.dir.join(log), Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    /// One sample of the gateway's `/metrics`.
-    fn metric(&self, sample: &str) -> u64 {
-        let (_, text) =
-            xskgate_tests::reference::http_get(&self.t.ns_name("gw"), "http://127.0.0.1:10249/metrics".into())
-                .expect("metrics answer");
-        text.lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no sample {sample} in /metrics"))
-    }
-}
-
-/// A pod server that keeps each TCP connection open: every line it reads
-/// comes back, and it closes when the client does. It runs until the
-/// topology's namespaces go (its listener is non-blocking and checks
-/// `deadline`).
-fn line_server(t: &Topology, port: u16, deadline: Instant) {
-    let listener = in_ns(&t.ns_name("pa"), move || TcpListener::bind(("198.19.1.10", port)).expect("bind"));
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        while Instant::now() < deadline {
-            match listener.accept() {
-                Ok((conn, _)) => {
-                    std::thread::spawn(move || {
-                        let _ = conn.set_nonblocking(false);
-                        let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
-                        let mut w = conn.try_clone().expect("clone");
-                        for line in BufReader::new(conn).lines() {
-                            let Ok(line) = line else { break };
-                            if writeln!(w, "{line}").is_err() {
-                                break;
-                            }
-                        }
-                        // EOF: the client closed; dropping closes our side.
-                    });
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(2)),
-            }
-        }
-    });
-}
-
-/// `n` TCP connections to `to` opened in the client namespace at once
-/// (one thread each), each given `timeout`; the ones that connected.
-fn connect_all(t: &Topology, to: SocketAddr, n: usize, timeout: Duration) -> Vec<TcpStream> {
-    spawn_in_ns(&t.ns_name("client"), move || {
-        let tries: Vec<_> =
-            (0..n).map(|_| std::thread::spawn(move || TcpStream::connect_timeout(&to, timeout).ok())).collect();
-        tries.into_iter().filter_map(|h| h.join().ok().flatten()).collect::<Vec<_>>()
-    })
-    .join()
-    .expect("connect thread")
+    Lab::new(Path::new(XSKGATE))
 }
 
 /// Sends one line on each connection and counts those whose answer is that

@@ -19,6 +19,8 @@
 pub mod alloc;
 pub mod daemon;
 pub mod reference;
+pub mod restart;
+pub mod single;
 pub mod stream;
 
 pub use daemon::{Daemon, DaemonError};
