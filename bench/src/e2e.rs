@@ -646,7 +646,7 @@ enum Gateway {
     Reflector(Arc<AtomicBool>, Option<std::thread::JoinHandle<Result<u64, String>>>),
 }
 
-fn xskgate_binary() -> Result<PathBuf, String> {
+pub fn xskgate_binary() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let bin = exe.with_file_name("xskgate");
     if !bin.exists() {

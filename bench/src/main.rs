@@ -10,6 +10,8 @@
 //!   working set, a random line's cost, whether it hides behind computation).
 //! - `e2e`: the gateway on veths against kube-proxy's iptables and nftables
 //!   rules, plain routing and a bare AF_XDP reflector (needs root).
+//! - `restart`: long-lived connections across a restart of the gateway,
+//!   with `--state-dir` and without (needs root).
 
 mod chart;
 mod conntrack;
@@ -18,6 +20,7 @@ mod e2e;
 mod host;
 mod pipeline;
 mod report;
+mod restart;
 
 use clap::{Parser, Subcommand};
 
@@ -45,6 +48,9 @@ enum Cmd {
     /// End to end on veths (root): xskgate vs kube-proxy's iptables and nftables rules,
     /// plain routing and an AF_XDP reflector; Mpps, latency, scaling, programming time.
     E2e(report::Args),
+    /// Restart under load (root): long-lived TCP connections through a SNAT Service
+    /// across SIGTERM and kill -9, with --state-dir and without.
+    Restart(report::Args),
 }
 
 fn main() {
@@ -55,6 +61,7 @@ fn main() {
         Cmd::Control(args) => control::run(&args),
         Cmd::Host(args) => host::run(&args),
         Cmd::E2e(args) => e2e::run(&args),
+        Cmd::Restart(args) => restart::run(&args),
     };
     if let Err(e) = result {
         eprintln!("xskgate-bench: {e}");
