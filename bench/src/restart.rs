@@ -27,6 +27,7 @@ fn row(stop: Stop, keep_state: bool, conntrack_max: usize, r: &Report) -> serde_
         "resumed_flows": r.resumed_flows,
         "held_frames": r.held_frames,
         "first_failure": r.first_failure,
+        "successor_startup_ms": r.startup_ms.iter().map(|(k, v)| (k.trim_end_matches("_ms").to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
     })
 }
 
@@ -85,6 +86,11 @@ pub fn run(args: &Args) -> Result<(), String> {
             opt(r.resumed_flows, ""),
             opt(r.held_frames, ""),
         );
+    }
+    for (stop, keep_state, _, r) in &rows {
+        let phases: Vec<String> =
+            r.startup_ms.iter().map(|(k, v)| format!("{} {v} ms", k.trim_end_matches("_ms"))).collect();
+        println!("successor start-up ({}, state {keep_state}): {}", stop.name(), phases.join(", "));
     }
     println!(
         "with --state-dir: {survived}/{connections} connections survived ({:.1} %), longest gap {max_gap} ms",

@@ -345,6 +345,8 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         snat_routes: if cfg.snat_addresses.is_empty() { snat_routes(&ifindexes, &addrs, &fib) } else { Vec::new() },
         vip_echo: cfg.vip_echo,
     };
+    let ms = |since: Instant| since.elapsed().as_millis() as u64;
+    let (fib_ms, phase) = (ms(started), Instant::now());
     let ct_config = xskgate_conntrack::Config {
         capacity: cfg.conntrack_capacity,
         timeouts: cfg.conntrack_timeouts,
@@ -378,6 +380,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
     let fib_handle = Arc::new(ArcSwap::from_pointee(fib));
 
+    let (conntrack_ms, phase) = (ms(phase), Instant::now());
     let mut steering = Steering::load()?;
     if let Some(r) = &cfg.restart {
         steering.pin_links(&r.bpf_pin_dir)?;
@@ -385,6 +388,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     for (slot, (name, ifindex)) in cfg.interfaces.iter().zip(&ifindexes).enumerate() {
         steering.attach(name, *ifindex, slot as u32)?;
     }
+    let (program_ms, phase) = (ms(phase), Instant::now());
     let queues = cfg.interfaces.iter().map(|i| rx_queues(i)).max().unwrap_or(1);
     let mut per_queue: Vec<Vec<Port>> = (0..queues).map(|_| Vec::new()).collect();
     for (slot, (name, ifindex)) in cfg.interfaces.iter().zip(&ifindexes).enumerate() {
@@ -394,6 +398,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             per_queue[q as usize].push(port);
         }
     }
+    let sockets_ms = ms(phase);
     let steering = Arc::new(Mutex::new(steering));
     let (resolve_tx, mut resolve_rx) = tokio::sync::mpsc::channel::<(u32, Addr)>(1024);
     let stop = Arc::new(AtomicBool::new(false));
@@ -542,6 +547,10 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         vip_echo = cfg.vip_echo.name(),
         capture_drops = %cfg.capture_drops.as_ref().map_or_else(|| "off".into(), |p| p.display().to_string()),
         start_ms = started.elapsed().as_millis() as u64,
+        fib_ms,
+        conntrack_ms,
+        program_ms,
+        sockets_ms,
         "xskgate running"
     );
 

@@ -93,6 +93,10 @@ pub struct Report {
     /// From the successor's start to its taking over the interfaces
     /// (`None` without state).
     pub takeover_ms: Option<u64>,
+    /// The successor's start-up, as it logged it: (phase, ms) for reading
+    /// the FIB, the conntrack table, loading the program, opening the
+    /// sockets, and the whole start.
+    pub startup_ms: Vec<(&'static str, u64)>,
 }
 
 impl Report {
@@ -266,5 +270,9 @@ pub fn measure(xskgate: &Path, o: &Options) -> Result<Report, String> {
         resumed_flows: state.as_ref().map(|_| logged(&log, "conntrack table resumed", "flows").unwrap_or(0)),
         held_frames: state.as_ref().map(|_| lab.metric("xskgate_xdp_frames_total{decision=\"held\"}")),
         takeover_ms: state.as_ref().and_then(|_| logged(&log, "took over from the predecessor", "since_start_ms")),
+        startup_ms: ["fib_ms", "conntrack_ms", "program_ms", "sockets_ms", "start_ms"]
+            .into_iter()
+            .filter_map(|k| logged(&log, "xskgate running", k).map(|v| (k, v)))
+            .collect(),
     })
 }
