@@ -18,6 +18,11 @@
 //! the CPU caches), is the compute-only ceiling: how far the 1M-flow figure
 //! is from it says how much memory latency the batch's prefetching leaves.
 //!
+//! A fourth case is the first one with its conntrack table in a file on
+//! /dev/shm, as `xskgate run --state-dir` keeps it (a shared mapping of
+//! tmpfs, in 4 KiB pages where the shared memory file system has no huge
+//! pages), against the anonymous huge-page mapping of the others.
+//!
 //! The memory floor is the other bound, measured in the same rounds: the
 //! same packets, batches and refill, but per packet only a hash of the
 //! frame's addresses and ports and a read-modify-write of one random 64-byte
@@ -214,10 +219,27 @@ fn clock_ghz() -> f64 {
 }
 
 pub fn run_bench(args: &Args) -> Result<(), String> {
+    // (Services, flows): the two measured cases, the cache-resident one,
+    // and the first again with its conntrack table in a file on /dev/shm
+    // (`--state-dir`; the last case).
+    let cases = [(1usize, FLOWS), (10_000, FLOWS), (1, FEW_FLOWS), (1, FLOWS)];
+    let state_case = cases.len() - 1;
+    let state_dir = std::path::Path::new("/dev/shm").join(format!("xskgate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
+    let state_file = state_dir.join("conntrack");
+    let result = measure_cases(args, &cases, state_case, &state_file);
+    let _ = std::fs::remove_dir_all(&state_dir);
+    result
+}
+
+fn measure_cases(
+    args: &Args,
+    cases: &[(usize, usize)],
+    state_case: usize,
+    state_file: &std::path::Path,
+) -> Result<(), String> {
     let rounds = if args.quick { 2 } else { 5 };
     let established_packets = if args.quick { 2_000_000 } else { 5_000_000 };
-    // (Services, flows): the two measured cases and the cache-resident one.
-    let cases = [(1usize, FLOWS), (10_000, FLOWS), (1, FEW_FLOWS)];
     progress("building service tables (1 and 10,000 Services) and packets");
     let tables: Vec<ServiceTable> = [1, 10_000].iter().map(|&n| services(n)).collect();
     let table_of = |services: usize| &tables[usize::from(services != 1)];
@@ -245,8 +267,14 @@ pub fn run_bench(args: &Args) -> Result<(), String> {
         floor_mpps[1].push(memory_floor(&new_packets[0], &floor_table, 2, &mut bufs));
         for (k, &(n, flows)) in cases.iter().enumerate() {
             progress(&format!("round {}/{rounds}: {n} service(s), {flows} flows", round + 1));
-            let conntrack = FlowTable::new(Config { capacity: flows + flows / 4, ..Config::default() })
-                .map_err(|e| e.to_string())?;
+            let config = Config { capacity: flows + flows / 4, ..Config::default() };
+            let conntrack = if k == state_case {
+                // A fresh file each round (an existing one would be resumed).
+                let _ = std::fs::remove_file(state_file);
+                FlowTable::open_file(config, state_file).map_err(|e| e.to_string())?.0
+            } else {
+                FlowTable::new(config).map_err(|e| e.to_string())?
+            };
             let t = Tables { services: table_of(n), conntrack: &conntrack, affinity: &affinity };
             let mut worker = WorkerState::new();
             new_mpps[k].push(run(&new_packets[k], &t, &mut worker, &mut bufs));
@@ -289,6 +317,10 @@ pub fn run_bench(args: &Args) -> Result<(), String> {
                 "established_cycles_per_packet": cycles(est[0]).round(),
                 "new_flow_cycles_per_packet": cycles(new[0]).round(),
                 "established_cycles_per_packet_cache_resident": cycles(est[2]).round(),
+                "established_mpps_state_file": r3(est[state_case]),
+                "new_flow_mpps_state_file": r3(new[state_case]),
+                "state_file_vs_memory_established": r3(est[state_case] / est[0]),
+                "state_file_vs_memory_new_flow": r3(new[state_case] / new[0]),
             })
         );
         return Ok(());
@@ -299,6 +331,7 @@ pub fn run_bench(args: &Args) -> Result<(), String> {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for (k, (n, flows)) in cases.iter().enumerate() {
+        let flows = if k == state_case { format!("{flows} (--state-dir file)") } else { flows.to_string() };
         println!(
             "| {n} | {flows} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} |",
             est[k],
@@ -312,6 +345,11 @@ pub fn run_bench(args: &Args) -> Result<(), String> {
     println!("\ncore clock (median of {readings} readings, dependent multiplies): {ghz:.2} GHz");
     println!("\nestablished cost with 10,000 services / with 1: {ratio:.3}x");
     println!("established with {FLOWS} flows / with {FEW_FLOWS} (cache-resident): {:.3}x", est[0] / est[2]);
+    println!(
+        "table in a /dev/shm file (--state-dir) / in anonymous memory: established {:.3}x, new flows {:.3}x",
+        est[state_case] / est[0],
+        new[state_case] / new[0]
+    );
     println!(
         "memory floor ({} MB table): one random line per packet {floor_est:.2} Mpps (established reaches {:.0} %), \
          two lines {floor_new:.2} Mpps (new flows reach {:.0} %)",
