@@ -50,8 +50,9 @@ pub const LOCK_WAIT: Duration = Duration::from_secs(10);
 pub enum Resume {
     /// There was no file: a new, empty table.
     Created,
-    /// The file's flows, resumed: `flows` kept, `dropped` (half-written by
-    /// a process that died mid-write) removed.
+    /// The file's flows, resumed: `flows` kept, `dropped` (slots emptied,
+    /// two to a flow: half-written by a process that died mid-write, or
+    /// damaged) removed.
     Resumed { flows: usize, dropped: usize },
     /// The file could not be used (the reason, for the log): a new, empty
     /// table in its place.
