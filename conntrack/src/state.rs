@@ -217,22 +217,25 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Timeouts {
-        Timeouts {
-            tcp_syn: 60,
-            tcp_established: 24 * 3600,
-            tcp_fin_wait: 120,
-            tcp_close_wait: 3600,
-            tcp_last_ack: 30,
-            tcp_time_wait: 120,
-            tcp_close: 10,
-            udp_unreplied: 30,
-            udp_replied: 120,
-            icmp: 30,
-        }
+        Timeouts::LINUX
     }
 }
 
 impl Timeouts {
+    /// Linux's `nf_conntrack` defaults (the `Default`).
+    pub const LINUX: Timeouts = Timeouts {
+        tcp_syn: 60,
+        tcp_established: 24 * 3600,
+        tcp_fin_wait: 120,
+        tcp_close_wait: 3600,
+        tcp_last_ack: 30,
+        tcp_time_wait: 120,
+        tcp_close: 10,
+        udp_unreplied: 30,
+        udp_replied: 120,
+        icmp: 30,
+    };
+
     /// Idle seconds after which a flow in `state` expires.
     pub fn for_state(&self, state: FlowState) -> u32 {
         match state {

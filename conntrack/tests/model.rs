@@ -87,18 +87,7 @@ fn closed(f: &ModelFlow) -> bool {
 }
 
 fn short_timeouts() -> Timeouts {
-    Timeouts {
-        tcp_syn: 60,
-        tcp_established: 300,
-        tcp_fin_wait: 120,
-        tcp_close_wait: 200,
-        tcp_last_ack: 30,
-        tcp_time_wait: 120,
-        tcp_close: 10,
-        udp_unreplied: 30,
-        udp_replied: 120,
-        icmp: 30,
-    }
+    Timeouts { tcp_established: 300, tcp_close_wait: 200, ..Timeouts::LINUX }
 }
 
 fn run(ops: Vec<Op>, seed: u64) -> Result<(), TestCaseError> {
