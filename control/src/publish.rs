@@ -165,11 +165,27 @@ impl Publisher {
         self.update(state, node, &all)
     }
 
-    /// Flushes UDP flows to endpoints present in `old` ports and gone from
-    /// the same port in `new`.
     /// Sets the hook called after each publication.
     pub fn on_publish(&mut self, f: OnPublish) {
         self.on_publish = Some(f);
+    }
+
+    /// Removes the UDP flows whose endpoint is an endpoint of no UDP port of
+    /// the published table. For a conntrack table resumed after a restart:
+    /// the endpoints that went while no process ran were never seen to go,
+    /// and their flows' datagrams would vanish into them until the flows
+    /// expire. Returns how many flows were removed. Scans the table.
+    pub fn flush_udp_to_unknown_endpoints(&self) -> usize {
+        let Some(ct) = &self.conntrack else { return 0 };
+        let live: BTreeSet<(Addr, u16)> = self
+            .current
+            .ports()
+            .iter()
+            .filter(|p| p.proto == Proto::UDP)
+            .flat_map(|p| p.cluster.endpoints().iter().chain(p.local.endpoints()))
+            .map(|e| (e.addr, e.port))
+            .collect();
+        ct.flush(|f| f.orig.proto == Proto::UDP && !live.contains(&(f.reply.src, f.reply.sport)))
     }
 
     /// UDP endpoints of `old` that `new` no longer has.

@@ -353,6 +353,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         ..xskgate_conntrack::Config::default()
     };
     let conntrack_err = |source| RunError::Conntrack { capacity: cfg.conntrack_capacity, source };
+    // Whether the table holds a predecessor's flows (checked against the
+    // first table published).
+    let mut resumed = false;
     let conntrack = Arc::new(match &cfg.restart {
         None => FlowTable::new(ct_config).map_err(conntrack_err)?,
         Some(r) => {
@@ -364,6 +367,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             let path = r.state_dir.join("conntrack");
             let (table, resume) = FlowTable::open_file(ct_config, &path).map_err(conntrack_err)?;
             use xskgate_conntrack::persist::Resume;
+            resumed = matches!(resume, Resume::Resumed { .. });
             match resume {
                 Resume::Created => info!(file = %path.display(), "conntrack table created"),
                 Resume::Resumed { flows, dropped } => {
@@ -575,6 +579,10 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                 service_health.sync(&wanted(control.controller().publisher().entries())).await;
                 if out.published {
                     published_at = Instant::now();
+                    if std::mem::take(&mut resumed) {
+                        let removed = control.controller().publisher().flush_udp_to_unknown_endpoints();
+                        info!(udp_flows_flushed = removed, "resumed flows checked against the first table: UDP flows to endpoints it does not have removed");
+                    }
                     resolve_endpoints(&mirror, &fib_handle, &handle.load(), &ifindexes).await;
                 }
             }

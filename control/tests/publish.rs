@@ -1,7 +1,8 @@
 //! Publication: the fast path sees what the translation says, one change
 //! rebuilds one Service, an unchanged result is not republished, and UDP
-//! flows to a removed endpoint are flushed (checked with a real flow that
-//! went through the pipeline).
+//! flows to a removed endpoint are flushed, also to one removed while no
+//! process ran (a resumed table); checked with real flows that went
+//! through the pipeline.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -159,4 +160,19 @@ fn udp_flows_to_a_removed_endpoint_are_flushed_tcp_flows_are_not() {
     assert_eq!(left, [Proto::TCP], "established TCP keeps flowing until it ends");
     // The flow's next datagram reaches the live endpoint.
     assert_eq!(send(Proto::UDP), Verdict::Forward { next_hop: Addr::from_v4([198, 19, 1, 54]) });
+
+    // A successor resumes the table (`--state-dir`): its first table is all
+    // it knows. With the endpoint unchanged, no flow goes; with the endpoint
+    // replaced while no process ran, the UDP flow to the old one goes and
+    // the TCP flow stays.
+    for (endpoint, removed) in [("198.19.1.54", 0), ("198.19.1.55", 1)] {
+        let state =
+            ClusterState::from_objects(manifest::parse(&yaml(&format!("{{addresses: [{endpoint}]}}")), "c").objects).0;
+        let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
+        let mut successor = Publisher::new(handle, Some(conntrack.clone()), node_config());
+        assert_eq!(successor.full_sync(&state, &node()).udp_flows_flushed, 0, "a first table flushes nothing");
+        assert_eq!(successor.flush_udp_to_unknown_endpoints(), removed, "endpoint {endpoint}");
+    }
+    let left: Vec<Proto> = conntrack.flows().iter().map(|f| f.orig.proto).collect();
+    assert_eq!(left, [Proto::TCP]);
 }
