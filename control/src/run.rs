@@ -510,19 +510,23 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             if std::mem::take(&mut take_over) {
                 let mut s = steering.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 match s.take_over() {
-                    Ok(t) if t.replaced.is_empty() && t.attached_afresh.is_empty() => {
-                        info!("XDP links pinned: a restart keeps the flows")
-                    }
                     Ok(t) => {
+                        if !t.released.is_empty() {
+                            warn!(interfaces = %t.released.join(","), "detached from interfaces a predecessor served and --interfaces does not name");
+                        }
                         for (ifname, why) in &t.attached_afresh {
                             warn!(interface = %ifname, "the predecessor's XDP link could not be taken over ({why}): attached afresh");
                         }
-                        info!(
-                            interfaces = %t.replaced.join(","),
-                            held_frames = t.held,
-                            since_start_ms = started_at.elapsed().as_millis() as u64,
-                            "took over from the predecessor (its frames of the gap were dropped, not passed to the kernel)"
-                        );
+                        if t.replaced.is_empty() && t.attached_afresh.is_empty() {
+                            info!("XDP links pinned: a restart keeps the flows");
+                        } else {
+                            info!(
+                                interfaces = %t.replaced.join(","),
+                                held_frames = t.held,
+                                since_start_ms = started_at.elapsed().as_millis() as u64,
+                                "took over from the predecessor (its frames of the gap were dropped, not passed to the kernel)"
+                            );
+                        }
                     }
                     Err(e) => error!("taking over the predecessor's XDP links: {e}; the predecessor's program stays"),
                 }

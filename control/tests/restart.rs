@@ -10,7 +10,8 @@
 //! `xskgate_tests::restart`.
 
 use std::path::Path;
-use xskgate_tests::restart::{Options, Report, Stop, measure};
+use xskgate_tests::restart::{Options, Report, State, Stop, measure};
+use xskgate_tests::single::Lab;
 
 const XSKGATE: &str = env!("CARGO_BIN_EXE_xskgate");
 
@@ -50,4 +51,29 @@ fn without_state_a_restart_loses_connections() {
     let r = run(Stop::Term, false);
     assert!(r.survived < r.connections, "{r:?}");
     assert!(r.first_failure.is_some(), "{r:?}");
+}
+
+/// A successor started on fewer interfaces than its predecessor detaches
+/// the program it left pinned on the others (else they would hold their
+/// frames for good), and takes over the rest.
+#[test]
+fn a_successor_detaches_from_interfaces_it_does_not_serve() {
+    xskgate_tests::require_root();
+    let lab = Lab::new(Path::new(XSKGATE));
+    let state = State::new(lab.t.prefix()).unwrap_or_else(|e| panic!("{e}"));
+    let extra = state.args();
+    let mut args = vec!["--manifests", lab.dir.to_str().unwrap(), "--conntrack-max", "4096"];
+    args.extend(extra.iter().map(String::as_str));
+    let xdp_on = |short: &str| {
+        let out = lab.t.exec("gw", &["ip", "link", "show", "dev", &lab.t.if_name(short)]);
+        String::from_utf8_lossy(&out.stdout).contains("xdp")
+    };
+    let mut first = lab.try_start_on(&["g0", "g1"], &args, "first.log").unwrap_or_else(|e| panic!("{e}"));
+    first.signal_and_wait("TERM").unwrap();
+    assert!(xdp_on("g0") && xdp_on("g1"), "the program stays on both after the stop");
+    let second = lab.try_start_on(&["g0"], &args, "second.log").unwrap_or_else(|e| panic!("{e}"));
+    let log = second.log_text();
+    assert!(log.contains("detached from interfaces a predecessor served"), "{log}");
+    assert!(log.contains("took over from the predecessor"), "{log}");
+    assert!(xdp_on("g0") && !xdp_on("g1"), "{log}");
 }

@@ -107,13 +107,17 @@ impl Report {
 
 /// A BPF file system mounted for one run, unmounted (its pins gone) on drop,
 /// and the state directory on `/dev/shm`, removed on drop.
-struct State {
+pub struct State {
     bpffs: PathBuf,
     state_dir: PathBuf,
 }
 
 impl State {
-    fn new(prefix: &str) -> Result<State, String> {
+    /// Mounts the BPF file system under the run's `prefix`.
+    ///
+    /// # Errors
+    /// `mount` failed (not root, no bpffs in the kernel).
+    pub fn new(prefix: &str) -> Result<State, String> {
         let bpffs = std::env::temp_dir().join(format!("{prefix}-bpffs"));
         std::fs::create_dir_all(&bpffs).map_err(|e| format!("creating {}: {e}", bpffs.display()))?;
         let out = Command::new("mount")
@@ -132,6 +136,18 @@ impl State {
         let shm = Path::new("/dev/shm");
         let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
         Ok(State { bpffs, state_dir: base.join(format!("{prefix}-state")) })
+    }
+}
+
+impl State {
+    /// `--state-dir DIR --bpf-pin-dir PIN` for `xskgate run`.
+    pub fn args(&self) -> [String; 4] {
+        [
+            "--state-dir".into(),
+            self.state_dir.display().to_string(),
+            "--bpf-pin-dir".into(),
+            self.bpffs.join("xskgate").display().to_string(),
+        ]
     }
 }
 
@@ -215,15 +231,10 @@ pub fn measure(xskgate: &Path, o: &Options) -> Result<Report, String> {
     let state = if o.keep_state { Some(State::new(lab.t.prefix())?) } else { None };
     line_server(&lab.t, 8080, Instant::now() + o.settle * 4 + Duration::from_secs(90));
     let max = o.conntrack_max.to_string();
-    let (state_dir, pin_dir) = match &state {
-        Some(s) => (s.state_dir.display().to_string(), s.bpffs.join("xskgate").display().to_string()),
-        None => (String::new(), String::new()),
-    };
+    let state_args = state.as_ref().map(State::args);
     let mut args = vec!["--manifests", lab.dir.to_str().ok_or("a non-UTF-8 temporary directory")?];
     args.extend(["--conntrack-max", &max]);
-    if state.is_some() {
-        args.extend(["--state-dir", &state_dir, "--bpf-pin-dir", &pin_dir]);
-    }
+    args.extend(state_args.iter().flatten().map(String::as_str));
     let mut first = lab.try_start_from(&args, "first.log").map_err(|e| e.to_string())?;
     let vip: SocketAddr = format!("{VIP}:80").parse().expect("literal");
     let conns = connect_all(&lab.t, vip, o.connections, Duration::from_secs(5));

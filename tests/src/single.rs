@@ -90,7 +90,16 @@ impl Lab {
     /// # Errors
     /// The daemon did not come up (its log is in the error).
     pub fn try_start_from(&self, source: &[&str], log: &str) -> Result<Daemon, crate::DaemonError> {
-        let interfaces = [self.t.if_name("g0"), self.t.if_name("g1")].join(",");
+        self.try_start_on(&["g0", "g1"], source, log)
+    }
+
+    /// As [`Lab::try_start_from`], attached only to the gateway interfaces
+    /// `on` (short names).
+    ///
+    /// # Errors
+    /// The daemon did not come up (its log is in the error).
+    pub fn try_start_on(&self, on: &[&str], source: &[&str], log: &str) -> Result<Daemon, crate::DaemonError> {
+        let interfaces = on.iter().map(|i| self.t.if_name(i)).collect::<Vec<_>>().join(",");
         let mut args = vec!["--node-name", "gw1", "--interfaces", &interfaces, "--cluster-cidr", "198.19.0.0/16"];
         args.extend_from_slice(source);
         Daemon::start(&self.xskgate, &self.t.ns_name("gw"), &args, &self.dir.join(log), Duration::from_secs(20))

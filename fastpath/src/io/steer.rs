@@ -196,6 +196,9 @@ pub struct TakeOver {
     /// Owned frames the predecessor's program dropped for want of a socket
     /// (the frames of the gap between the two processes).
     pub held: u64,
+    /// Interfaces a predecessor was attached to and this process is not:
+    /// their pins removed, their program detached.
+    pub released: Vec<String>,
 }
 
 impl Steering {
@@ -240,13 +243,14 @@ impl Steering {
     }
 
     /// Replaces each predecessor's program by this one (atomically, one
-    /// link update per interface), reads what the predecessor's program
-    /// held, and pins this program's counters for the next successor. Call
+    /// link update per interface), detaches it from interfaces this process
+    /// does not serve, reads what the predecessor's program held, and pins
+    /// this program's counters for the next successor. Call
     /// once, when the maps are programmed from the first table, so that
     /// the successor owns exactly what the predecessor did. An interface
     /// whose pinned link cannot be updated is attached afresh.
     pub fn take_over(&mut self) -> Result<TakeOver, SteerError> {
-        let mut done = TakeOver::default();
+        let mut done = TakeOver { released: self.release_other_links(), ..TakeOver::default() };
         if self.pending.is_empty() {
             self.pin_stats()?;
             return Ok(done);
@@ -273,6 +277,26 @@ impl Steering {
         Ok(done)
     }
 
+    /// Removes the pins of links to interfaces this process does not
+    /// serve (a predecessor's `--interfaces` had them): with no process
+    /// holding them, their program is detached. Returns those interfaces.
+    fn release_other_links(&self) -> Vec<String> {
+        let Some(dir) = &self.pin_dir else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        let mut released = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(ifname) = name.strip_prefix("link-")
+                && !self.attached.iter().any(|a| a == ifname)
+                && std::fs::remove_file(e.path()).is_ok()
+            {
+                released.push(ifname.to_string());
+            }
+        }
+        released.sort_unstable();
+        released
+    }
+
     /// `held` of the program whose `stats` map is pinned in the pin
     /// directory.
     fn predecessor_held(&self) -> Option<u64> {
@@ -289,11 +313,6 @@ impl Steering {
         let _ = std::fs::remove_file(&path);
         let stats = self.ebpf.map("stats").ok_or_else(|| SteerError("no map stats".into()))?;
         stats.pin(&path).map_err(|e| SteerError(format!("pinning {}: {}", path.display(), chain(&e))))
-    }
-
-    /// Whether links of a predecessor wait for [`Steering::take_over`].
-    pub fn taking_over(&self) -> bool {
-        !self.pending.is_empty()
     }
 
     fn program_ref(&mut self) -> &mut Xdp {
