@@ -210,6 +210,20 @@ struct Load {
     max_packets: u64,
 }
 
+impl Load {
+    /// 64 established flows to `dst:dport`, as fast as possible, for
+    /// `duration` (at most 50M packets).
+    fn established(dst: [u8; 4], dport: u16, duration: Duration) -> Load {
+        Load { dst, dport, flows: 64, new_flows: false, mixed: None, rate: 0, duration, max_packets: 50_000_000 }
+    }
+}
+
+/// 300 ms of `l`'s flows at 10 kpps, so that they exist and their
+/// neighbours are resolved before a measurement.
+fn warm_up(lab: &Lab, l: Load) -> Result<(), String> {
+    generate(lab, Load { duration: Duration::from_millis(300), rate: 10_000, ..l }, 0).map(|_| ())
+}
+
 /// A 64-byte (60 + FCS) Ethernet/IPv4/UDP frame; UDP checksum 0 (valid for
 /// IPv4 and kept zero by NAT); the payload carries a timestamp.
 fn write_frame(buf: &mut [u8], lab_macs: ([u8; 6], [u8; 6]), src: [u8; 4], sport: u16, l: &Load) -> usize {
@@ -798,21 +812,8 @@ fn measure_mode(lab: &Lab, plan: &Plan, mode: &str, flow_base: &mut u64) -> Resu
     let g = Gateway::start(lab, mode, &svcs)?;
     let (dst, dport) = if mode == "routing" { (PODS[0], POD_LOAD_PORT) } else { (VIP, LOAD_PORT) };
     let count_at = if mode == "reflector" { ("gen", "e0") } else { ("sink", "s0") };
-    let est = Load {
-        dst,
-        dport,
-        flows: 64,
-        new_flows: false,
-        mixed: None,
-        rate: 0,
-        duration: plan.load,
-        max_packets: 50_000_000,
-    };
-    // Warm-up: flows exist, neighbours resolved.
-    let mut warm = est;
-    warm.duration = Duration::from_millis(300);
-    warm.rate = 10_000;
-    let _ = generate(lab, warm, 0)?;
+    let est = Load::established(dst, dport, plan.load);
+    warm_up(lab, est)?;
     progress(&format!("{mode}: established flows, as fast as possible for {:?}", plan.load));
     let e = throughput(lab, est, count_at, 0)?;
     progress(&format!("{mode}: {:.3} Mpps established (offered {:.3})", e.mpps, e.offered_mpps));
@@ -916,17 +917,8 @@ fn snat_exhaustion(lab: &Lab, plan: &Plan, mode: &str, flow_base: &mut u64) -> R
         let n = line.split_whitespace().skip_while(|w| *w != "packets").nth(1);
         n.and_then(|n| n.parse().ok()).ok_or_else(|| format!("no counter in the sink's chain:\n{out}"))
     };
-    let est = Load {
-        dst: SNAT_EST_VIP,
-        dport: LOAD_PORT,
-        flows: 64,
-        new_flows: false,
-        mixed: None,
-        rate: SNAT_ESTABLISHED_PPS,
-        duration: plan.load,
-        max_packets: 50_000_000,
-    };
-    let _ = generate(lab, Load { duration: Duration::from_millis(300), rate: 10_000, ..est }, 0)?;
+    let est = Load { rate: SNAT_ESTABLISHED_PPS, ..Load::established(SNAT_EST_VIP, LOAD_PORT, plan.load) };
+    warm_up(lab, est)?;
     let rate = |run: &dyn Fn() -> Result<u64, String>| -> Result<f64, String> {
         let (c0, start) = (counted()?, Instant::now());
         run()?;
@@ -982,20 +974,8 @@ fn scaling(lab: &Lab, plan: &Plan, mode: &str, n: usize) -> Result<f64, String> 
     progress(&format!("scaling: {mode} with {n} Services"));
     let svcs = services(n, 3);
     let g = Gateway::start(lab, mode, &svcs)?;
-    let l = Load {
-        dst: VIP,
-        dport: LOAD_PORT,
-        flows: 64,
-        new_flows: false,
-        mixed: None,
-        rate: 0,
-        duration: plan.load,
-        max_packets: 50_000_000,
-    };
-    let mut warm = l;
-    warm.duration = Duration::from_millis(300);
-    warm.rate = 10_000;
-    let _ = generate(lab, warm, 0)?;
+    let l = Load::established(VIP, LOAD_PORT, plan.load);
+    warm_up(lab, l)?;
     let t = throughput(lab, l, ("sink", "s0"), 0)?;
     stop_gateway(lab, g);
     Ok(if t.mpps > 0.0 { 1e3 / t.mpps } else { f64::INFINITY })
@@ -1083,16 +1063,7 @@ fn generator_crosscheck(lab: &Lab, plan: &Plan) -> Result<BTreeMap<&'static str,
     let (gen_if, sink_if) = (lab.t.if_name("e0"), lab.t.if_name("s0"));
     let counters = || (if_counter(&lab.t, "gen", &gen_if, "tx_packets"), rx_packets(&lab.t, "sink", &sink_if));
     let mut out = BTreeMap::new();
-    let load = Load {
-        dst: PODS[0],
-        dport: POD_LOAD_PORT,
-        flows: 64,
-        new_flows: false,
-        mixed: None,
-        rate: 0,
-        duration: plan.load,
-        max_packets: 50_000_000,
-    };
+    let load = Load::established(PODS[0], POD_LOAD_PORT, plan.load);
     let mut measure = |name: &'static str, run: &dyn Fn() -> Result<(), String>| -> Result<(), String> {
         let (tx0, rx0) = counters();
         let start = Instant::now();
