@@ -24,15 +24,44 @@ use kube::{Api, Client};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Where a pod's service account is mounted (kube-rs and client-go read
+/// the same files).
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
 /// Why no Kubernetes client could be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{}: {source}", path.display())]
     Kubeconfig { path: PathBuf, source: kube::config::KubeconfigError },
-    #[error("no Kubernetes configuration: {0}")]
-    Infer(#[from] kube::config::InferConfigError),
+    #[error(
+        "no source of Services given: pass --manifests DIR, or --kubeconfig FILE, or run in a pod with a \
+         service account (in-cluster: {missing})"
+    )]
+    NoSource { missing: String },
+    #[error("in-cluster configuration: {0}")]
+    InCluster(#[from] kube::config::InClusterError),
     #[error("cannot build a Kubernetes client: {0}")]
     Client(#[from] kube::Error),
+}
+
+/// What in-cluster configuration lacks here, worded for the operator, or
+/// `None` when it is all there: `KUBERNETES_SERVICE_HOST` and
+/// `KUBERNETES_SERVICE_PORT`, and the service account's token, CA and
+/// namespace files.
+pub fn in_cluster_missing() -> Option<String> {
+    let mut missing: Vec<String> = ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"]
+        .into_iter()
+        .filter(|v| std::env::var_os(v).is_none_or(|x| x.is_empty()))
+        .map(|v| format!("${v} is not set"))
+        .collect();
+    let files: Vec<&str> = ["token", "ca.crt", "namespace"]
+        .into_iter()
+        .filter(|f| !Path::new(SERVICE_ACCOUNT_DIR).join(f).is_file())
+        .collect();
+    if !files.is_empty() {
+        missing.push(format!("no {} in {SERVICE_ACCOUNT_DIR}", files.join(", ")));
+    }
+    (!missing.is_empty()).then(|| missing.join("; "))
 }
 
 /// A watcher's failure (connection lost, API error): the watcher retries
@@ -94,11 +123,19 @@ impl Backoff for WatchBackoff {
     fn reset(&mut self) {}
 }
 
-/// Builds a client from a kubeconfig file, or infers one (in-cluster
-/// service account, else `$KUBECONFIG` / `~/.kube/config`).
+/// Builds a client from a kubeconfig file or, without one, from the pod's
+/// service account as client-go's `rest.InClusterConfig` does
+/// (`https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`, the
+/// mounted CA and token). The token is read from its file again at least
+/// once a minute (kube-rs's `TokenFile`, as client-go), so a rotated token
+/// is used by the next request, and a watch reopened after the kubelet
+/// rotated it carries the new one. `$KUBECONFIG` and `~/.kube/config` are
+/// not read: a gateway uses the configuration it was given, never one that
+/// happens to be in its home directory.
 ///
 /// # Errors
-/// What could not be read or inferred.
+/// What could not be read, or [`ClientError::NoSource`] naming the three
+/// ways and what in-cluster configuration lacks.
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
     let mut config = match kubeconfig {
         Some(path) => {
@@ -106,8 +143,18 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
             let kc = kube::config::Kubeconfig::read_from(path).map_err(at)?;
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.map_err(at)?
         }
-        None => kube::Config::infer().await?,
+        None => {
+            if let Some(missing) = in_cluster_missing() {
+                return Err(ClientError::NoSource { missing });
+            }
+            kube::Config::incluster()?
+        }
     };
+    tracing::info!(
+        api_server = %config.cluster_url,
+        by = if kubeconfig.is_some() { "kubeconfig" } else { "in-cluster service account" },
+        "Kubernetes API"
+    );
     // kube's own retry of 429/503/504 backs off to minutes within one
     // request (15 tries from 5 ms, doubling), so after an outage a change
     // could wait that long; the watchers' [`WatchBackoff`] retries instead.

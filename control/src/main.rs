@@ -205,10 +205,10 @@ struct Manifests {
 #[derive(clap::Args)]
 struct Source {
     /// Directory of manifests, watched live.
-    #[arg(long, conflicts_with = "kubeconfig", required_unless_present = "kubeconfig")]
+    #[arg(long, conflicts_with = "kubeconfig")]
     manifests: Option<PathBuf>,
-    /// Kubeconfig of the cluster to watch (in-cluster config when neither flag is given
-    /// is not attempted: say which source you mean).
+    /// Kubeconfig of the cluster to watch. Without it and without --manifests: the
+    /// pod's service account (in-cluster configuration, as kube-proxy in a DaemonSet).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// This gateway's node name (default: $NODE_NAME, else the hostname).

@@ -2,7 +2,8 @@
 //! parse into the API types, the DaemonSet runs in the host network on
 //! gateway nodes with the capabilities XDP and AF_XDP need, the RBAC grants
 //! what the watchers list and watch, every flag the DaemonSet passes is
-//! one `xskgate run` accepts, and what a restart keeps is on the host.
+//! one `xskgate run` accepts, it uses the pod's service account (no
+//! kubeconfig), and what a restart keeps is on the host.
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::rbac::v1::ClusterRole;
@@ -34,6 +35,9 @@ fn daemonset_is_a_gateway_daemonset_with_valid_flags() {
     }
     let args = c.args.clone().unwrap();
     assert_eq!(args[0], "run");
+    // The service account, not a kubeconfig: in-cluster configuration.
+    assert!(!args.iter().any(|a| a.starts_with("--kubeconfig") || a.starts_with("--manifests")), "{args:?}");
+    assert!(d.iter().all(|doc| doc["kind"] != "ConfigMap"), "no hand-made kubeconfig ConfigMap");
     let help = std::process::Command::new(env!("CARGO_BIN_EXE_xskgate")).args(["run", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     for a in &args[1..] {

@@ -5,16 +5,19 @@
 //! resourceVersion, BOOKMARK events, `410 Gone` (an ERROR event with reason
 //! Expired) for a resourceVersion older than its history, field selectors
 //! (`metadata.name=`) and `!label` selectors, dropped connections, and
-//! downtime (503). The real kube-rs client and watchers talk to it; only the
-//! server side is a stand-in.
+//! downtime (503). Over TLS ([`ApiServer::start_tls`], a certificate from
+//! a test CA, [`TestCa`]) it checks bearer tokens as the real one checks a
+//! service account's: a request without an accepted token is answered 401.
+//! The real kube-rs client and watchers talk to it; only the server side is
+//! a stand-in.
 #![allow(dead_code)] // each test file uses part of it
 
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 
 pub const SERVICES: &str = "/api/v1/services";
@@ -31,6 +34,45 @@ pub struct State {
     oldest: u64,
     down: bool,
     pub requests: Vec<String>,
+    /// The bearer token of each request, in order ("" without one).
+    pub tokens: Vec<String>,
+    /// `Some`: only these bearer tokens are let in.
+    accepted_tokens: Option<Vec<String>>,
+}
+
+/// A certificate authority made for one test, and a server certificate it
+/// signed for 127.0.0.1.
+pub struct TestCa {
+    /// The CA's certificate, PEM (a pod's `ca.crt`).
+    pub ca_pem: String,
+    pub server: Arc<rustls::ServerConfig>,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        ca.distinguished_name.push(rcgen::DnType::CommonName, "xskgate test CA");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "kubernetes.default.svc".to_string()]).unwrap();
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone(), ca_cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        TestCa { ca_pem: ca_cert.pem(), server: Arc::new(server) }
+    }
 }
 
 #[derive(Clone)]
@@ -111,6 +153,34 @@ impl ApiServer {
         s
     }
 
+    /// HTTPS with `ca`'s server certificate, letting in only requests that
+    /// carry one of `tokens` as `Authorization: Bearer`.
+    pub fn start_tls(listener: TcpListener, ca: &TestCa, tokens: &[&str]) -> ApiServer {
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let (events, _) = broadcast::channel(1024);
+        let s = ApiServer { url, state: Arc::default(), events, kill: Arc::default() };
+        s.accept_tokens(tokens);
+        let acceptor = tokio_rustls::TlsAcceptor::from(ca.server.clone());
+        let server = s.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let (server, acceptor) = (server.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(conn).await {
+                        let _ = server.serve(tls).await;
+                    }
+                });
+            }
+        });
+        s
+    }
+
+    /// From now on only these bearer tokens are let in (a token revoked,
+    /// another issued).
+    pub fn accept_tokens(&self, tokens: &[&str]) {
+        self.state.lock().unwrap().accepted_tokens = Some(tokens.iter().map(|t| t.to_string()).collect());
+    }
+
     pub fn apply(&self, v: Value) {
         let mut st = self.state.lock().unwrap();
         st.rv += 1;
@@ -172,8 +242,8 @@ impl ApiServer {
         st.requests.iter().filter(|r| r.starts_with(path) && r.contains("watch=true") == watch).count()
     }
 
-    async fn serve(&self, conn: TcpStream) -> std::io::Result<()> {
-        let (r, mut w) = conn.into_split();
+    async fn serve(&self, conn: impl AsyncRead + AsyncWrite + Send + Unpin) -> std::io::Result<()> {
+        let (r, mut w) = tokio::io::split(conn);
         let mut r = BufReader::new(r);
         loop {
             let mut line = String::new();
@@ -181,23 +251,38 @@ impl ApiServer {
                 return Ok(());
             }
             let target = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let mut token = String::new();
             loop {
                 let mut h = String::new();
                 if r.read_line(&mut h).await? == 0 || h == "\r\n" {
                     break;
+                }
+                if let Some((name, value)) = h.split_once(':')
+                    && name.eq_ignore_ascii_case("authorization")
+                    && let Some(t) = value.trim().strip_prefix("Bearer ")
+                {
+                    token = t.to_string();
                 }
             }
             let (path, q) = target.split_once('?').unwrap_or((&target, ""));
             let query: BTreeMap<String, String> =
                 q.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), decode(v))).collect();
             let resource = [SERVICES, SLICES, NODES].into_iter().find(|p| *p == path);
-            let down = {
+            let (down, unauthorized) = {
                 let mut st = self.state.lock().unwrap();
                 st.requests.push(decode(&target));
-                st.down
+                let unauthorized = st.accepted_tokens.as_ref().is_some_and(|ok| !ok.contains(&token));
+                st.tokens.push(token);
+                (st.down, unauthorized)
             };
-            let Some(resource) = resource.filter(|_| !down) else {
-                let (code, text) = if down { (503, "Service Unavailable") } else { (404, "Not Found") };
+            let Some(resource) = resource.filter(|_| !down && !unauthorized) else {
+                let (code, text) = if unauthorized {
+                    (401, "Unauthorized")
+                } else if down {
+                    (503, "Service Unavailable")
+                } else {
+                    (404, "Not Found")
+                };
                 let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code}).to_string();
                 w.write_all(
                     format!(
