@@ -5,6 +5,7 @@
 //!   - [`manifest`]: the manifest directory (YAML/JSON, `kind: List`) and
 //!     its watcher;
 //!   - [`kube_source`]: the Kubernetes API through kube-rs watchers.
+//! - [`kube_proxy_config`]: kube-proxy's configuration file (`run --config`).
 //! - [`controller`]: the one control loop (`run` and `watch`) and its state
 //!   machine.
 //! - [`translate`]: one Service → its ports, as kube-proxy's
@@ -30,6 +31,7 @@ pub mod admin;
 pub mod controller;
 pub mod explain;
 pub mod health;
+pub mod kube_proxy_config;
 pub mod kube_source;
 pub mod lab;
 pub mod manifest;

@@ -113,75 +113,101 @@ enum Cmd {
     },
     /// Run the gateway: the XDP steering program and AF_XDP workers on
     /// `--interfaces`, the health and metrics servers, and the control loop.
-    Run {
-        #[command(flatten)]
-        source: Source,
-        /// Interfaces to serve, comma-separated (XDP and AF_XDP sockets on every queue).
-        #[arg(long, value_delimiter = ',', required = true)]
-        interfaces: Vec<String>,
-        /// The cluster's pod CIDR(s): traffic from them is internal.
-        #[arg(long, value_delimiter = ',')]
-        cluster_cidr: Vec<String>,
-        /// SNAT (masquerade) address per family; default: the address of the interface
-        /// the endpoint is routed by (else the one toward --cluster-cidr, else the first
-        /// address of --interfaces).
-        #[arg(long, value_delimiter = ',')]
-        snat_address: Vec<std::net::IpAddr>,
-        /// SNAT source ports, LO-HI. Keep them out of the node's
-        /// net.ipv4.ip_local_port_range: replies to these ports belong to xskgate.
-        #[arg(long, default_value = "1024-29999")]
-        snat_ports: String,
-        /// CPUs to pin the workers to (worker q gets the q-th, cycling), e.g. 2,3.
-        #[arg(long, value_delimiter = ',')]
-        cpus: Vec<usize>,
-        #[arg(long, default_value = "0.0.0.0:10256")]
-        healthz_bind_address: std::net::SocketAddr,
-        #[arg(long, default_value = "127.0.0.1:10249")]
-        metrics_bind_address: std::net::SocketAddr,
-        /// Conntrack capacity in flows.
-        #[arg(long, default_value_t = 1 << 20)]
-        conntrack_max: usize,
-        /// Idle timeout of an established TCP flow (a Go duration, as kube-proxy's flag).
-        #[arg(long, default_value = "24h0m0s", value_parser = go_duration_secs)]
-        conntrack_tcp_timeout_established: u32,
-        /// Idle timeout of a TCP flow in CLOSE_WAIT.
-        #[arg(long, default_value = "1h0m0s", value_parser = go_duration_secs)]
-        conntrack_tcp_timeout_close_wait: u32,
-        /// Idle timeout of a UDP flow that has not been replied to.
-        #[arg(long, default_value = "30s", value_parser = go_duration_secs)]
-        conntrack_udp_timeout: u32,
-        /// Idle timeout of a UDP flow that has been replied to.
-        #[arg(long, default_value = "2m0s", value_parser = go_duration_secs)]
-        conntrack_udp_timeout_stream: u32,
-        /// The admin endpoint (`xskgate status`, `explain --gateway`, `capture`);
-        /// keep it on loopback: it shows the whole table and copies dropped packets.
-        #[arg(long, default_value = xskgate_control::admin::DEFAULT_BIND)]
-        admin_bind_address: std::net::SocketAddr,
-        /// Echo requests to a LoadBalancer IP or externalIP: answered only where the
-        /// Service is served (served), always, or left to the kernel (never).
-        #[arg(long, default_value = "served")]
-        vip_echo: VipEcho,
-        /// Write every dropped packet (within --capture-rate) to this pcapng file, the
-        /// drop reason in each packet's comment.
-        #[arg(long)]
-        capture_drops: Option<PathBuf>,
-        /// Drop reasons --capture-drops keeps, comma-separated (default: all).
-        #[arg(long, default_value = "")]
-        capture_reasons: String,
-        /// At most this many captured packets per second.
-        #[arg(long, default_value_t = xskgate_fastpath::io::capture::DEFAULT_RATE)]
-        capture_rate: u32,
-        /// Keep the flows across a restart (even `kill -9`): the conntrack table
-        /// lives in DIR/conntrack (a memory file system, e.g. /dev/shm/xskgate), the
-        /// XDP program stays attached (pinned in --bpf-pin-dir) and drops, rather
-        /// than hands to the kernel, the frames of the gap; the next `xskgate run`
-        /// with the same directories takes over.
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        /// Where --state-dir pins the XDP links and counters (on a BPF file system).
-        #[arg(long, default_value = "/sys/fs/bpf/xskgate")]
-        bpf_pin_dir: PathBuf,
-    },
+    Run(Box<RunArgs>),
+}
+
+/// `xskgate run`'s flags: xskgate's own, and kube-proxy's where the
+/// meaning is the same (`--hostname-override`, `--cluster-cidr`,
+/// `--healthz-bind-address`, `--metrics-bind-address`,
+/// `--conntrack-max-per-core`, `--conntrack-min`, `--nodeport-addresses`, the
+/// `--conntrack-*-timeout*` flags, `--kubeconfig`, `--config`).
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    source: Source,
+    /// Interfaces to serve, comma-separated (XDP and AF_XDP sockets on every queue).
+    #[arg(long, value_delimiter = ',', required = true)]
+    interfaces: Vec<String>,
+    /// The cluster's pod CIDR(s): traffic from them is internal.
+    #[arg(long, value_delimiter = ',')]
+    cluster_cidr: Vec<String>,
+    /// SNAT (masquerade) address per family; default: the address of the interface
+    /// the endpoint is routed by (else the one toward --cluster-cidr, else the first
+    /// address of --interfaces).
+    #[arg(long, value_delimiter = ',')]
+    snat_address: Vec<std::net::IpAddr>,
+    /// SNAT source ports, LO-HI. Keep them out of the node's
+    /// net.ipv4.ip_local_port_range: replies to these ports belong to xskgate.
+    #[arg(long, default_value = "1024-29999")]
+    snat_ports: String,
+    /// CPUs to pin the workers to (worker q gets the q-th, cycling), e.g. 2,3.
+    #[arg(long, value_delimiter = ',')]
+    cpus: Vec<usize>,
+    /// kube-proxy's configuration file (a KubeProxyConfiguration, as kubeadm writes it):
+    /// the fields xskgate shares take effect, every other one is named in a log line;
+    /// a flag given here overrides the file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The health server (/healthz, /livez): IP:PORT, or an IP (port 10256).
+    #[arg(long, default_value = "0.0.0.0:10256", value_parser = |s: &str| xskgate_control::kube_proxy_config::bind_address(s, 10256))]
+    healthz_bind_address: std::net::SocketAddr,
+    /// The metrics server (/metrics): IP:PORT, or an IP (port 10249).
+    #[arg(long, default_value = "127.0.0.1:10249", value_parser = |s: &str| xskgate_control::kube_proxy_config::bind_address(s, 10249))]
+    metrics_bind_address: std::net::SocketAddr,
+    /// Conntrack capacity in flows.
+    #[arg(long, default_value_t = 1 << 20, conflicts_with = "conntrack_max_per_core")]
+    conntrack_max: usize,
+    /// Conntrack capacity per CPU, as kube-proxy sizes the kernel's: the capacity is
+    /// max(this × CPUs, --conntrack-min); 0 keeps --conntrack-max.
+    #[arg(long)]
+    conntrack_max_per_core: Option<u32>,
+    /// The least conntrack capacity (with --conntrack-max-per-core, default 131072).
+    #[arg(long)]
+    conntrack_min: Option<u32>,
+    /// NodePorts answer only on the addresses of --interfaces within these CIDRs
+    /// (comma-separated; default: every address), as kube-proxy's flag.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<String>,
+    /// Idle timeout of an established TCP flow (a Go duration, as kube-proxy's flag).
+    #[arg(long, default_value = "24h0m0s", value_parser = xskgate_control::kube_proxy_config::go_duration_secs)]
+    conntrack_tcp_timeout_established: u32,
+    /// Idle timeout of a TCP flow in CLOSE_WAIT.
+    #[arg(long, default_value = "1h0m0s", value_parser = xskgate_control::kube_proxy_config::go_duration_secs)]
+    conntrack_tcp_timeout_close_wait: u32,
+    /// Idle timeout of a UDP flow that has not been replied to.
+    #[arg(long, default_value = "30s", value_parser = xskgate_control::kube_proxy_config::go_duration_secs)]
+    conntrack_udp_timeout: u32,
+    /// Idle timeout of a UDP flow that has been replied to.
+    #[arg(long, default_value = "2m0s", value_parser = xskgate_control::kube_proxy_config::go_duration_secs)]
+    conntrack_udp_timeout_stream: u32,
+    /// The admin endpoint (`xskgate status`, `explain --gateway`, `capture`);
+    /// keep it on loopback: it shows the whole table and copies dropped packets.
+    #[arg(long, default_value = xskgate_control::admin::DEFAULT_BIND)]
+    admin_bind_address: std::net::SocketAddr,
+    /// Echo requests to a LoadBalancer IP or externalIP: answered only where the
+    /// Service is served (served), always, or left to the kernel (never).
+    #[arg(long, default_value = "served")]
+    vip_echo: VipEcho,
+    /// Write every dropped packet (within --capture-rate) to this pcapng file, the
+    /// drop reason in each packet's comment.
+    #[arg(long)]
+    capture_drops: Option<PathBuf>,
+    /// Drop reasons --capture-drops keeps, comma-separated (default: all).
+    #[arg(long, default_value = "")]
+    capture_reasons: String,
+    /// At most this many captured packets per second.
+    #[arg(long, default_value_t = xskgate_fastpath::io::capture::DEFAULT_RATE)]
+    capture_rate: u32,
+    /// Keep the flows across a restart (even `kill -9`): the conntrack table
+    /// lives in DIR/conntrack (a memory file system, e.g. /dev/shm/xskgate), the
+    /// XDP program stays attached (pinned in --bpf-pin-dir) and drops, rather
+    /// than hands to the kernel, the frames of the gap; the next `xskgate run`
+    /// with the same directories takes over.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Where --state-dir pins the XDP links and counters (on a BPF file system).
+    #[arg(long, default_value = "/sys/fs/bpf/xskgate")]
+    bpf_pin_dir: PathBuf,
 }
 
 /// A manifest directory and who this gateway is (`table` and `explain`).
@@ -212,7 +238,7 @@ struct Source {
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// This gateway's node name (default: $NODE_NAME, else the hostname).
-    #[arg(long)]
+    #[arg(long, visible_alias = "hostname-override")]
     node_name: Option<String>,
     /// Zone, when the Node object gives none.
     #[arg(long)]
@@ -240,35 +266,6 @@ enum PortsError {
     Empty(String),
 }
 
-/// A Go duration as kube-proxy's flags take it (`24h0m0s`, `90s`, `1m30s`,
-/// `1500ms`), in whole seconds, at least one.
-fn go_duration_secs(s: &str) -> Result<u32, String> {
-    let mut rest = s.trim();
-    let mut ms: u64 = 0;
-    if rest.is_empty() {
-        return Err("empty duration".into());
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-        let n: u64 = rest[..digits].parse().map_err(|_| format!("{s:?}: expected a number before each unit"))?;
-        rest = &rest[digits..];
-        let unit = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
-        let scale = match &rest[..unit] {
-            "h" => 3_600_000,
-            "m" => 60_000,
-            "s" => 1_000,
-            "ms" => 1,
-            u => return Err(format!("{s:?}: unit {u:?} is not one of h, m, s, ms")),
-        };
-        ms = n.checked_mul(scale).and_then(|v| v.checked_add(ms)).ok_or_else(|| format!("{s:?}: too long"))?;
-        rest = &rest[unit..];
-    }
-    if !ms.is_multiple_of(1000) || ms == 0 {
-        return Err(format!("{s:?}: conntrack timeouts are whole seconds, at least 1s"));
-    }
-    u32::try_from(ms / 1000).map_err(|_| format!("{s:?}: too long"))
-}
-
 fn parse_ports(s: &str) -> Result<(u16, u16), PortsError> {
     let (lo, hi) = s.split_once('-').ok_or_else(|| PortsError::NotARange(s.to_string()))?;
     let port = |p: &str| p.trim().parse::<u16>().map_err(|source| PortsError::NotAPort { text: s.to_string(), source });
@@ -288,7 +285,12 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,netlink_packet_route=error,kube_client::client::builder=off".into()),
         )
         .init();
-    match Cli::parse().cmd {
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match cli.cmd {
         Cmd::Lab { json } => lab(json),
         Cmd::Explain { from, gateway, node_address, packet, pcap, json, vip_echo } => {
             let packets = match packets(packet.as_deref(), pcap.as_deref()) {
@@ -323,78 +325,12 @@ fn main() -> ExitCode {
             let poll = std::time::Duration::from_millis(poll_ms);
             runtime.block_on(watch(manifests, kubeconfig, name, zone, poll, metrics_bind_address))
         }
-        Cmd::Run {
-            source: Source { manifests, kubeconfig, node_name, zone, poll_ms },
-            interfaces,
-            cluster_cidr,
-            snat_address,
-            snat_ports,
-            cpus,
-            healthz_bind_address,
-            metrics_bind_address,
-            conntrack_max,
-            conntrack_tcp_timeout_established,
-            conntrack_tcp_timeout_close_wait,
-            conntrack_udp_timeout,
-            conntrack_udp_timeout_stream,
-            admin_bind_address,
-            vip_echo,
-            capture_drops,
-            capture_reasons,
-            capture_rate,
-            state_dir,
-            bpf_pin_dir,
-        } => {
-            let capture_reasons = match xskgate_control::admin::parse_reasons(&capture_reasons) {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("xskgate: --capture-reasons: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            if capture_rate == 0 {
-                eprintln!("xskgate: --capture-rate: at least 1 packet per second");
-                return ExitCode::from(2);
-            }
-            let (name, cidrs) =
-                match node_name_or_exit(node_name.as_deref()).and_then(|n| Ok((n, parse_cidrs(&cluster_cidr)?))) {
-                    Ok(given) => given,
-                    Err(code) => return code,
-                };
-            let snat_ports = match parse_ports(&snat_ports) {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("xskgate: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let cfg = xskgate_control::run::RunConfig {
-                manifests,
-                kubeconfig,
-                node_name: name,
-                zone,
-                interfaces,
-                cluster_cidrs: cidrs,
-                snat_addresses: snat_address,
-                snat_ports,
-                cpus,
-                healthz_bind: healthz_bind_address,
-                metrics_bind: metrics_bind_address,
-                conntrack_capacity: conntrack_max,
-                conntrack_timeouts: xskgate_conntrack::Timeouts {
-                    tcp_established: conntrack_tcp_timeout_established,
-                    tcp_close_wait: conntrack_tcp_timeout_close_wait,
-                    udp_unreplied: conntrack_udp_timeout,
-                    udp_replied: conntrack_udp_timeout_stream,
-                    ..xskgate_conntrack::Timeouts::default()
-                },
-                poll: std::time::Duration::from_millis(poll_ms),
-                admin_bind: admin_bind_address,
-                vip_echo,
-                capture_drops,
-                capture_reasons,
-                capture_rate,
-                restart: state_dir.map(|state_dir| xskgate_control::run::RestartState { state_dir, bpf_pin_dir }),
+        Cmd::Run(args) => {
+            let given = matches.subcommand_matches("run").expect("the run subcommand's matches");
+            let explicit = |id: &str| given.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+            let cfg = match run_config(*args, &explicit) {
+                Ok(cfg) => cfg,
+                Err(code) => return code,
             };
             let runtime = match runtime() {
                 Ok(r) => r,
@@ -410,6 +346,158 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Sets `slot` from the configuration file's `field`, unless the flag `id`
+/// was given on the command line (then the flag wins, and says so).
+fn from_file<T>(slot: &mut T, file: Option<T>, id: &str, field: &str, explicit: &dyn Fn(&str) -> bool) {
+    if let Some(v) = file {
+        if explicit(id) {
+            tracing::info!("--{} overrides the configuration file's {field}", id.replace('_', "-"));
+        } else {
+            *slot = v;
+        }
+    }
+}
+
+/// `run`'s flags and `--config` file as one [`RunConfig`]; a flag given on
+/// the command line overrides the file.
+fn run_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> Result<xskgate_control::run::RunConfig, ExitCode> {
+    use xskgate_control::kube_proxy_config as kpc;
+    let mut conntrack = (args.conntrack_max_per_core, args.conntrack_min);
+    if let Some(path) = &args.config {
+        let file = std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| kpc::parse(&text).map_err(|e| e.to_string()))
+            .map_err(|e| {
+                eprintln!("xskgate: --config {}: {e}", path.display());
+                ExitCode::from(2)
+            })?;
+        for u in &file.unused {
+            warn!(field = %u.field, value = %u.value, "KubeProxyConfiguration field not used: {}", u.why);
+        }
+        if !file.unused_at_default.is_empty() {
+            tracing::info!(
+                fields = %file.unused_at_default.join(","),
+                "KubeProxyConfiguration fields not used, at their defaults"
+            );
+        }
+        let src = &mut args.source;
+        if src.manifests.is_some() && file.kubeconfig.is_some() {
+            tracing::info!("--manifests overrides the configuration file's clientConnection.kubeconfig");
+        } else {
+            from_file(
+                &mut src.kubeconfig,
+                file.kubeconfig.map(Some),
+                "kubeconfig",
+                "clientConnection.kubeconfig",
+                explicit,
+            );
+        }
+        from_file(&mut src.node_name, file.hostname_override.map(Some), "node_name", "hostnameOverride", explicit);
+        let cidrs = Some(file.cluster_cidr).filter(|c| !c.is_empty());
+        from_file(&mut args.cluster_cidr, cidrs, "cluster_cidr", "clusterCIDR", explicit);
+        let h = file.healthz_bind_address;
+        from_file(&mut args.healthz_bind_address, h, "healthz_bind_address", "healthzBindAddress", explicit);
+        let m = file.metrics_bind_address;
+        from_file(&mut args.metrics_bind_address, m, "metrics_bind_address", "metricsBindAddress", explicit);
+        let np = Some(file.nodeport_addresses).filter(|c| !c.is_empty());
+        from_file(&mut args.nodeport_addresses, np, "nodeport_addresses", "nodePortAddresses", explicit);
+        // --conntrack-max given: the file's sizing does not apply.
+        if explicit("conntrack_max") && file.conntrack_max_per_core.is_some() {
+            tracing::info!("--conntrack-max overrides the configuration file's conntrack.maxPerCore");
+        } else {
+            let per_core = file.conntrack_max_per_core.map(Some);
+            from_file(&mut conntrack.0, per_core, "conntrack_max_per_core", "conntrack.maxPerCore", explicit);
+        }
+        from_file(&mut conntrack.1, file.conntrack_min.map(Some), "conntrack_min", "conntrack.min", explicit);
+        for (slot, value, id, field) in [
+            (
+                &mut args.conntrack_tcp_timeout_established,
+                file.conntrack_tcp_timeout_established,
+                "conntrack_tcp_timeout_established",
+                "conntrack.tcpEstablishedTimeout",
+            ),
+            (
+                &mut args.conntrack_tcp_timeout_close_wait,
+                file.conntrack_tcp_timeout_close_wait,
+                "conntrack_tcp_timeout_close_wait",
+                "conntrack.tcpCloseWaitTimeout",
+            ),
+            (
+                &mut args.conntrack_udp_timeout,
+                file.conntrack_udp_timeout,
+                "conntrack_udp_timeout",
+                "conntrack.udpTimeout",
+            ),
+            (
+                &mut args.conntrack_udp_timeout_stream,
+                file.conntrack_udp_timeout_stream,
+                "conntrack_udp_timeout_stream",
+                "conntrack.udpStreamTimeout",
+            ),
+        ] {
+            from_file(slot, value, id, field, explicit);
+        }
+    }
+    let conntrack_capacity = match conntrack {
+        // kube-proxy's sizing, with its default minimum.
+        (Some(per_core), min) if per_core > 0 => {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            kpc::conntrack_capacity(per_core, min.unwrap_or(KUBE_PROXY_CONNTRACK_MIN), cpus)
+        }
+        (_, min) => args.conntrack_max.max(min.unwrap_or(0) as usize),
+    };
+    let capture_reasons = xskgate_control::admin::parse_reasons(&args.capture_reasons).map_err(|e| {
+        eprintln!("xskgate: --capture-reasons: {e}");
+        ExitCode::from(2)
+    })?;
+    if args.capture_rate == 0 {
+        eprintln!("xskgate: --capture-rate: at least 1 packet per second");
+        return Err(ExitCode::from(2));
+    }
+    let name = node_name_or_exit(args.source.node_name.as_deref())?;
+    let cidrs = parse_cidrs("--cluster-cidr", &args.cluster_cidr)?;
+    let nodeport_cidrs = parse_cidrs("--nodeport-addresses", &args.nodeport_addresses)?;
+    let snat_ports = parse_ports(&args.snat_ports).map_err(|e| {
+        eprintln!("xskgate: {e}");
+        ExitCode::from(2)
+    })?;
+    let Source { manifests, kubeconfig, zone, poll_ms, .. } = args.source;
+    Ok(xskgate_control::run::RunConfig {
+        manifests,
+        kubeconfig,
+        node_name: name,
+        zone,
+        interfaces: args.interfaces,
+        cluster_cidrs: cidrs,
+        nodeport_cidrs,
+        snat_addresses: args.snat_address,
+        snat_ports,
+        cpus: args.cpus,
+        healthz_bind: args.healthz_bind_address,
+        metrics_bind: args.metrics_bind_address,
+        conntrack_capacity,
+        conntrack_timeouts: xskgate_conntrack::Timeouts {
+            tcp_established: args.conntrack_tcp_timeout_established,
+            tcp_close_wait: args.conntrack_tcp_timeout_close_wait,
+            udp_unreplied: args.conntrack_udp_timeout,
+            udp_replied: args.conntrack_udp_timeout_stream,
+            ..xskgate_conntrack::Timeouts::default()
+        },
+        poll: std::time::Duration::from_millis(poll_ms),
+        admin_bind: args.admin_bind_address,
+        vip_echo: args.vip_echo,
+        capture_drops: args.capture_drops,
+        capture_reasons,
+        capture_rate: args.capture_rate,
+        restart: args
+            .state_dir
+            .map(|state_dir| xskgate_control::run::RestartState { state_dir, bpf_pin_dir: args.bpf_pin_dir }),
+    })
+}
+
+/// kube-proxy's default `conntrack.min`.
+const KUBE_PROXY_CONNTRACK_MIN: u32 = 131_072;
 
 async fn watch(
     manifests: Option<PathBuf>,
@@ -655,7 +743,8 @@ fn explain(
         Err(code) => return code,
     };
     use xskgate_control::explain;
-    let given = parse_cidrs(cidrs).and_then(|c| Ok((c, node_name_or_exit(name.as_deref())?, load_state(dir)?)));
+    let given = parse_cidrs("--cluster-cidr", cidrs)
+        .and_then(|c| Ok((c, node_name_or_exit(name.as_deref())?, load_state(dir)?)));
     let (pod_cidrs, name, state) = match given {
         Ok(given) => given,
         Err(code) => return code,
@@ -680,12 +769,12 @@ fn explain(
 }
 
 /// `--cluster-cidr` values, or the exit code after saying which is wrong.
-fn parse_cidrs(cidrs: &[String]) -> Result<Vec<Cidr>, ExitCode> {
+fn parse_cidrs(flag: &str, cidrs: &[String]) -> Result<Vec<Cidr>, ExitCode> {
     cidrs
         .iter()
         .map(|c| {
             c.parse::<Cidr>().map_err(|e| {
-                eprintln!("xskgate: --cluster-cidr {c:?}: {e}");
+                eprintln!("xskgate: {flag} {c:?}: {e}");
                 ExitCode::from(2)
             })
         })
@@ -722,7 +811,8 @@ fn table(from: &Manifests, json: bool) -> ExitCode {
         Ok(d) => d,
         Err(code) => return code,
     };
-    let given = parse_cidrs(cidrs).and_then(|_| Ok((node_name_or_exit(name.as_deref())?, load_state(dir)?)));
+    let given =
+        parse_cidrs("--cluster-cidr", cidrs).and_then(|_| Ok((node_name_or_exit(name.as_deref())?, load_state(dir)?)));
     let (name, state) = match given {
         Ok(given) => given,
         Err(code) => return code,
@@ -738,23 +828,4 @@ fn table(from: &Manifests, json: bool) -> ExitCode {
         print!("{}", table_cmd::to_text(&identity.name, &t.entries));
     }
     ExitCode::SUCCESS
-}
-
-#[cfg(test)]
-mod tests {
-    use super::go_duration_secs;
-
-    #[test]
-    fn go_durations_as_kube_proxy_writes_them() {
-        assert_eq!(go_duration_secs("24h0m0s"), Ok(86_400));
-        assert_eq!(go_duration_secs("1h0m0s"), Ok(3_600));
-        assert_eq!(go_duration_secs("1m30s"), Ok(90));
-        assert_eq!(go_duration_secs("2000ms"), Ok(2));
-        assert!(go_duration_secs("1500ms").unwrap_err().contains("whole seconds"));
-        assert!(go_duration_secs("0s").unwrap_err().contains("at least 1s"));
-        assert!(go_duration_secs("5d").unwrap_err().contains("unit \"d\""));
-        assert!(go_duration_secs("s").unwrap_err().contains("expected a number"));
-        assert!(go_duration_secs("").is_err());
-        assert!(go_duration_secs("99999999999h").unwrap_err().contains("too long"));
-    }
 }

@@ -50,6 +50,9 @@ pub struct RunConfig {
     pub zone: Option<String>,
     pub interfaces: Vec<String>,
     pub cluster_cidrs: Vec<Cidr>,
+    /// `--nodeport-addresses`: NodePorts answer only on node addresses
+    /// within these (empty: on every node address).
+    pub nodeport_cidrs: Vec<Cidr>,
     pub snat_addresses: Vec<IpAddr>,
     pub snat_ports: (u16, u16),
     pub cpus: Vec<usize>,
@@ -336,8 +339,20 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         }
     }
     let addressing = addressing(&ifindexes, &addrs, &fib, &cfg.cluster_cidrs, &cfg.snat_addresses);
+    let nodeport_addresses: Vec<Addr> = addressing
+        .node_addresses
+        .iter()
+        .copied()
+        .filter(|a| cfg.nodeport_cidrs.is_empty() || cfg.nodeport_cidrs.iter().any(|c| c.contains(a)))
+        .collect();
+    if nodeport_addresses.is_empty() && !cfg.nodeport_cidrs.is_empty() {
+        warn!(
+            nodeport_addresses = %cfg.nodeport_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
+            "no address of --interfaces is within --nodeport-addresses: NodePorts answer nowhere"
+        );
+    }
     let node = NodeConfig {
-        addresses: addressing.node_addresses.clone(),
+        addresses: nodeport_addresses,
         pod_cidrs: cfg.cluster_cidrs.clone(),
         snat_v4: addressing.snat_v4,
         snat_v6: addressing.snat_v6,
@@ -544,7 +559,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         interfaces = %cfg.interfaces.join(","),
         queues,
         source = control.source_name(),
-        node_addresses = %node.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
+        nodeport_addresses = %node.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
         snat_v4 = %node.snat_v4.map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
         snat_v6 = %node.snat_v6.map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
         snat_ports = %format!("{}-{}", cfg.snat_ports.0, cfg.snat_ports.1),
@@ -553,6 +568,14 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         metrics = %metrics_addr,
         admin = %admin_addr,
         vip_echo = cfg.vip_echo.name(),
+        conntrack_max = cfg.conntrack_capacity,
+        conntrack_timeouts = %format!(
+            "tcp_established={}s,tcp_close_wait={}s,udp={}s,udp_stream={}s",
+            cfg.conntrack_timeouts.tcp_established,
+            cfg.conntrack_timeouts.tcp_close_wait,
+            cfg.conntrack_timeouts.udp_unreplied,
+            cfg.conntrack_timeouts.udp_replied
+        ),
         capture_drops = %cfg.capture_drops.as_ref().map_or_else(|| "off".into(), |p| p.display().to_string()),
         start_ms = started.elapsed().as_millis() as u64,
         fib_ms,
