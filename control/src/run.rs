@@ -264,7 +264,7 @@ pub enum RunError {
 fn privilege_hint(e: &dyn std::fmt::Display) -> &'static str {
     let e = e.to_string();
     if e.contains("Operation not permitted") || e.contains("EPERM") || e.contains("permission") {
-        " (xskgate run needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW and CAP_SYS_ADMIN)"
+        " (xskgate run needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW, CAP_PERFMON and CAP_IPC_LOCK)"
     } else {
         ""
     }
