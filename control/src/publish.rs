@@ -119,7 +119,7 @@ impl Publisher {
             out.warnings.extend(warnings);
             out.services_translated += 1;
             let ports: Vec<Arc<ServicePort>> =
-                entries.iter().flat_map(|e| self.service_ports(k, e)).map(Arc::new).collect();
+                entries.iter().flat_map(|e| self.service_ports(k, e, &mut out.warnings)).map(Arc::new).collect();
             let old = self.ports.get(k).cloned().unwrap_or_default();
             Self::removed_udp_endpoints(&old, &ports, &mut gone);
             for gone in old.iter().filter(|o| !ports.iter().any(|p| p.id == o.id)) {
@@ -213,7 +213,18 @@ impl Publisher {
 
     /// The fast-path ports of one translated port: one per address family
     /// that has a frontend.
-    fn service_ports(&mut self, k: &Key, e: &PortEntry) -> Vec<ServicePort> {
+    /// A family this gateway has no address of (none on its interfaces, no
+    /// SNAT address) is not served, with a line naming the Service, when
+    /// the gateway knows its addresses (`run`; `watch` and `table` do not).
+    fn service_ports(&mut self, k: &Key, e: &PortEntry, warnings: &mut Vec<String>) -> Vec<ServicePort> {
+        let node = self.current.node();
+        let gateway_has = |v6: bool| {
+            node.addresses.iter().any(|a| a.is_v4() != v6)
+                || node.snat_routes.iter().any(|(_, a)| a.is_v4() != v6)
+                || if v6 { node.snat_v6.is_some() } else { node.snat_v4.is_some() }
+        };
+        let gateway_family = [gateway_has(false), gateway_has(true)];
+        let knows_addresses = gateway_family.iter().any(|h| *h);
         let mut out = Vec::new();
         for v6 in [false, true] {
             let of_family = |ip: &IpAddr| ip.is_ipv6() == v6;
@@ -236,6 +247,15 @@ impl Publisher {
             let has_family = frontends.iter().any(|f| f.kind != FrontendKind::NodePort)
                 || e.cluster.iter().chain(&e.local).flatten().any(|ep| of_family(&ep.ip));
             if !has_family {
+                continue;
+            }
+            if knows_addresses && !gateway_family[usize::from(v6)] {
+                let family = if v6 { "IPv6" } else { "IPv4" };
+                let label = if e.port_name.is_empty() { format!("port {}", e.port) } else { e.port_name.clone() };
+                warnings.push(format!(
+                    "Service {}/{} {label}: its {family} frontends are not served: this gateway has no {family} address",
+                    e.namespace, e.name
+                ));
                 continue;
             }
             let mut set = |list: &Option<Vec<EndpointInfo>>| {

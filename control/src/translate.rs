@@ -162,6 +162,33 @@ fn proto_of(p: Option<&str>) -> Result<Proto, ProtocolError> {
     }
 }
 
+/// A line for each endpoint address of `slice` whose family is not the
+/// slice's `addressType` (such an endpoint is skipped: kube-proxy's
+/// proxier of one family reads only the slices of that family).
+pub fn family_mismatches(slice: &EndpointSlice) -> Vec<String> {
+    let v6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        _ => return Vec::new(),
+    };
+    let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
+    let name = slice.metadata.name.as_deref().unwrap_or("");
+    slice
+        .endpoints
+        .iter()
+        .flatten()
+        .filter_map(|ep| ep.addresses.first())
+        .filter(|a| parse_ip(a).is_some_and(|ip| ip.is_ipv6() != v6))
+        .map(|a| {
+            format!(
+                "EndpointSlice {ns}/{name}: addressType {} but endpoint {a} is {}; that endpoint is skipped",
+                slice.address_type,
+                if v6 { "IPv4" } else { "IPv6" }
+            )
+        })
+        .collect()
+}
+
 /// The endpoints of one service port (by port name and protocol), from all
 /// of the Service's slices, deduplicated.
 pub fn collect_endpoints(slices: &[&EndpointSlice], port_name: &str, proto: Proto) -> Vec<EndpointInfo> {
@@ -322,7 +349,32 @@ pub fn translate_service(
         (_, Some(one)) => vec![one.clone()],
         _ => Vec::new(),
     };
-    let cluster_ips = ips(&cluster_ip_strings, "clusterIP", &mut warnings);
+    let mut cluster_ips = ips(&cluster_ip_strings, "clusterIP", &mut warnings);
+    // SingleStack with two families (the API server refuses it; a manifest
+    // may have it): served in its primary family only, as the API server
+    // would have allocated it.
+    let single_family: Option<bool> = (spec.ip_family_policy.as_deref() == Some("SingleStack"))
+        .then(|| {
+            spec.ip_families
+                .as_ref()
+                .and_then(|f| f.first())
+                .map(|f| f == "IPv6")
+                .or_else(|| cluster_ips.first().map(IpAddr::is_ipv6))
+        })
+        .flatten();
+    if let Some(v6) = single_family {
+        let families = spec.ip_families.as_ref().map(|f| f.len()).unwrap_or(0);
+        let other: Vec<String> = cluster_ips.iter().filter(|ip| ip.is_ipv6() != v6).map(|ip| ip.to_string()).collect();
+        if families > 1 || !other.is_empty() {
+            let (keep, skip) = if v6 { ("IPv6", "IPv4") } else { ("IPv4", "IPv6") };
+            warnings.push(format!(
+                "{who}: ipFamilyPolicy SingleStack with {families} ipFamilies and clusterIPs {cluster_ip_strings:?}: \
+                 served as {keep} only; {skip} skipped"
+            ));
+        }
+    }
+    let of_served_family = |ip: &IpAddr| single_family.is_none_or(|v6| ip.is_ipv6() == v6);
+    cluster_ips.retain(of_served_family);
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     let node_ports_allowed = matches!(svc_type, "NodePort" | "LoadBalancer");
     let lb_ips: Vec<IpAddr> = if svc_type == "LoadBalancer" {
@@ -338,7 +390,11 @@ pub fn translate_service(
     } else {
         Vec::new()
     };
-    let external_ips = ips(spec.external_ips.as_deref().unwrap_or_default(), "externalIP", &mut warnings);
+    let mut lb_ips = lb_ips;
+    lb_ips.retain(of_served_family);
+    let mut external_ips = ips(spec.external_ips.as_deref().unwrap_or_default(), "externalIP", &mut warnings);
+    external_ips.retain(of_served_family);
+    warnings.extend(slices.iter().flat_map(|sl| family_mismatches(sl)));
     let external_local = node_ports_allowed && spec.external_traffic_policy.as_deref() == Some("Local");
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
@@ -413,7 +469,8 @@ pub fn translate_service(
                 local_ready_addresses.insert(e.ip);
             }
         }
-        let (v4, v6): (Vec<EndpointInfo>, Vec<EndpointInfo>) = endpoints.into_iter().partition(|e| e.ip.is_ipv4());
+        let (v4, v6): (Vec<EndpointInfo>, Vec<EndpointInfo>) =
+            endpoints.into_iter().filter(|e| of_served_family(&e.ip)).partition(|e| e.ip.is_ipv4());
         let (c4, l4) = categorize(&v4, node, uses_cluster, uses_local, topology);
         let (c6, l6) = categorize(&v6, node, uses_cluster, uses_local, topology);
         let join = |a: Option<Vec<EndpointInfo>>, b: Option<Vec<EndpointInfo>>| {

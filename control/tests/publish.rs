@@ -23,8 +23,8 @@ fn node() -> NodeIdentity {
 }
 
 fn node_config() -> NodeConfig {
-    let gw = Addr::from_v4([198, 18, 0, 1]);
-    NodeConfig { addresses: vec![gw], snat_v4: Some(gw), ..NodeConfig::default() }
+    let (gw, gw6) = (Addr::from_v4([198, 18, 0, 1]), Addr::from(IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1])));
+    NodeConfig { addresses: vec![gw, gw6], snat_v4: Some(gw), snat_v6: Some(gw6), ..NodeConfig::default() }
 }
 
 fn fixtures() -> ClusterState {
@@ -61,6 +61,30 @@ fn full_sync_publishes_what_the_translation_says() {
     assert!(v6.cluster.endpoints().iter().all(|e| !e.addr.is_v4()) && v6.cluster.len() == 1);
     // Not proxied: headless and another proxy's Services.
     assert!(lookup(&t, "198.19.128.19", Proto::TCP, 80).is_none());
+}
+
+#[test]
+fn a_family_the_gateway_has_no_address_of_is_not_served_and_says_so() {
+    let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
+    let gw = Addr::from_v4([198, 18, 0, 1]);
+    let v4_only = NodeConfig { addresses: vec![gw], snat_v4: Some(gw), ..NodeConfig::default() };
+    let mut p = Publisher::new(handle.clone(), None, v4_only);
+    let out = p.full_sync(&fixtures(), &node());
+    let t = handle.load();
+    assert!(lookup(&t, "198.19.128.16", Proto::TCP, 80).is_some(), "IPv4 is served");
+    assert!(lookup(&t, "2001:db8:128::16", Proto::TCP, 80).is_none(), "IPv6 is not");
+    let said: Vec<&String> = out.warnings.iter().filter(|w| w.contains("IPv6 frontends are not served")).collect();
+    assert!(
+        !said.is_empty() && said.iter().all(|w| w.contains("this gateway has no IPv6 address")),
+        "{:?}",
+        out.warnings
+    );
+    assert!(said.iter().any(|w| w.starts_with("Service t/dual-stack ")), "{said:?}");
+    // A gateway that does not know its addresses (watch, table) serves both.
+    let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
+    let out = Publisher::new(handle.clone(), None, NodeConfig::default()).full_sync(&fixtures(), &node());
+    assert!(lookup(&handle.load(), "2001:db8:128::16", Proto::TCP, 80).is_some());
+    assert!(!out.warnings.iter().any(|w| w.contains("frontends are not served")));
 }
 
 #[test]

@@ -134,7 +134,21 @@ fn multiport_affinity_dual_stack_external_ips() {
     assert_eq!(
         ds["cluster_endpoints"],
         eps(&["198.19.1.160:8080", "[2001:db8:1::160]:8080"]),
-        "both families; an IPv4 address in an IPv6 slice is ignored"
+        "both families; an IPv4 address in an IPv6 slice is skipped"
+    );
+    let mismatch =
+        "EndpointSlice t/dual-stack-6: addressType IPv6 but endpoint 198.19.9.9 is IPv4; that endpoint is skipped";
+    assert!(warnings.iter().any(|w| w == mismatch), "{warnings:?}");
+
+    // SingleStack with two families: its primary family only, said once.
+    let single = entry(&t, "single-stack-two", "");
+    assert_eq!(single["frontends"], json!([{"kind": "ClusterIP", "address": "2001:db8:128::18", "port": 80}]));
+    assert_eq!(single["cluster_endpoints"], eps(&["[2001:db8:1::180]:8080"]));
+    let said: Vec<&String> = warnings.iter().filter(|w| w.starts_with("Service t/single-stack-two:")).collect();
+    assert_eq!(said.len(), 1, "{warnings:?}");
+    assert!(
+        said[0].contains("ipFamilyPolicy SingleStack with 2 ipFamilies")
+            && said[0].ends_with("served as IPv6 only; IPv4 skipped")
     );
 
     let ext = entry(&t, "external-ip", "");
@@ -159,7 +173,7 @@ fn invalid_objects_are_skipped_with_a_line_naming_them_and_the_rest_stays() {
     for skipped in ["headless", "other-proxy", "ext-name", "broken"] {
         assert!(!names.contains(&skipped), "{skipped} must not be proxied");
     }
-    assert_eq!(names.len(), 19, "{names:?}");
+    assert_eq!(names.len(), 20, "{names:?}");
     assert_eq!(t["node"], "gw1");
 }
 
@@ -203,7 +217,7 @@ fn xskgate_table_cli_prints_json_and_text() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.starts_with("node gw1: 19 service port(s)"), "{text}");
+    assert!(text.starts_with("node gw1: 20 service port(s)"), "{text}");
     assert!(
         text.lines()
             .any(|l| l.starts_with("t/local-lb:web") && l.contains("Local/Cluster") && l.contains(":32000 (1 local)")),
