@@ -81,8 +81,8 @@ fn generation_of(line: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_cluster_config_uses_the_service_account_over_tls_and_a_rotated_token() {
     xskgate_tests::require_root();
-    let dir = std::env::temp_dir().join(format!("xskgate-incluster-{}", std::process::id()));
-    let sa = dir.join("serviceaccount");
+    let dir = xskgate_tests::TempDir::new("xskgate-incluster");
+    let sa = dir.0.join("serviceaccount");
     std::fs::create_dir_all(&sa).unwrap();
     let ca = TestCa::new();
     write_atomically(&sa, "ca.crt", &ca.ca_pem);
@@ -160,7 +160,6 @@ exec "$XSKGATE" watch --node-name gw1"#;
     assert!(after.iter().any(|t| t == "token-2"), "the rotated token is used: {after:?}");
     assert!(after.last().is_some_and(|t| t == "token-2"), "{after:?}");
     child.kill().await.unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -85,9 +85,8 @@ fn a_kubeadm_kube_proxy_configuration_takes_effect_and_names_what_it_does_not_us
 
 #[test]
 fn a_file_that_is_not_a_kube_proxy_configuration_is_refused_by_name() {
-    let dir = std::env::temp_dir().join(format!("xskgate-kpc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("kubelet.yaml");
+    let dir = xskgate_tests::TempDir::new("xskgate-kpc");
+    let file = dir.0.join("kubelet.yaml");
     std::fs::write(&file, "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n").unwrap();
     let out = std::process::Command::new(XSKGATE)
         .args(["run", "--interfaces", "lo", "--node-name", "gw1", "--manifests", "/nonexistent", "--config"])
@@ -97,5 +96,4 @@ fn a_file_that_is_not_a_kube_proxy_configuration_is_refused_by_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("KubeletConfiguration") && err.contains("kubeproxy.config.k8s.io/v1alpha1"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -42,17 +42,15 @@ fn the_image_installs_exactly_the_libraries_the_binary_needs() {
     assert!(log.contains("libc.so.6: libc6 (in the base image)"), "{log}");
 
     // The check fails both ways: a library missing, a package too many.
-    let dir = std::env::temp_dir().join(format!("xskgate-image-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let without = dir.join("Dockerfile.without");
+    let dir = xskgate_tests::TempDir::new("xskgate-image");
+    let without = dir.0.join("Dockerfile.without");
     std::fs::write(&without, text.replace(" libelf1 ", " ")).unwrap();
     let (ok, log) = check_image(&without);
     assert!(!ok && log.contains("libelf1 is neither in the base image nor installed"), "{log}");
-    let extra = dir.join("Dockerfile.extra");
+    let extra = dir.0.join("Dockerfile.extra");
     std::fs::write(&extra, text.replace(" libelf1 ", " libelf1 curl ")).unwrap();
     let (ok, log) = check_image(&extra);
     assert!(!ok && log.contains("installs curl, which no library of the binary needs"), "{log}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `systemd-analyze verify` of `unit` with its binary at this build's
@@ -76,14 +74,12 @@ fn caps(unit: &str, key: &str) -> Vec<String> {
 #[test]
 fn the_systemd_unit_verifies_and_has_the_daemonsets_capabilities() {
     let unit = std::fs::read_to_string(UNIT).unwrap();
-    let dir = std::env::temp_dir().join(format!("xskgate-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (ok, said) = verify_unit(&unit, &dir);
+    let dir = xskgate_tests::TempDir::new("xskgate-unit");
+    let (ok, said) = verify_unit(&unit, &dir.0);
     assert!(ok, "systemd-analyze verify: {said}");
     // verify can fail: a bad directive is reported.
-    let (ok, said) = verify_unit(&unit.replace("Restart=always", "Restart=sometimes"), &dir);
+    let (ok, said) = verify_unit(&unit.replace("Restart=always", "Restart=sometimes"), &dir.0);
     assert!(!ok && said.contains("sometimes"), "{said}");
-    let _ = std::fs::remove_dir_all(&dir);
 
     for needed in ["Restart=always", "User=xskgate", "LimitMEMLOCK=infinity", "--kubeconfig ", "--state-dir "] {
         assert!(unit.contains(needed), "{needed} missing from the unit");

@@ -24,6 +24,25 @@ pub mod single;
 pub mod stream;
 
 pub use daemon::{Daemon, DaemonError};
+
+/// A directory under the system's temporary directory, named `name` and
+/// this process's id, created now and removed when dropped (also when the
+/// test fails).
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 pub use stream::UdpStream;
 
 use std::io::{BufRead, BufReader, Read, Write};
