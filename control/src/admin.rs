@@ -260,8 +260,8 @@ fn frontend_text(kind: FrontendKind, addr: &Addr, port: u16) -> String {
 /// (`snat.in_use` is 0: [`count_masqueraded`] fills it).
 pub fn status(i: &StatusInput<'_>) -> Status {
     let node = i.table.node();
-    let local_ready: BTreeMap<(&str, &str), usize> =
-        i.entries.iter().map(|e| ((e.namespace.as_str(), e.name.as_str()), e.local_ready_endpoint_count)).collect();
+    let local_ready: BTreeMap<(&str, &str), crate::translate::LocalReady> =
+        i.entries.iter().map(|e| ((e.namespace.as_str(), e.name.as_str()), e.local_ready)).collect();
     let mut ports: Vec<_> = i.table.ports().iter().collect();
     ports.sort_by(|a, b| {
         let key = |p: &xskgate_fastpath::ServicePort| {
@@ -281,7 +281,12 @@ pub fn status(i: &StatusInput<'_>) -> Status {
                 .collect();
             let health = p.health_check_node_port.map(|port| {
                 let key = (p.name.namespace.clone(), p.name.name.clone());
-                let local = local_ready.get(&(p.name.namespace.as_str(), p.name.name.as_str())).copied().unwrap_or(0);
+                // A port is of one family (the table has one per family): its
+                // health check as asked over that family answers it.
+                let v6 = p.frontends.first().is_some_and(|f| !f.addr.is_v4());
+                let local = local_ready
+                    .get(&(p.name.namespace.as_str(), p.name.name.as_str()))
+                    .map_or(0, |r| r.asked_over(v6));
                 let status = match i.health_open.get(&key) {
                     Some(open) if *open == port && local > 0 && i.proxy_healthy => 200,
                     Some(open) if *open == port => 503,

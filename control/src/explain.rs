@@ -564,7 +564,9 @@ pub fn explain_frame(
                     };
                     let key: Key = (e.namespace.clone(), e.name.clone());
                     let slices = state.service_slices(&key);
-                    for info in collect_endpoints(&slices, &e.port_name, e.proto) {
+                    // The table has a port per family: this packet's family's endpoints.
+                    let of_family = |info: &EndpointInfo| info.ip.is_ipv6() == packet.src.is_ipv6();
+                    for info in collect_endpoints(&slices, &e.port_name, e.proto).into_iter().filter(of_family) {
                         let row = endpoint_row(&info, set, p, node);
                         let mark = if row.usable { "in" } else { "out" };
                         line("endpoint set", format!("{} {mark}", row.address), row.why.clone());

@@ -1,7 +1,8 @@
 //! Health servers, byte-compatible with kube-proxy's:
 //! - one per Service with `externalTrafficPolicy: Local` and a
 //!   `healthCheckNodePort`: any path answers 200 when the Service has local
-//!   ready endpoints and the proxy is healthy, else 503, with the body
+//!   ready endpoints of the family it is asked over (IPv4 or IPv6: kube-proxy
+//!   runs a server per family) and the proxy is healthy, else 503, with the body
 //!   `{"service":{"namespace","name"},"localEndpoints","serviceProxyHealthy"}`
 //!   laid out exactly as kube-proxy prints it;
 //! - `/healthz` and `/livez` with kube-proxy's bodies and staleness rule:
@@ -14,9 +15,10 @@
 //! The servers are hyper's HTTP/1.1 on tokio; every method is answered, as
 //! kube-proxy's Go handlers answer them.
 
+use crate::translate::LocalReady;
 use k8s_openapi::api::core::v1::Node;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
@@ -222,27 +224,56 @@ pub async fn spawn_proxy_health(
 
 struct Instance {
     port: u16,
-    local_endpoints: Arc<Mutex<usize>>,
+    local_endpoints: Arc<Mutex<LocalReady>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-/// The per-Service health check servers.
+/// A listener on `ip:port`; for `::`, one that takes IPv4 too
+/// (IPv4-mapped) whatever `net.ipv6.bindv6only` says, or `0.0.0.0` where
+/// the host has no IPv6.
+fn bind(ip: IpAddr, port: u16) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let open = |ip: IpAddr| -> std::io::Result<Socket> {
+        let s = Socket::new(if ip.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 }, Type::STREAM, None)?;
+        if ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+            s.set_only_v6(false)?;
+        }
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::new(ip, port).into())?;
+        Ok(s)
+    };
+    let socket = match open(ip) {
+        Err(e) if ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED) && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            open(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?
+        }
+        r => r?,
+    };
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The per-Service health check servers. Each answers with the
+/// local ready endpoints of the family it was asked over
+/// ([`LocalReady::asked_over`]): a load balancer checking the IPv4 address
+/// learns whether this node serves the Service's IPv4 frontends.
 pub struct ServiceHealth {
-    bind_ip: std::net::IpAddr,
+    bind_ip: IpAddr,
     proxy: Arc<ProxyHealth>,
     servers: BTreeMap<(String, String), Instance>,
 }
 
 impl ServiceHealth {
-    /// Servers will listen on `bind_ip` (kube-proxy: every node address).
-    pub fn new(bind_ip: std::net::IpAddr, proxy: Arc<ProxyHealth>) -> ServiceHealth {
+    /// Servers will listen on `bind_ip`; `::` is every address of both
+    /// families (what `xskgate run` uses).
+    pub fn new(bind_ip: IpAddr, proxy: Arc<ProxyHealth>) -> ServiceHealth {
         ServiceHealth { bind_ip, proxy, servers: BTreeMap::new() }
     }
 
     /// Opens, keeps or closes servers so that exactly `wanted` run:
     /// (namespace, name) → (healthCheckNodePort, local ready endpoints).
     /// A port that cannot be bound is logged and tried again next sync.
-    pub async fn sync(&mut self, wanted: &BTreeMap<(String, String), (u16, usize)>) {
+    pub async fn sync(&mut self, wanted: &BTreeMap<(String, String), (u16, LocalReady)>) {
         self.servers.retain(|k, inst| {
             let keep = wanted.get(k).is_some_and(|(port, _)| *port == inst.port);
             if !keep {
@@ -256,7 +287,7 @@ impl ServiceHealth {
                 *inst.local_endpoints.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = count;
                 continue;
             }
-            let listener = match TcpListener::bind((self.bind_ip, port)).await {
+            let listener = match bind(self.bind_ip, port) {
                 Ok(l) => l,
                 Err(e) => {
                     error!(service = %format!("{}/{}", k.0, k.1), port, error = %e, "cannot open health check port");
@@ -265,13 +296,24 @@ impl ServiceHealth {
             };
             let local_endpoints = Arc::new(Mutex::new(count));
             let (ns, name, proxy, n) = (k.0.clone(), k.1.clone(), self.proxy.clone(), local_endpoints.clone());
-            let respond = Arc::new(move |_path: &str| {
-                let count = *n.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let healthy = proxy.is_healthy().0;
-                (if count > 0 && healthy { 200 } else { 503 }, service_body(&ns, &name, count, healthy))
+            let respond = move |asked_over_v6: bool| -> Responder {
+                let (ns, name, proxy, n) = (ns.clone(), name.clone(), proxy.clone(), n.clone());
+                Arc::new(move |_path: &str| {
+                    let ready = *n.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let count = ready.asked_over(asked_over_v6);
+                    let healthy = proxy.is_healthy().0;
+                    (if count > 0 && healthy { 200 } else { 503 }, service_body(&ns, &name, count, healthy))
+                })
+            };
+            let task = tokio::spawn(async move {
+                while let Ok((conn, _)) = listener.accept().await {
+                    // The family the check came over: the address it reached.
+                    let v6 = conn.local_addr().is_ok_and(|a| a.ip().to_canonical().is_ipv6());
+                    tokio::spawn(serve(conn, "application/json", respond(v6)));
+                }
             });
             info!(service = %format!("{}/{}", k.0, k.1), port, "opened health check");
-            self.servers.insert(k.clone(), Instance { port, local_endpoints, task: spawn_server(listener, respond) });
+            self.servers.insert(k.clone(), Instance { port, local_endpoints, task });
         }
     }
 
@@ -293,11 +335,9 @@ impl Drop for ServiceHealth {
 /// with a health check port, that port and its local ready endpoint count.
 pub fn wanted<'a>(
     entries: impl Iterator<Item = &'a crate::translate::PortEntry>,
-) -> BTreeMap<(String, String), (u16, usize)> {
+) -> BTreeMap<(String, String), (u16, LocalReady)> {
     entries
-        .filter_map(|e| {
-            e.health_check_node_port.map(|p| ((e.namespace.clone(), e.name.clone()), (p, e.local_ready_endpoint_count)))
-        })
+        .filter_map(|e| e.health_check_node_port.map(|p| ((e.namespace.clone(), e.name.clone()), (p, e.local_ready))))
         .collect()
 }
 

@@ -508,7 +508,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         addr: cfg.admin_bind,
         source,
     })?;
-    let mut service_health = ServiceHealth::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), proxy_health.clone());
+    let mut service_health = ServiceHealth::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), proxy_health.clone());
 
     let mut publisher = Publisher::new(handle.clone(), Some(conntrack.clone()), node.clone());
     // The steering maps follow each publication at once (before the UDP

@@ -100,10 +100,40 @@ pub struct PortEntry {
     pub cluster: Option<Vec<EndpointInfo>>,
     pub local: Option<Vec<EndpointInfo>>,
     pub health_check_node_port: Option<u16>,
-    /// Unique addresses of this node's ready endpoints, over the whole Service.
-    pub local_ready_endpoint_count: usize,
+    /// Unique addresses of this node's ready endpoints, over the whole
+    /// Service, per IP family.
+    pub local_ready: LocalReady,
     pub affinity_timeout: Option<u32>,
     pub source_ranges: Vec<Cidr>,
+}
+
+/// This node's ready endpoints of one Service (unique addresses, over all
+/// its ports) per IP family; `None` for a family the Service does not have
+/// (no clusterIP of it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalReady {
+    pub ipv4: Option<usize>,
+    pub ipv6: Option<usize>,
+}
+
+impl LocalReady {
+    /// Over both families.
+    pub fn total(&self) -> usize {
+        self.ipv4.unwrap_or(0) + self.ipv6.unwrap_or(0)
+    }
+
+    /// What a health check asked over IPv6 (`v6`) or IPv4 reports, as
+    /// kube-proxy's two per-family health servers do: that family's count;
+    /// for a single-stack Service, its one family's count over either.
+    pub fn asked_over(&self, v6: bool) -> usize {
+        let (asked, other) = if v6 { (self.ipv6, self.ipv4) } else { (self.ipv4, self.ipv6) };
+        asked.or(other).unwrap_or(0)
+    }
+
+    /// The count of one family (0 for a family the Service does not have).
+    pub fn of(&self, v6: bool) -> usize {
+        if v6 { self.ipv6 } else { self.ipv4 }.unwrap_or(0)
+    }
 }
 
 /// Why a whole Service is not proxied (not a fault: kube-proxy skips them too).
@@ -493,13 +523,24 @@ pub fn translate_service(
             cluster: join(c4, c6),
             local: join(l4, l6),
             health_check_node_port,
-            local_ready_endpoint_count: 0,
+            local_ready: LocalReady::default(),
             affinity_timeout,
             source_ranges: source_ranges.clone(),
         });
     }
+    // The Service's families are its clusterIPs'; one without any (a
+    // manifest may lack them) has its endpoints' families.
+    let has = |v6: bool| {
+        if cluster_ips.is_empty() {
+            entries.iter().any(|e| e.cluster.iter().chain(&e.local).flatten().any(|ep| ep.ip.is_ipv6() == v6))
+        } else {
+            cluster_ips.iter().any(|ip| ip.is_ipv6() == v6)
+        }
+    };
+    let count = |v6: bool| has(v6).then(|| local_ready_addresses.iter().filter(|ip| ip.is_ipv6() == v6).count());
+    let local_ready = LocalReady { ipv4: count(false), ipv6: count(true) };
     for e in &mut entries {
-        e.local_ready_endpoint_count = local_ready_addresses.len();
+        e.local_ready = local_ready;
     }
     Ok((entries, warnings))
 }

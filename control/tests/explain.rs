@@ -65,6 +65,18 @@ fn cluster_masquerades_and_says_which_rule() {
     assert!(masq["why"].as_str().unwrap().contains("policy Cluster"), "{masq}");
 }
 
+/// The dual-stack reference Service over IPv6: the packet's family's port
+/// and endpoints only, the client's IPv6 address kept.
+#[test]
+fn an_ipv6_packet_meets_the_ipv6_endpoints() {
+    let x = json("gw1", "tcp [2001:db8:18:1::100]:40000 > [2001:db8:18:100::10]:80");
+    assert_eq!((x["verdict"].as_str(), x["policy"].as_str()), (Some("forward"), Some("Local")), "{x}");
+    assert_eq!(x["endpoint"], "[2001:db8:19:1::10]:8080");
+    assert_eq!(x["translated"]["src"], "[2001:db8:18:1::100]:40000");
+    let eps: Vec<&str> = x["endpoints"].as_array().unwrap().iter().map(|e| e["address"].as_str().unwrap()).collect();
+    assert_eq!(eps, ["[2001:db8:19:1::10]:8080", "[2001:db8:19:2::10]:8080", "[2001:db8:19:2::11]:8080"]);
+}
+
 /// Seed 003's puzzle: a gateway without a local pod drops Local traffic,
 /// and says why for every endpoint.
 #[test]

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use xskgate_control::health::{self, ProxyHealth, ServiceHealth};
+use xskgate_control::translate::LocalReady;
 use xskgate_control::{manifest, node, state::ClusterState};
 
 fn agent() -> ureq::Agent {
@@ -43,13 +44,14 @@ fn health_check_node_port_follows_local_endpoints() {
     let (state, _) = ClusterState::from_objects(manifest::load_dir(&dir).unwrap().objects);
     let t = state.translate(&node::identity("gw1".into(), None, &state));
     let from_fixtures = health::wanted(t.entries.iter());
-    assert_eq!(from_fixtures.get(&("t".to_string(), "local-lb".to_string())), Some(&(32000, 1)));
-    assert_eq!(from_fixtures.get(&("t".to_string(), "local-empty".to_string())), Some(&(32001, 0)));
+    let v4 = |n| LocalReady { ipv4: Some(n), ipv6: None };
+    assert_eq!(from_fixtures.get(&("t".to_string(), "local-lb".to_string())), Some(&(32000, v4(1))));
+    assert_eq!(from_fixtures.get(&("t".to_string(), "local-empty".to_string())), Some(&(32001, v4(0))));
 
     // Serve one of them on a free port of 127.0.0.1.
     let port = free_port();
     let key = ("t".to_string(), "local-lb".to_string());
-    let mut wanted = BTreeMap::from([(key.clone(), (port, 1))]);
+    let mut wanted = BTreeMap::from([(key.clone(), (port, v4(1)))]);
     rt.block_on(servers.sync(&wanted));
     let url = format!("http://127.0.0.1:{port}/any/path?x=1");
     let (status, ct, nosniff, body) = get(&url).unwrap();
@@ -60,14 +62,14 @@ fn health_check_node_port_follows_local_endpoints() {
     );
 
     // The local endpoint goes: 503, so the load balancer stops sending here.
-    wanted.insert(key.clone(), (port, 0));
+    wanted.insert(key.clone(), (port, v4(0)));
     rt.block_on(servers.sync(&wanted));
     let (status, _, _, body) = get(&url).unwrap();
     assert_eq!(status, 503);
     assert!(body.contains("\"localEndpoints\": 0"), "{body}");
 
     // It comes back: 200.
-    wanted.insert(key.clone(), (port, 2));
+    wanted.insert(key.clone(), (port, v4(2)));
     rt.block_on(servers.sync(&wanted));
     assert_eq!(get(&url).unwrap().0, 200);
 
@@ -86,6 +88,38 @@ fn health_check_node_port_follows_local_endpoints() {
     std::thread::sleep(Duration::from_millis(50));
     assert!(get(&url).is_err(), "the health check port is closed");
     assert!(servers.ports().is_empty());
+}
+
+/// A dual-stack Service's health check on `::` (as `xskgate run` opens
+/// it), in a namespace of its own: asked over IPv4 it counts the IPv4 local
+/// endpoints, over IPv6 the IPv6 ones (kube-proxy's two per-family
+/// servers), so a node with only an IPv4 pod says 200 over IPv4 and 503 over
+/// IPv6; a single-stack Service answers with its family's count over both.
+/// Needs root (a network namespace); fails without it.
+#[test]
+fn a_dual_stack_health_check_answers_for_the_family_it_is_asked_over() {
+    let mut t = xskgate_tests::Topology::new();
+    let ns = t.add_ns("h");
+    xskgate_tests::in_ns(&ns, || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let proxy = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
+        let mut servers = ServiceHealth::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), proxy);
+        let (dual, single) = (("t".to_string(), "dual".to_string()), ("t".to_string(), "single".to_string()));
+        let wanted = BTreeMap::from([
+            (dual, (32100, LocalReady { ipv4: Some(1), ipv6: Some(0) })),
+            (single, (32101, LocalReady { ipv4: Some(2), ipv6: None })),
+        ]);
+        rt.block_on(servers.sync(&wanted));
+        let answer = |url: &str| {
+            let (status, _, _, body) = get(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            let n: u64 = body.split("\"localEndpoints\": ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+            (status, n)
+        };
+        assert_eq!(answer("http://127.0.0.1:32100/"), (200, 1), "over IPv4: the IPv4 pod");
+        assert_eq!(answer("http://[::1]:32100/"), (503, 0), "over IPv6: no IPv6 endpoint here");
+        assert_eq!(answer("http://127.0.0.1:32101/"), (200, 2));
+        assert_eq!(answer("http://[::1]:32101/"), (200, 2), "a single-stack Service's count over either family");
+    });
 }
 
 #[test]

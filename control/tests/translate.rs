@@ -238,7 +238,8 @@ fn xskgate_table_cli_prints_json_and_text() {
 }
 
 /// The README's first command runs on this example: it must load cleanly and
-/// show seed 004's picture (pod-a local to gw1, pods b and c to gw2).
+/// show seed 004's picture (pod-a local to gw1, pods b and c to gw2) in both
+/// families of its dual-stack Services; the text has a row per family.
 #[test]
 fn reference_example_loads_cleanly_and_shows_both_policies() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/reference");
@@ -246,9 +247,9 @@ fn reference_example_loads_cleanly_and_shows_both_policies() {
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
     let (state, warnings) = ClusterState::from_objects(loaded.objects);
     assert!(warnings.is_empty(), "{warnings:?}");
-    for (gw, local, count) in
-        [("gw1", vec!["198.19.1.10:8080"], 1), ("gw2", vec!["198.19.2.10:8080", "198.19.2.11:8080"], 2)]
-    {
+    let gw1 = vec!["198.19.1.10:8080", "[2001:db8:19:1::10]:8080"];
+    let gw2 = vec!["198.19.2.10:8080", "198.19.2.11:8080", "[2001:db8:19:2::10]:8080", "[2001:db8:19:2::11]:8080"];
+    for (gw, local, count) in [("gw1", gw1, 1), ("gw2", gw2, 2)] {
         let id = node::identity(gw.to_string(), None, &state);
         assert_eq!(id.zone.as_deref(), Some("zone-a"), "zone from the Node object");
         let t = state.translate(&id);
@@ -256,7 +257,18 @@ fn reference_example_loads_cleanly_and_shows_both_policies() {
         let v = table_cmd::to_json(gw, &t.entries);
         let e = entry(&v, "whoami-local", "http");
         assert_eq!(e["local_endpoints"], json!(local));
-        assert_eq!(e["local_ready_endpoint_count"], count);
-        assert_eq!(entry(&v, "whoami-cluster", "http")["cluster_endpoints"].as_array().unwrap().len(), 3);
+        assert_eq!(e["local_ready_endpoints"], json!({"ipv4": count, "ipv6": count}));
+        assert_eq!(e["local_ready_endpoint_count"], 2 * count);
+        let addresses: Vec<&str> = e["frontends"].as_array().unwrap().iter().map(|f| f["address"].as_str().unwrap()).collect();
+        assert_eq!(addresses, ["198.19.128.10", "2001:db8:19:128::10", "*", "198.18.100.10", "2001:db8:18:100::10"]);
+        assert_eq!(entry(&v, "whoami-cluster", "http")["cluster_endpoints"].as_array().unwrap().len(), 6);
+        let text = table_cmd::to_text(gw, &t.entries);
+        let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("default/whoami-local:http")).collect();
+        assert_eq!(rows.len(), 2, "a row per family:\n{text}");
+        assert!(rows[0].contains(" IPv4 ") && rows[0].contains("LoadBalancer=198.18.100.10:80"), "{text}");
+        assert!(!rows[0].contains("2001:db8"), "the IPv4 row has IPv4 only: {text}");
+        assert!(rows[1].contains(" IPv6 ") && rows[1].contains("LoadBalancer=[2001:db8:18:100::10]:80"), "{text}");
+        assert!(rows[1].contains("NodePort=*:30080") && !rows[1].contains("198.19."), "{text}");
+        assert!(rows[1].ends_with(&format!(":32080 ({count} local)")), "{text}");
     }
 }
