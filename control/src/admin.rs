@@ -208,6 +208,9 @@ pub struct ServiceStatus {
     /// `namespace/name:port_name`.
     pub service: String,
     pub protocol: String,
+    /// `IPv4` or `IPv6`: the table has a port per family of a Service.
+    #[serde(default)]
+    pub family: String,
     /// `Kind=address:port` (a NodePort's address is `*`).
     pub frontends: Vec<String>,
     pub external_policy: String,
@@ -279,14 +282,13 @@ pub fn status(i: &StatusInput<'_>) -> Status {
                 .filter(|(_, n)| **n > 0)
                 .map(|(r, n)| (r.name().to_string(), *n))
                 .collect();
+            // A port is of one family (the table has one per family).
+            let v6 = p.frontends.first().is_some_and(|f| !f.addr.is_v4());
             let health = p.health_check_node_port.map(|port| {
                 let key = (p.name.namespace.clone(), p.name.name.clone());
-                // A port is of one family (the table has one per family): its
-                // health check as asked over that family answers it.
-                let v6 = p.frontends.first().is_some_and(|f| !f.addr.is_v4());
-                let local = local_ready
-                    .get(&(p.name.namespace.as_str(), p.name.name.as_str()))
-                    .map_or(0, |r| r.asked_over(v6));
+                // Its health check as asked over the port's family answers it.
+                let local =
+                    local_ready.get(&(p.name.namespace.as_str(), p.name.name.as_str())).map_or(0, |r| r.asked_over(v6));
                 let status = match i.health_open.get(&key) {
                     Some(open) if *open == port && local > 0 && i.proxy_healthy => 200,
                     Some(open) if *open == port => 503,
@@ -297,6 +299,7 @@ pub fn status(i: &StatusInput<'_>) -> Status {
             ServiceStatus {
                 service: p.name.to_string(),
                 protocol: p.proto.name().to_ascii_uppercase(),
+                family: if v6 { "IPv6" } else { "IPv4" }.into(),
                 frontends: p.frontends.iter().map(|f| frontend_text(f.kind, &f.addr, f.port)).collect(),
                 external_policy: p.external_policy.name().into(),
                 internal_policy: p.internal_policy.name().into(),
@@ -403,6 +406,7 @@ pub fn to_text(s: &Status) -> String {
     let mut rows = vec![[
         "SERVICE".to_string(),
         "PROTO".into(),
+        "FAMILY".into(),
         "FRONTENDS".into(),
         "POLICY ext/int".into(),
         "USABLE cluster/local".into(),
@@ -421,6 +425,7 @@ pub fn to_text(s: &Status) -> String {
         rows.push([
             r.service.clone(),
             r.protocol.clone(),
+            r.family.clone(),
             r.frontends.join(" "),
             format!("{}/{}", r.external_policy, r.internal_policy),
             format!("{}/{}", r.cluster_endpoints, r.local_endpoints),
@@ -430,7 +435,7 @@ pub fn to_text(s: &Status) -> String {
             if drops.is_empty() { "-".into() } else { drops.join(" ") },
         ]);
     }
-    let widths: Vec<usize> = (0..9).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..10).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     for r in &rows {
         let line: Vec<String> = r.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
         out.push_str(line.join("  ").trim_end());

@@ -6,11 +6,16 @@
 //! answers, which source address the pod saw, each pod's share of the
 //! flows, and the health check's answer. Then it removes everything.
 //!
+//! The topology and its Services are dual-stack: every scenario runs in
+//! IPv4 and in IPv6, the client reaching the Services' addresses of that
+//! family through the gateways' addresses of that family.
+//!
 //! `--json` prints one object: `{"scenarios": [...]}`, each entry with
-//! `case`, `policy`, `gateway`, `reachable`, `source_seen`,
-//! `client_address`, `gateway_address`, `shares` (pod → fraction of the
-//! answered flows) and `health_status` (the healthCheckNodePort's HTTP
-//! status; `null` for Cluster, which has none); and `puzzles`, the seeds'
+//! `case`, `family` (`ipv4`/`ipv6`), `policy`, `gateway`, `reachable`,
+//! `source_seen`, `client_address`, `gateway_address`, `shares` (pod →
+//! fraction of the answered flows) and `health_status` (the
+//! healthCheckNodePort's HTTP status asked over that family; `null` for
+//! Cluster, which has none); and `puzzles`, the seeds'
 //! puzzles each answered by one real command against the running gateways
 //! (`xskgate status`, `xskgate explain --gateway`, `ping`): `puzzle`,
 //! `command` and `answer` (the command's output).
@@ -22,10 +27,10 @@ use std::path::Path;
 use std::time::Duration;
 use xskgate_fastpath::TrafficPolicy;
 use xskgate_tests::reference::{
-    Gw, LB_CLUSTER, LB_LOCAL, PodState, Reference, ReferenceError, Tally, http_get, udp_flows,
+    Family, Gw, LB_CLUSTER, LB_LOCAL, PodState, Reference, ReferenceError, Tally, http_get, udp_flows,
 };
 
-/// UDP flows per (policy, gateway): 2 × 750 = 1,500 per policy, so each
+/// UDP flows per (family, policy, gateway): 2 × 750 = 1,500 per policy, so each
 /// share is within about ±3 points of its expectation (3 standard deviations).
 const FLOWS: usize = 750;
 
@@ -33,6 +38,8 @@ const FLOWS: usize = 750;
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
     pub case: String,
+    #[serde(serialize_with = "family_name")]
+    pub family: Family,
     #[serde(serialize_with = "policy_name")]
     pub policy: TrafficPolicy,
     pub gateway: &'static str,
@@ -40,14 +47,18 @@ pub struct Row {
     /// "client", "gateway", "none" when unreachable, or "mixed" when the
     /// gateways of a "both" row disagree.
     pub source_seen: String,
-    pub client_address: &'static str,
-    pub gateway_address: &'static str,
+    pub client_address: String,
+    pub gateway_address: String,
     pub shares: BTreeMap<String, f64>,
     pub health_status: Option<u16>,
 }
 
 fn policy_name<S: serde::Serializer>(p: &TrafficPolicy, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(p.name())
+}
+
+fn family_name<S: serde::Serializer>(f: &Family, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(f.name())
 }
 
 /// The reference topology's Service of each policy: its LoadBalancer IP
@@ -136,18 +147,18 @@ fn progress(json: bool, msg: &str) {
 }
 
 /// Which address the pod saw, in words.
-fn source_kind(gw: Gw, seen: &str) -> String {
-    if seen == gw.client_address() {
+fn source_kind(gw: Gw, family: Family, seen: &str) -> String {
+    if seen == gw.client_address_in(family) {
         "client".into()
-    } else if gw.addresses().contains(&seen) {
+    } else if gw.addresses_in(family).iter().any(|a| a == seen) {
         "gateway".into()
     } else {
         format!("other ({seen})")
     }
 }
 
-fn ask_http(r: &Reference, lb: &str) -> Option<(String, String)> {
-    let (status, body) = http_get(&r.topo.ns_name("client"), format!("http://{lb}/")).ok()?;
+fn ask_http(r: &Reference, family: Family, lb: &str) -> Option<(String, String)> {
+    let (status, body) = http_get(&r.topo.ns_name("client"), format!("http://{}/", family.host_port(lb, 80))).ok()?;
     if status != 200 {
         return None;
     }
@@ -156,26 +167,28 @@ fn ask_http(r: &Reference, lb: &str) -> Option<(String, String)> {
     Some((pod.to_string(), peer.ip().to_string()))
 }
 
-fn row(r: &Reference, case: &str, policy: TrafficPolicy, gw: Gw, tally: &Tally) -> Row {
+fn row(r: &Reference, case: &str, family: Family, policy: TrafficPolicy, gw: Gw, tally: &Tally) -> Row {
     r.via(gw);
-    let answer = ask_http(r, lb_of(policy));
+    let answer = ask_http(r, family, lb_of(policy));
     // Only Local has a healthCheckNodePort.
-    let health_status = (policy == TrafficPolicy::Local).then(|| r.health(gw).map(|(code, _)| code).unwrap_or(0));
+    let health_status =
+        (policy == TrafficPolicy::Local).then(|| r.health_in(gw, family).map(|(code, _)| code).unwrap_or(0));
     Row {
         case: case.to_string(),
+        family,
         policy,
         gateway: gw.name(),
         reachable: answer.is_some(),
-        source_seen: answer.as_ref().map_or_else(|| "none".to_string(), |(_, seen)| source_kind(gw, seen)),
-        client_address: gw.client_address(),
-        gateway_address: gw.address(),
+        source_seen: answer.as_ref().map_or_else(|| "none".to_string(), |(_, seen)| source_kind(gw, family, seen)),
+        client_address: gw.client_address_in(family),
+        gateway_address: gw.address_in(family),
         shares: tally.shares(),
         health_status,
     }
 }
 
-fn flows(r: &Reference, policy: TrafficPolicy, gw: Gw, n: usize) -> Tally {
-    let to: SocketAddr = format!("{}:{}", gw.address(), udp_node_port_of(policy)).parse().expect("literal address");
+fn flows(r: &Reference, family: Family, policy: TrafficPolicy, gw: Gw, n: usize) -> Tally {
+    let to: SocketAddr = family.host_port(gw.address(), udp_node_port_of(policy)).parse().expect("literal address");
     udp_flows(&r.topo.ns_name("client"), to, n, Duration::from_secs(1))
 }
 
@@ -185,40 +198,48 @@ pub fn run_lab(xskgate: &Path, json: bool) -> Result<Lab, ReferenceError> {
     let mut r = Reference::start(xskgate)?;
     progress(json, &format!("gateways running (prefix {}); replaying seeds 003 and 004", r.topo.prefix()));
     let mut rows = Vec::new();
-    for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
-        let per_gw: Vec<(Gw, Tally)> = Gw::BOTH.iter().map(|&gw| (gw, flows(&r, policy, gw, FLOWS))).collect();
-        let mut both = Tally::default();
-        for (gw, t) in &per_gw {
-            rows.push(row(&r, "both gateways serving", policy, *gw, t));
-            both.merge(t);
+    for family in Family::BOTH {
+        for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
+            let per_gw: Vec<(Gw, Tally)> =
+                Gw::BOTH.iter().map(|&gw| (gw, flows(&r, family, policy, gw, FLOWS))).collect();
+            let mut both = Tally::default();
+            for (gw, t) in &per_gw {
+                rows.push(row(&r, "both gateways serving", family, policy, *gw, t));
+                both.merge(t);
+            }
+            // What the pods saw through each gateway, if they agree.
+            let seen: std::collections::BTreeSet<&str> =
+                rows[rows.len() - per_gw.len()..].iter().map(|r| r.source_seen.as_str()).collect();
+            let source_seen = if seen.len() == 1 { seen.into_iter().collect() } else { "mixed".to_string() };
+            rows.push(Row {
+                case: "clients split evenly over gw1 and gw2 (seed 004)".into(),
+                family,
+                policy,
+                gateway: "both",
+                reachable: both.answered() > 0 && ask_http(&r, family, lb_of(policy)).is_some(),
+                source_seen,
+                client_address: String::new(),
+                gateway_address: String::new(),
+                shares: both.shares(),
+                health_status: None,
+            });
         }
-        // What the pods saw through each gateway, if they agree.
-        let seen: std::collections::BTreeSet<&str> =
-            rows[rows.len() - per_gw.len()..].iter().map(|r| r.source_seen.as_str()).collect();
-        let source_seen = if seen.len() == 1 { seen.into_iter().collect() } else { "mixed".to_string() };
-        rows.push(Row {
-            case: "clients split evenly over gw1 and gw2 (seed 004)".into(),
-            policy,
-            gateway: "both",
-            reachable: both.answered() > 0 && ask_http(&r, lb_of(policy)).is_some(),
-            source_seen,
-            client_address: "",
-            gateway_address: "",
-            shares: both.shares(),
-            health_status: None,
-        });
     }
     let mut puzzles = vec![local_endpoint_counts(&r, xskgate)];
     progress(json, "scaling pod-a away: gw1 has no local endpoint now (seed 003)");
     r.set_pod("pod-a", PodState::Deleted);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while r.health(Gw::Gw1).map(|(c, _)| c) != Ok(503) && std::time::Instant::now() < deadline {
+    while Family::BOTH.iter().any(|&f| r.health_in(Gw::Gw1, f).map(|(c, _)| c) != Ok(503))
+        && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(50));
     }
-    for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
-        // 64 flows (one group) are enough to show that none is answered.
-        let t = flows(&r, policy, Gw::Gw1, 64);
-        rows.push(row(&r, "pod-a scaled away", policy, Gw::Gw1, &t));
+    for family in Family::BOTH {
+        for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
+            // 64 flows (one group) are enough to show that none is answered.
+            let t = flows(&r, family, policy, Gw::Gw1, 64);
+            rows.push(row(&r, "pod-a scaled away", family, policy, Gw::Gw1, &t));
+        }
     }
     progress(json, "asking the seeds' puzzles");
     let local = format!("tcp 198.18.1.100:40000 > {LB_LOCAL}:80");
@@ -270,8 +291,8 @@ pub fn to_text(lab: &Lab) -> String {
 fn scenarios_text(rows: &[Row]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<48} {:<8} {:<8} {:<10} {:<26} {:<22} {}\n",
-        "case", "policy", "gateway", "reachable", "source the pod saw", "flows a / b / c", "health check"
+        "{:<48} {:<6} {:<8} {:<8} {:<10} {:<27} {:<22} {}\n",
+        "case", "family", "policy", "gateway", "reachable", "source the pod saw", "flows a / b / c", "health check"
     ));
     for r in rows {
         let share = |p: &str| r.shares.get(p).map_or("   -".to_string(), |s| format!("{:>3.0}%", s * 100.0));
@@ -287,8 +308,9 @@ fn scenarios_text(rows: &[Row]) -> String {
             None => "-".to_string(),
         };
         out.push_str(&format!(
-            "{:<48} {:<8} {:<8} {:<10} {:<26} {:<22} {}\n",
+            "{:<48} {:<6} {:<8} {:<8} {:<10} {:<27} {:<22} {}\n",
             r.case,
+            if r.family == Family::Ipv4 { "IPv4" } else { "IPv6" },
             r.policy.name(),
             r.gateway,
             if r.reachable { "yes" } else { "NO" },
@@ -317,12 +339,13 @@ mod tests {
     fn sample() -> Lab {
         let scenarios = vec![Row {
             case: "both gateways serving".into(),
+            family: Family::Ipv4,
             policy: TrafficPolicy::Local,
             gateway: "gw1",
             reachable: true,
             source_seen: "client".into(),
-            client_address: "198.18.1.100",
-            gateway_address: "198.18.1.1",
+            client_address: "198.18.1.100".into(),
+            gateway_address: "198.18.1.1".into(),
             shares: [("pod-a".to_string(), 1.0)].into(),
             health_status: Some(200),
         }];
@@ -339,6 +362,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&to_json(&sample())).unwrap();
         let row = &v["scenarios"][0];
         for key in [
+            "family",
             "policy",
             "gateway",
             "reachable",
@@ -351,6 +375,7 @@ mod tests {
             assert!(!row[key].is_null(), "missing {key}: {row}");
         }
         assert_eq!(row["shares"]["pod-a"], 1.0);
+        assert_eq!(row["family"], "ipv4");
         assert_eq!(row["health_status"], 200);
         let puzzle = &v["puzzles"][0];
         for key in ["puzzle", "command", "answer"] {
@@ -363,7 +388,7 @@ mod tests {
         let t = to_text(&sample());
         assert!(t.contains("\nWhy?\n$ (on gw1) xskgate explain") && t.contains("  verdict        drop"), "{t}");
         let line = t.lines().nth(1).unwrap();
-        for want in ["Local", "gw1", "yes", "client 198.18.1.100", "100%", "200 (serve here)"] {
+        for want in ["IPv4", "Local", "gw1", "yes", "client 198.18.1.100", "100%", "200 (serve here)"] {
             assert!(line.contains(want), "{want} missing from {line:?}");
         }
     }

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use xskgate_tests::reference::{
-    Gw, LB_CLUSTER, LB_LOCAL, LB_NONE, NAMESPACES, PodState, Reference, http_get, udp_flows,
+    Family, Gw, LB_CLUSTER, LB_LOCAL, LB_NONE, NAMESPACES, PodState, Reference, http_get, udp_flows,
 };
 use xskgate_tests::{UdpStream, in_ns};
 
@@ -78,52 +78,60 @@ fn wait_publication(r: &Reference, gw: Gw, before: u64) {
     }
 }
 
-/// Scenario 1 (seed 003): Cluster through either gateway reaches a pod that
-/// sees the gateway's address; Local keeps the client's address and stays on
+/// Scenario 1 (seed 003), in both families of the dual-stack Services:
+/// Cluster through either gateway reaches a pod that sees the gateway's
+/// address of that family; Local keeps the client's address and stays on
 /// the gateway's own pods; with pod-a scaled away, Local through gw1 times
 /// out and counts `no_local_endpoints` while Cluster through gw1 still works.
 #[test]
 fn s1_seed_003_policies_and_a_gateway_without_local_pods() {
     let mut r = start();
-    for gw in Gw::BOTH {
-        r.via(gw);
-        let (pod, src) = http(&r, &format!("http://{LB_CLUSTER}/")).unwrap_or_else(|e| panic!("{e}"));
-        assert!(gw.addresses().contains(&src.as_str()), "Cluster via {gw:?}: {pod} saw {src}");
-        let (pod, src) = http(&r, &format!("http://{LB_LOCAL}/")).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(src, gw.client_address(), "Local via {gw:?} keeps the client address");
-        let local_pods: &[&str] = if gw == Gw::Gw1 { &["pod-a"] } else { &["pod-b", "pod-c"] };
-        assert!(local_pods.contains(&pod.as_str()), "Local via {gw:?} answered by {pod}");
+    let url = |f: Family, lb: &str| format!("http://{}/", f.host_port(lb, 80));
+    for family in Family::BOTH {
+        for gw in Gw::BOTH {
+            r.via(gw);
+            let (pod, src) = http(&r, &url(family, LB_CLUSTER)).unwrap_or_else(|e| panic!("{family:?}: {e}"));
+            assert!(gw.addresses_in(family).contains(&src), "Cluster via {gw:?} ({family:?}): {pod} saw {src}");
+            let (pod, src) = http(&r, &url(family, LB_LOCAL)).unwrap_or_else(|e| panic!("{family:?}: {e}"));
+            assert_eq!(src, gw.client_address_in(family), "Local via {gw:?} ({family:?}) keeps the client address");
+            let local_pods: &[&str] = if gw == Gw::Gw1 { &["pod-a"] } else { &["pod-b", "pod-c"] };
+            assert!(local_pods.contains(&pod.as_str()), "Local via {gw:?} ({family:?}) answered by {pod}");
+        }
     }
     r.set_pod("pod-a", PodState::Deleted);
-    wait_for("gw1's health check to say 503", Duration::from_secs(5), || {
-        r.health(Gw::Gw1).is_ok_and(|(code, _)| code == 503)
+    wait_for("gw1's health check to say 503 in both families", Duration::from_secs(5), || {
+        Family::BOTH.iter().all(|&f| r.health_in(Gw::Gw1, f).is_ok_and(|(code, _)| code == 503))
     });
     r.via(Gw::Gw1);
-    let before = r.metric(Gw::Gw1, NO_LOCAL);
-    let local = http(&r, &format!("http://{LB_LOCAL}/"));
-    assert!(local.is_err(), "Local through a gateway without local pods must time out: {local:?}");
-    wait_for("no_local_endpoints to rise on gw1", Duration::from_secs(3), || r.metric(Gw::Gw1, NO_LOCAL) > before);
-    let (pod, src) = http(&r, &format!("http://{LB_CLUSTER}/")).expect("Cluster through gw1 still works");
-    assert!(["pod-b", "pod-c"].contains(&pod.as_str()) && Gw::Gw1.addresses().contains(&src.as_str()), "{pod} {src}");
+    for family in Family::BOTH {
+        let before = r.metric(Gw::Gw1, NO_LOCAL);
+        let local = http(&r, &url(family, LB_LOCAL));
+        assert!(local.is_err(), "Local ({family:?}) through a gateway without local pods must time out: {local:?}");
+        wait_for("no_local_endpoints to rise on gw1", Duration::from_secs(3), || r.metric(Gw::Gw1, NO_LOCAL) > before);
+        let (pod, src) = http(&r, &url(family, LB_CLUSTER)).expect("Cluster through gw1 still works");
+        let gw1 = Gw::Gw1.addresses_in(family);
+        assert!(["pod-b", "pod-c"].contains(&pod.as_str()) && gw1.contains(&src), "{family:?}: {pod} {src}");
+    }
 }
 
 /// Scenario 2: healthCheckNodePort says 200 with the local count on each
-/// gateway, and gw1's flips to 503 as pod-a becomes not ready, terminating,
-/// or deleted — and back to 200.
+/// gateway, asked over either family, and gw1's flips to 503 as pod-a
+/// becomes not ready, terminating, or deleted — and back to 200.
 #[test]
 fn s2_health_check_follows_the_local_endpoints() {
     let mut r = start();
-    assert_eq!(r.health(Gw::Gw1), Ok((200, 1)));
-    assert_eq!(r.health(Gw::Gw2), Ok((200, 2)));
+    let on = |r: &Reference, gw: Gw, want: (u16, u64)| Family::BOTH.iter().all(|&f| r.health_in(gw, f) == Ok(want));
+    assert!(on(&r, Gw::Gw1, (200, 1)), "{:?}", r.health_in(Gw::Gw1, Family::Ipv6));
+    assert!(on(&r, Gw::Gw2, (200, 2)), "{:?}", r.health_in(Gw::Gw2, Family::Ipv6));
     for state in [PodState::NotReady, PodState::Terminating, PodState::Deleted] {
         r.set_pod("pod-a", state);
-        wait_for(&format!("503 with pod-a {state:?}"), Duration::from_secs(5), || r.health(Gw::Gw1) == Ok((503, 0)));
-        assert_eq!(r.health(Gw::Gw2), Ok((200, 2)), "gw2 is not affected");
+        wait_for(&format!("503 with pod-a {state:?}"), Duration::from_secs(5), || on(&r, Gw::Gw1, (503, 0)));
+        assert!(on(&r, Gw::Gw2, (200, 2)), "gw2 is not affected");
         r.set_pod("pod-a", PodState::Ready);
-        wait_for("200 again", Duration::from_secs(5), || r.health(Gw::Gw1) == Ok((200, 1)));
+        wait_for("200 again", Duration::from_secs(5), || on(&r, Gw::Gw1, (200, 1)));
     }
     r.set_pod("pod-b", PodState::NotReady);
-    wait_for("gw2 counts one local endpoint", Duration::from_secs(5), || r.health(Gw::Gw2) == Ok((200, 1)));
+    wait_for("gw2 counts one local endpoint", Duration::from_secs(5), || on(&r, Gw::Gw2, (200, 1)));
 }
 
 /// Scenario 3 (seed 004): 3,000 flows spread evenly over the two gateways.
@@ -315,10 +323,12 @@ fn udp_from(r: &Reference, sport: u16, to: &str) -> Option<String> {
     })
 }
 
-/// The status row of a Service port (`namespace/name:port`).
+/// The IPv4 status row of a Service port (`namespace/name:port`).
 fn service_row<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     let rows = status["services"].as_array().expect("services");
-    rows.iter().find(|s| s["service"] == name).unwrap_or_else(|| panic!("no row {name} in {status:#}"))
+    rows.iter()
+        .find(|s| s["service"] == name && s["family"] == "IPv4")
+        .unwrap_or_else(|| panic!("no IPv4 row {name} in {status:#}"))
 }
 
 /// Scenario 9 (issue 27), the operator's tools against the running gateways

@@ -259,7 +259,8 @@ fn reference_example_loads_cleanly_and_shows_both_policies() {
         assert_eq!(e["local_endpoints"], json!(local));
         assert_eq!(e["local_ready_endpoints"], json!({"ipv4": count, "ipv6": count}));
         assert_eq!(e["local_ready_endpoint_count"], 2 * count);
-        let addresses: Vec<&str> = e["frontends"].as_array().unwrap().iter().map(|f| f["address"].as_str().unwrap()).collect();
+        let addresses: Vec<&str> =
+            e["frontends"].as_array().unwrap().iter().map(|f| f["address"].as_str().unwrap()).collect();
         assert_eq!(addresses, ["198.19.128.10", "2001:db8:19:128::10", "*", "198.18.100.10", "2001:db8:18:100::10"]);
         assert_eq!(entry(&v, "whoami-cluster", "http")["cluster_endpoints"].as_array().unwrap().len(), 6);
         let text = table_cmd::to_text(gw, &t.entries);

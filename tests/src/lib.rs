@@ -258,6 +258,18 @@ impl Topology {
         }
     }
 
+    /// Adds another address to interface `if_short` (a short name) in
+    /// namespace `short`: an IPv6 address beside a link's IPv4 one.
+    pub fn add_address(&self, short: &str, if_short: &str, addr: &str) {
+        let ifn = self.if_name(if_short);
+        let mut cmd =
+            vec!["ip", if addr.contains(':') { "-6" } else { "-4" }, "addr", "add", addr, "dev", ifn.as_str()];
+        if addr.contains(':') {
+            cmd.push("nodad");
+        }
+        self.exec(short, &cmd);
+    }
+
     /// A route in namespace `short`.
     pub fn route(&self, short: &str, dst: &str, via: &str) {
         let family = if dst.contains(':') { "-6" } else { "-4" };

@@ -9,15 +9,23 @@
 //!                                               ── 198.19.3.1 ── pod-c 198.19.3.10
 //! ```
 //!
-//! Both gateways are reachable from the client; each routes to the other's
-//! pods over the link between them. The Services (all in `default`):
-//! - `whoami-local`: LoadBalancer 198.18.100.10, NodePort 30080 (TCP 80, UDP
-//!   53), `externalTrafficPolicy: Local`, healthCheckNodePort 32080;
-//! - `whoami-cluster`: LoadBalancer 198.18.100.11, NodePort 30081, Cluster;
-//! - `whoami-none`: LoadBalancer 198.18.100.12, NodePort 30082, no endpoints.
+//! Every link is dual-stack: each IPv4 address `198.X.Y.Z` has the IPv6
+//! address `2001:db8:X:Y::Z` beside it ([`v6_of`]), so pod-a is also
+//! 2001:db8:19:1::10 and gw1 also 2001:db8:18:1::1. Both gateways are
+//! reachable from the client; each routes to the other's pods over the link
+//! between them. The Services (all in `default`, all dual-stack, IPv4
+//! first, with an IPv4 and an IPv6 EndpointSlice each):
+//! - `whoami-local`: LoadBalancer 198.18.100.10 and 2001:db8:18:100::10,
+//!   NodePort 30080 (TCP 80, UDP 53), `externalTrafficPolicy: Local`,
+//!   healthCheckNodePort 32080, `ipFamilyPolicy: PreferDualStack`;
+//! - `whoami-cluster`: LoadBalancer 198.18.100.11 and 2001:db8:18:100::11,
+//!   NodePort 30081, Cluster, `RequireDualStack`;
+//! - `whoami-none`: LoadBalancer 198.18.100.12 and 2001:db8:18:100::12,
+//!   NodePort 30082, no endpoints.
 //!
-//! The client reaches a LoadBalancer IP through one gateway at a time
-//! ([`Reference::via`]); NodePorts are reached on each gateway's address.
+//! The client reaches a LoadBalancer IP through one gateway at a time, in
+//! both families ([`Reference::via`]); NodePorts are reached on each
+//! gateway's address of either family.
 //! Endpoint conditions are changed by rewriting the manifest directory that
 //! both gateways watch ([`Reference::set_pods`]).
 
@@ -35,6 +43,65 @@ pub const NODEPORT_CLUSTER: u16 = 30081;
 pub const NODEPORT_NONE: u16 = 30082;
 pub const HEALTH_PORT: u16 = 32080;
 pub const POD_PORT: u16 = 8080;
+
+/// An IP family of the dual-stack topology.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub const BOTH: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+
+    /// `ipv4` or `ipv6` (the lab's JSON).
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+
+    /// An address of the topology (written as its IPv4 form) in this family.
+    pub fn of(self, v4: &str) -> String {
+        match self {
+            Family::Ipv4 => v4.to_string(),
+            Family::Ipv6 => v6_of(v4),
+        }
+    }
+
+    /// `addr:port`, bracketed for IPv6 (for URLs and `SocketAddr`).
+    pub fn host_port(self, v4: &str, port: u16) -> String {
+        match self {
+            Family::Ipv4 => format!("{v4}:{port}"),
+            Family::Ipv6 => format!("[{}]:{port}", v6_of(v4)),
+        }
+    }
+}
+
+/// The IPv6 twin of one of the topology's IPv4 addresses or prefixes:
+/// `198.X.Y.Z` → `2001:db8:X:Y::Z` (the octets' decimal digits read as
+/// hex groups), `/24` → `/64`, `/16` → `/48`.
+pub fn v6_of(v4: &str) -> String {
+    let (addr, len) = match v4.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (v4, None),
+    };
+    let o: Vec<&str> = addr.split('.').collect();
+    assert!(o.len() == 4 && o[0] == "198", "{v4} is not one of the topology's addresses");
+    let host = match (o[2], o[3]) {
+        ("0", "0") => format!("2001:db8:{}::", o[1]),
+        (y, "0") => format!("2001:db8:{}:{y}::", o[1]),
+        ("0", z) => format!("2001:db8:{}::{z}", o[1]),
+        (y, z) => format!("2001:db8:{}:{y}::{z}", o[1]),
+    };
+    match len {
+        Some("24") => format!("{host}/64"),
+        Some("16") => format!("{host}/48"),
+        Some(l) => panic!("no IPv6 twin for prefix length {l} ({v4})"),
+        None => host,
+    }
+}
 
 /// One of the two gateways.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -77,6 +144,21 @@ impl Gw {
             Gw::Gw2 => &["198.18.2.1", "198.18.3.2", "198.19.2.1", "198.19.3.1"],
         }
     }
+
+    /// [`Gw::address`] in `family`.
+    pub fn address_in(self, family: Family) -> String {
+        family.of(self.address())
+    }
+
+    /// [`Gw::client_address`] in `family`.
+    pub fn client_address_in(self, family: Family) -> String {
+        family.of(self.client_address())
+    }
+
+    /// [`Gw::addresses`] in `family`.
+    pub fn addresses_in(self, family: Family) -> Vec<String> {
+        self.addresses().iter().map(|a| family.of(a)).collect()
+    }
 }
 
 /// A pod of the whoami Deployment and its endpoint's state.
@@ -105,16 +187,17 @@ pub fn manifests(pods: &BTreeMap<&str, PodState>, churn: u64) -> String {
         r#"apiVersion: v1
 kind: List
 items:
-- {apiVersion: v1, kind: Node, metadata: {name: gw1, labels: {kubernetes.io/hostname: gw1}}, status: {addresses: [{type: InternalIP, address: 198.18.1.1}]}}
-- {apiVersion: v1, kind: Node, metadata: {name: gw2, labels: {kubernetes.io/hostname: gw2}}, status: {addresses: [{type: InternalIP, address: 198.18.2.1}]}}
+- {apiVersion: v1, kind: Node, metadata: {name: gw1, labels: {kubernetes.io/hostname: gw1}}, status: {addresses: [{type: InternalIP, address: 198.18.1.1}, {type: InternalIP, address: "2001:db8:18:1::1"}]}}
+- {apiVersion: v1, kind: Node, metadata: {name: gw2, labels: {kubernetes.io/hostname: gw2}}, status: {addresses: [{type: InternalIP, address: 198.18.2.1}, {type: InternalIP, address: "2001:db8:18:2::1"}]}}
 "#,
     );
     let services = [
-        ("whoami-local", LB_LOCAL, "Local", NODEPORT_LOCAL, 30053, "198.19.128.10", true),
-        ("whoami-cluster", LB_CLUSTER, "Cluster", NODEPORT_CLUSTER, 30054, "198.19.128.11", true),
-        ("whoami-none", LB_NONE, "Cluster", NODEPORT_NONE, 30055, "198.19.128.12", false),
+        ("whoami-local", LB_LOCAL, "Local", NODEPORT_LOCAL, 30053, "198.19.128.10", true, "PreferDualStack"),
+        ("whoami-cluster", LB_CLUSTER, "Cluster", NODEPORT_CLUSTER, 30054, "198.19.128.11", true, "RequireDualStack"),
+        ("whoami-none", LB_NONE, "Cluster", NODEPORT_NONE, 30055, "198.19.128.12", false, "PreferDualStack"),
     ];
-    for (name, lb, policy, np, np_udp, cip, has_pods) in services {
+    for (name, lb, policy, np, np_udp, cip, has_pods, family_policy) in services {
+        let (lb6, cip6) = (v6_of(lb), v6_of(cip));
         let hc = if policy == "Local" { format!("\n    healthCheckNodePort: {HEALTH_PORT}") } else { String::new() };
         out.push_str(&format!(
             r#"- apiVersion: v1
@@ -123,44 +206,55 @@ items:
   spec:
     type: LoadBalancer
     clusterIP: {cip}
+    clusterIPs: [{cip}, "{cip6}"]
+    ipFamilyPolicy: {family_policy}
+    ipFamilies: [IPv4, IPv6]
     externalTrafficPolicy: {policy}{hc}
     ports:
     - {{name: http, port: 80, protocol: TCP, targetPort: {POD_PORT}, nodePort: {np}}}
     - {{name: dns, port: 53, protocol: UDP, targetPort: {POD_PORT}, nodePort: {np_udp}}}
-  status: {{loadBalancer: {{ingress: [{{ip: {lb}}}]}}}}
+  status: {{loadBalancer: {{ingress: [{{ip: {lb}}}, {{ip: "{lb6}"}}]}}}}
 "#
         ));
-        let mut endpoints = String::new();
-        if !has_pods {
-            if churn % 2 == 1 {
-                endpoints.push_str("\n  - {addresses: [198.19.9.9], nodeName: gw2, conditions: {ready: true}}");
-            } else {
-                continue;
+        for family in Family::BOTH {
+            let mut endpoints = String::new();
+            if !has_pods {
+                // pod-z is IPv4 only: the churn changes one slice.
+                if churn % 2 == 1 && family == Family::Ipv4 {
+                    endpoints.push_str("\n  - {addresses: [198.19.9.9], nodeName: gw2, conditions: {ready: true}}");
+                } else {
+                    continue;
+                }
             }
-        }
-        for (pod, addr, node) in PODS.into_iter().filter(|_| has_pods) {
-            let (ready, serving, terminating) = match pods.get(pod).copied().unwrap_or(PodState::Ready) {
-                PodState::Ready => (true, true, false),
-                PodState::NotReady => (false, false, false),
-                PodState::Terminating => (false, true, true),
-                PodState::Deleted => continue,
+            for (pod, addr, node) in PODS.into_iter().filter(|_| has_pods) {
+                let (ready, serving, terminating) = match pods.get(pod).copied().unwrap_or(PodState::Ready) {
+                    PodState::Ready => (true, true, false),
+                    PodState::NotReady => (false, false, false),
+                    PodState::Terminating => (false, true, true),
+                    PodState::Deleted => continue,
+                };
+                let addr = family.of(addr);
+                endpoints.push_str(&format!(
+                    "\n  - {{addresses: [\"{addr}\"], nodeName: {node}, targetRef: {{kind: Pod, name: {pod}}}, conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}}}"
+                ));
+            }
+            if endpoints.is_empty() {
+                endpoints.push_str(" []");
+            }
+            let (suffix, address_type) = match family {
+                Family::Ipv4 => ("1", "IPv4"),
+                Family::Ipv6 => ("v6", "IPv6"),
             };
-            endpoints.push_str(&format!(
-                "\n  - {{addresses: [{addr}], nodeName: {node}, targetRef: {{kind: Pod, name: {pod}}}, conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}}}"
-            ));
-        }
-        if endpoints.is_empty() {
-            endpoints.push_str(" []");
-        }
-        out.push_str(&format!(
-            r#"- apiVersion: discovery.k8s.io/v1
+            out.push_str(&format!(
+                r#"- apiVersion: discovery.k8s.io/v1
   kind: EndpointSlice
-  metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
-  addressType: IPv4
+  metadata: {{name: {name}-{suffix}, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+  addressType: {address_type}
   ports: [{{name: http, port: {POD_PORT}, protocol: TCP}}, {{name: dns, port: {POD_PORT}, protocol: UDP}}]
   endpoints:{endpoints}
 "#
-        ));
+            ));
+        }
     }
     out
 }
@@ -201,22 +295,37 @@ impl Reference {
         for ns in NAMESPACES {
             t.add_ns(ns);
         }
-        t.link("client", "c1", "198.18.1.100/24", "gw1", "g1c", "198.18.1.1/24");
-        t.link("client", "c2", "198.18.2.100/24", "gw2", "g2c", "198.18.2.1/24");
-        t.link("gw1", "g1x", "198.18.3.1/24", "gw2", "g2x", "198.18.3.2/24");
-        t.link("gw1", "g1a", "198.19.1.1/24", "pa", "a0", "198.19.1.10/24");
-        t.link("gw2", "g2b", "198.19.2.1/24", "pb", "b0", "198.19.2.10/24");
-        t.link("gw2", "g2p", "198.19.3.1/24", "pc", "c0", "198.19.3.10/24");
+        let links = [
+            ("client", "c1", "198.18.1.100/24", "gw1", "g1c", "198.18.1.1/24"),
+            ("client", "c2", "198.18.2.100/24", "gw2", "g2c", "198.18.2.1/24"),
+            ("gw1", "g1x", "198.18.3.1/24", "gw2", "g2x", "198.18.3.2/24"),
+            ("gw1", "g1a", "198.19.1.1/24", "pa", "a0", "198.19.1.10/24"),
+            ("gw2", "g2b", "198.19.2.1/24", "pb", "b0", "198.19.2.10/24"),
+            ("gw2", "g2p", "198.19.3.1/24", "pc", "c0", "198.19.3.10/24"),
+        ];
+        for (a, a_if, a_addr, b, b_if, b_addr) in links {
+            t.link(a, a_if, a_addr, b, b_if, b_addr);
+            t.add_address(a, a_if, &v6_of(a_addr));
+            t.add_address(b, b_if, &v6_of(b_addr));
+        }
         for gw in ["gw1", "gw2"] {
             t.forwarding(gw);
         }
-        t.route("gw1", "198.19.2.0/24", "198.18.3.2");
-        t.route("gw1", "198.19.3.0/24", "198.18.3.2");
-        t.route("gw2", "198.19.1.0/24", "198.18.3.1");
-        t.route("pa", "default", "198.19.1.1");
-        t.route("pb", "default", "198.19.2.1");
-        t.route("pc", "default", "198.19.3.1");
+        let routes = [
+            ("gw1", "198.19.2.0/24", "198.18.3.2"),
+            ("gw1", "198.19.3.0/24", "198.18.3.2"),
+            ("gw2", "198.19.1.0/24", "198.18.3.1"),
+            ("pa", "0.0.0.0/0", "198.19.1.1"),
+            ("pb", "0.0.0.0/0", "198.19.2.1"),
+            ("pc", "0.0.0.0/0", "198.19.3.1"),
+        ];
+        for (ns, dst, via) in routes {
+            t.route(ns, dst, via);
+            let dst6 = if dst == "0.0.0.0/0" { "::/0".to_string() } else { v6_of(dst) };
+            t.route(ns, &dst6, &v6_of(via));
+        }
         t.route("client", "198.18.100.0/24", Gw::Gw1.address());
+        t.route("client", &v6_of("198.18.100.0/24"), &Gw::Gw1.address_in(Family::Ipv6));
         for (ns, (pod, _, _)) in ["pa", "pb", "pc"].into_iter().zip(PODS) {
             t.echo_thread(ns, pod, POD_PORT);
         }
@@ -238,7 +347,7 @@ impl Reference {
                 "--interfaces",
                 &interfaces,
                 "--cluster-cidr",
-                "198.19.0.0/16",
+                "198.19.0.0/16,2001:db8:19::/48",
                 "--poll-ms",
                 "50",
             ];
@@ -267,9 +376,12 @@ impl Reference {
         self.write();
     }
 
-    /// Routes the client's traffic to the LoadBalancer IPs through `gw`.
+    /// Routes the client's traffic to the LoadBalancer IPs (of both
+    /// families) through `gw`.
     pub fn via(&self, gw: Gw) {
         self.topo.exec("client", &["ip", "route", "replace", "198.18.100.0/24", "via", gw.address()]);
+        let (lbs, via) = (v6_of("198.18.100.0/24"), gw.address_in(Family::Ipv6));
+        self.topo.exec("client", &["ip", "-6", "route", "replace", &lbs, "via", &via]);
     }
 
     /// The gateway's metrics text.
@@ -289,10 +401,17 @@ impl Reference {
             .map_or(0, |v| v as u64)
     }
 
-    /// The health check of `whoami-local` on `gw`, from the client:
-    /// (status, localEndpoints).
+    /// The health check of `whoami-local` on `gw`, from the client over
+    /// IPv4: (status, localEndpoints).
     pub fn health(&self, gw: Gw) -> Result<(u16, u64), String> {
-        let (status, body) = http_get(&self.topo.ns_name("client"), format!("http://{}:{HEALTH_PORT}/", gw.address()))?;
+        self.health_in(gw, Family::Ipv4)
+    }
+
+    /// The health check of `whoami-local` on `gw`'s address of `family`,
+    /// from the client: (status, localEndpoints of that family).
+    pub fn health_in(&self, gw: Gw, family: Family) -> Result<(u16, u64), String> {
+        let url = format!("http://{}/", family.host_port(gw.address(), HEALTH_PORT));
+        let (status, body) = http_get(&self.topo.ns_name("client"), url)?;
         let n = body
             .split("\"localEndpoints\": ")
             .nth(1)
@@ -370,7 +489,8 @@ pub fn udp_flows(ns: &str, to: SocketAddr, flows: usize, timeout: Duration) -> T
             let n = (flows - chunk * 64).min(64);
             let socks: Vec<_> = (0..n)
                 .filter_map(|_| {
-                    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+                    let any: SocketAddr = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("literal");
+                    let s = std::net::UdpSocket::bind(any).ok()?;
                     s.connect(to).ok()?;
                     s.send(b"who").ok()?;
                     Some(s)
@@ -400,4 +520,24 @@ pub fn udp_flows(ns: &str, to: SocketAddr, flows: usize, timeout: Duration) -> T
         }
         tally
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_twins_keep_the_octets_as_groups() {
+        assert_eq!(v6_of("198.19.1.10"), "2001:db8:19:1::10");
+        assert_eq!(v6_of("198.18.100.0/24"), "2001:db8:18:100::/64");
+        assert_eq!(v6_of("198.19.0.0/16"), "2001:db8:19::/48");
+        assert_eq!(v6_of("198.18.0.1"), "2001:db8:18::1");
+        for a in ["198.19.1.10", "198.18.100.0/24", "198.19.0.0/16", "198.18.0.1"] {
+            let v6 = v6_of(a);
+            let addr = v6.split('/').next().unwrap();
+            assert!(addr.parse::<std::net::Ipv6Addr>().is_ok(), "{v6}");
+        }
+        assert_eq!(Family::Ipv6.host_port(LB_LOCAL, 80), "[2001:db8:18:100::10]:80");
+        assert_eq!(Family::Ipv4.host_port(LB_LOCAL, 80), "198.18.100.10:80");
+    }
 }
