@@ -211,6 +211,12 @@ pub fn render(s: &Sources) -> String {
         "Echo requests to a served LoadBalancer IP or externalIP answered by the gateway (--vip-echo).",
         pipeline.echo_replies,
     );
+    counter(
+        &mut out,
+        "xskgate_time_exceeded_sent_total",
+        "ICMP time exceeded sent for Service packets whose TTL (hop limit) ran out here (each also a ttl_expired drop).",
+        pipeline.time_exceeded_sent,
+    );
     counter(&mut out, "xskgate_passed_packets_total", "Packets the pipeline did not own.", pipeline.passed);
     counter(&mut out, "xskgate_flows_created_total", "Conntrack flows created.", pipeline.flows_created);
     counter(

@@ -355,10 +355,28 @@ pub fn echo_reply(buf: &mut [u8], p: &Parsed) -> Option<usize> {
 const ICMPV4_MAX: usize = 576;
 const ICMPV6_MAX: usize = 1280;
 
-/// Turns a datagram into the ICMP port-unreachable that refuses it, quoting
-/// as much of it as fits. Returns the new frame length, or `None` when the
-/// buffer has no room for the headers.
+/// An ICMP error the gateway sends about a packet it received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IcmpErrorKind {
+    /// Destination (port) unreachable: kube-proxy's REJECT of UDP.
+    PortUnreachable,
+    /// Time exceeded in transit: the TTL (hop limit) ran out here.
+    TimeExceeded,
+}
+
+/// Turns a datagram into the ICMP port-unreachable that refuses it, from
+/// the address it was sent to, quoting as much of it as fits. Returns the
+/// new frame length, or `None` when the buffer has no room for the headers.
 pub fn port_unreachable(buf: &mut [u8], p: &Parsed) -> Option<usize> {
+    let from = p.dst;
+    icmp_error_reply(buf, p, &from, IcmpErrorKind::PortUnreachable)
+}
+
+/// Turns a received packet into the ICMP error `kind` about it, from
+/// `from` back to its sender, quoting as much of it as fits (RFC 1812's 576
+/// bytes in all for IPv4, RFC 4443's 1280 for IPv6). Returns the new frame
+/// length, or `None` when the buffer has no room for the headers.
+pub fn icmp_error_reply(buf: &mut [u8], p: &Parsed, from: &Addr, kind: IcmpErrorKind) -> Option<usize> {
     let (hdrs, max) = if p.v6 { (48, ICMPV6_MAX) } else { (28, ICMPV4_MAX) };
     let room = buf.len().checked_sub(p.l3 + hdrs)?;
     let quoted = (p.end - p.l3).min(max - hdrs).min(room);
@@ -366,14 +384,18 @@ pub fn port_unreachable(buf: &mut [u8], p: &Parsed) -> Option<usize> {
     swap_macs(buf);
     let icmp_len = 8 + quoted;
     let proto = if p.v6 { 58 } else { 1 };
-    let l4 = write_ip_header(buf, p.l3, p.v6, proto, &p.dst, &p.src, icmp_len);
-    // v4: type 3 code 3; v6: type 1 code 4.
-    let (t, c) = if p.v6 { (1, 4) } else { (3, 3) };
+    let l4 = write_ip_header(buf, p.l3, p.v6, proto, from, &p.src, icmp_len);
+    let (t, c) = match (kind, p.v6) {
+        (IcmpErrorKind::PortUnreachable, false) => (3, 3),
+        (IcmpErrorKind::PortUnreachable, true) => (1, 4),
+        (IcmpErrorKind::TimeExceeded, false) => (11, 0),
+        (IcmpErrorKind::TimeExceeded, true) => (3, 0),
+    };
     buf[l4..l4 + 8].copy_from_slice(&[t, c, 0, 0, 0, 0, 0, 0]);
     let end = l4 + icmp_len;
     let mut acc = checksum::sum(&buf[l4..end]);
     if p.v6 {
-        acc += checksum::pseudo_header(&p.dst.0, &p.src.0, 58, icmp_len as u32);
+        acc += checksum::pseudo_header(&from.0, &p.src.0, 58, icmp_len as u32);
     }
     put16(buf, l4 + 2, checksum::finish(acc));
     Some(end)

@@ -23,7 +23,10 @@
 //!    to the node's SNAT address, and which kube-proxy rule says so;
 //! 9. **store** ([`insert_planned`]): the flow's two tuples, its reply tuple
 //!    moved over SNAT ports until one is free;
-//! 10. **rewrite** ([`nat`]): DNAT/SNAT in place → `Forward { next_hop }`.
+//! 10. **rewrite** ([`nat`]): DNAT/SNAT in place → `Forward { next_hop }`;
+//!     a packet whose TTL would reach zero is `Drop(ttl_expired)` and,
+//!     within the worker's ICMP budget, answered with time exceeded
+//!     ([`ttl_expired`]).
 //!
 //! # A batch's passes
 //!
@@ -526,7 +529,7 @@ fn tracked<T: Trace>(
     tr.step(Step::Parsed { key: key_of(p) });
     tr.step(Step::Tracked { service: view.service });
     if p.ttl <= 1 {
-        return c.drop_for(view.service, DropReason::TtlExpired);
+        return ttl_expired(f, p, t.services, view.service, c, now);
     }
     t.conntrack.touch(view, now, (p.end - p.l3) as u64, p.tcp_flags);
     rewrite(f, p, view, c, tr)
@@ -710,7 +713,7 @@ fn plan_new_flow<T: Trace>(
         return Some(no_endpoint(f, p, svc, c));
     }
     if p.ttl <= 1 {
-        return Some(c.drop_for(svc.id, DropReason::TtlExpired));
+        return Some(ttl_expired(f, p, services, svc.id, c, now));
     }
     let key = key_of(p);
     let fh = flow_hash(&key);
@@ -890,6 +893,40 @@ fn reject(f: &mut Frame<'_>, p: &Parsed, service: u32, c: &mut Counters) -> Verd
             Verdict::Reply
         }
         None => c.drop_for(service, DropReason::NoEndpoints),
+    }
+}
+
+/// A Service's packet whose TTL (hop limit) would reach zero here: counted
+/// as a `ttl_expired` drop of its Service port and, within the worker's
+/// ICMP budget, answered with time exceeded from this gateway's address
+/// toward the sender (the masquerade address of the sender's route), as a
+/// router answers it: traceroute's hop. Without an address of the sender's
+/// family the packet is only dropped.
+fn ttl_expired(
+    f: &mut Frame<'_>,
+    p: &Parsed,
+    services: &ServiceTable,
+    service: u32,
+    c: &mut Counters,
+    now: u32,
+) -> Verdict {
+    let dropped = c.drop_for(service, DropReason::TtlExpired);
+    // No ICMP error to a source that is not one host (RFC 1812 §4.3.2.7).
+    let one_host = match p.src.to_ip() {
+        std::net::IpAddr::V4(a) => !(a.is_unspecified() || a.is_broadcast() || a.is_multicast()),
+        std::net::IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast()),
+    };
+    let Some(from) = services.node().snat_for(&p.src).filter(|_| one_host) else { return dropped };
+    if !c.icmp_budget.take(now) {
+        return dropped;
+    }
+    match nat::icmp_error_reply(f.buf, p, &from, nat::IcmpErrorKind::TimeExceeded) {
+        Some(len) => {
+            f.len = len;
+            c.time_exceeded_sent += 1;
+            Verdict::Reply
+        }
+        None => dropped,
     }
 }
 

@@ -75,6 +75,33 @@ pub struct ServiceCounters {
     pub bytes: u64,
 }
 
+/// ICMP errors a worker originates per second at most (the kernel's
+/// `net.ipv4.icmp_msgs_per_sec` default); past it the packet is only dropped.
+pub const ICMP_ERRORS_PER_SECOND: u32 = 1000;
+
+/// A worker's budget of the ICMP errors it originates, so that a flood of
+/// expiring packets is not reflected at line rate (the kernel rate-limits
+/// its ICMP errors for the same reason).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IcmpBudget {
+    second: u32,
+    sent: u32,
+}
+
+impl IcmpBudget {
+    /// Whether one more error may be sent at `now` (seconds), and if so,
+    /// counts it.
+    #[inline]
+    pub fn take(&mut self, now: u32) -> bool {
+        if self.second != now {
+            *self = IcmpBudget { second: now, sent: 0 };
+        }
+        let ok = self.sent < ICMP_ERRORS_PER_SECOND;
+        self.sent += u32::from(ok);
+        ok
+    }
+}
+
 /// One worker's counters; a reader sums them over workers.
 #[derive(Clone, Debug)]
 pub struct Counters {
@@ -92,6 +119,11 @@ pub struct Counters {
     pub drops: [u64; DropReason::COUNT],
     /// Echo requests to a served VIP answered by the gateway.
     pub echo_replies: u64,
+    /// ICMP time exceeded sent for packets whose TTL (hop limit) ran out
+    /// here (each is also a `ttl_expired` drop).
+    pub time_exceeded_sent: u64,
+    /// Not a counter: this worker's budget of ICMP errors it originates.
+    pub icmp_budget: IcmpBudget,
     /// Indexed by service port id (ids ≥ [`MAX_SERVICE_IDS`] share the last).
     pub per_service: Box<[ServiceCounters; MAX_SERVICE_IDS]>,
     /// Every entry of `per_service` from this index on is zero (the
@@ -115,6 +147,8 @@ impl Default for Counters {
             icmp_errors_translated: 0,
             drops: [0; DropReason::COUNT],
             echo_replies: 0,
+            time_exceeded_sent: 0,
+            icmp_budget: IcmpBudget::default(),
             per_service: vec![ServiceCounters::default(); MAX_SERVICE_IDS]
                 .into_boxed_slice()
                 .try_into()
@@ -154,6 +188,7 @@ impl Counters {
         self.snat_port_retries += o.snat_port_retries;
         self.icmp_errors_translated += o.icmp_errors_translated;
         self.echo_replies += o.echo_replies;
+        self.time_exceeded_sent += o.time_exceeded_sent;
         for (a, b) in self.drops.iter_mut().zip(o.drops.iter()) {
             *a += b;
         }
@@ -183,6 +218,7 @@ impl Counters {
         self.snat_port_retries = o.snat_port_retries;
         self.icmp_errors_translated = o.icmp_errors_translated;
         self.echo_replies = o.echo_replies;
+        self.time_exceeded_sent = o.time_exceeded_sent;
         self.drops = o.drops;
         let used = o.service_drops_used.min(o.service_drops.len()).min(self.service_drops.len());
         self.service_drops[..used].copy_from_slice(&o.service_drops[..used]);

@@ -117,6 +117,8 @@ struct Gw {
     conntrack: FlowTable,
     affinity: AffinityTable,
     worker: WorkerState,
+    /// The clock the pipeline is given (seconds).
+    now: u32,
 }
 
 impl Gw {
@@ -130,6 +132,7 @@ impl Gw {
             conntrack: FlowTable::new(Config { capacity: 4096, ..Config::default() }).unwrap(),
             affinity: AffinityTable::new(1024),
             worker: WorkerState::new(),
+            now: 100,
         }
     }
 
@@ -157,7 +160,7 @@ impl Gw {
             })
             .collect();
         let mut verdicts = vec![Verdict::Pass; inputs.len()];
-        process_batch_traced(&mut frames, &t, &mut self.worker, 100, &mut verdicts, trace);
+        process_batch_traced(&mut frames, &t, &mut self.worker, self.now, &mut verdicts, trace);
         let lens: Vec<usize> = frames.iter().map(|f| f.len).collect();
         verdicts.into_iter().zip(bufs.iter().zip(lens)).map(|(v, (b, len))| (v, b[..len].to_vec())).collect()
     }
@@ -503,6 +506,7 @@ fn gw_v6(cluster: Vec<Endpoint>, local: Vec<Endpoint>, external: TrafficPolicy) 
         conntrack: FlowTable::new(Config { capacity: 1024, ..Config::default() }).unwrap(),
         affinity: AffinityTable::new(64),
         worker: WorkerState::new(),
+        now: 100,
     }
 }
 
@@ -627,13 +631,54 @@ fn vlan_tag_is_kept_and_ipv4_options_are_handled() {
 
 // ---------------------------------------------------------------- TTL, not ours, fragments
 
+/// A Service's packet with TTL 1 is not forwarded (`ttl_expired`) and is
+/// answered, as a router answers it, with ICMP time exceeded from the
+/// gateway's address toward the sender, quoting the packet as received:
+/// traceroute's first hop. Exact bytes (every checksum) against etherparse.
 #[test]
-fn ttl_one_is_dropped_and_counted() {
+fn ttl_one_is_answered_with_time_exceeded_and_counted() {
     let mut gw = Gw::new(&[Svc::default()]);
-    assert_eq!(gw.run(&udp4(CLIENT, 40000, LB, 80, 1)).0, Verdict::Drop(DropReason::TtlExpired));
+    let input = udp4(CLIENT, 40000, LB, 80, 1);
+    let (v, out) = gw.run(&input);
+    assert_eq!(v, Verdict::Reply);
+    let b = PacketBuilder::ethernet2(MAC_GW, MAC_CLIENT)
+        .ipv4(GW, CLIENT, 64)
+        .icmpv4(etherparse::Icmpv4Type::TimeExceeded(etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit));
+    let mut want = Vec::new();
+    b.write(&mut want, &input[14..]).unwrap();
+    assert_eq!(out, want, "time exceeded from the gateway quoting the datagram");
     assert!(matches!(gw.run(&udp4(CLIENT, 40000, LB, 80, 2)).0, Verdict::Forward { .. }));
-    assert_eq!(gw.run(&udp4(CLIENT, 40000, LB, 80, 1)).0, Verdict::Drop(DropReason::TtlExpired));
+    assert_eq!(gw.run(&udp4(CLIENT, 40000, LB, 80, 1)).0, Verdict::Reply, "a tracked flow's packet too");
     assert_eq!(gw.drops(DropReason::TtlExpired), 2);
+    assert_eq!(gw.worker.counters.time_exceeded_sent, 2);
+
+    let mut gw6 = gw_v6(vec![Endpoint { addr: Addr::from_v6(v6("2001:db8:1::10")), port: 8080, id: 5 }], vec![], {
+        TrafficPolicy::Cluster
+    });
+    let input = udp6(v6("2001:db8::10"), 40000, v6("2001:db8:100::1"), 80, 1);
+    let (v, out) = gw6.run(&input);
+    assert_eq!(v, Verdict::Reply);
+    let b = PacketBuilder::ethernet2(MAC_GW, MAC_CLIENT)
+        .ipv6(v6("2001:db8::1"), v6("2001:db8::10"), 64)
+        .icmpv6(etherparse::Icmpv6Type::TimeExceeded(etherparse::icmpv6::TimeExceededCode::HopLimitExceeded));
+    let mut want = Vec::new();
+    b.write(&mut want, &input[14..]).unwrap();
+    assert_eq!(out, want, "hop limit exceeded from the gateway's IPv6 address");
+}
+
+/// At most [`ICMP_ERRORS_PER_SECOND`] time exceeded a second per worker:
+/// past it the packets are only dropped, and the next second has a fresh
+/// budget.
+#[test]
+fn time_exceeded_is_rate_limited() {
+    use xskgate_fastpath::verdict::ICMP_ERRORS_PER_SECOND;
+    let mut gw = Gw::new(&[Svc::default()]);
+    let n = ICMP_ERRORS_PER_SECOND as usize + 10;
+    let replies = (0..n).filter(|i| gw.run(&udp4(CLIENT, 1024 + *i as u16, LB, 80, 1)).0 == Verdict::Reply).count();
+    assert_eq!(replies, ICMP_ERRORS_PER_SECOND as usize);
+    assert_eq!(gw.drops(DropReason::TtlExpired), n as u64, "every one is a ttl_expired drop");
+    gw.now += 1;
+    assert_eq!(gw.run(&udp4(CLIENT, 50000, LB, 80, 1)).0, Verdict::Reply, "a new second");
 }
 
 #[test]
