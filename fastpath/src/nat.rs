@@ -235,14 +235,22 @@ pub fn route_unchanged(buf: &mut [u8], p: &Parsed) {
 /// Translates an ICMP error about a NATed flow: the embedded packet gets
 /// the tuple `embedded` (its addresses, ports and checksums), the outer
 /// destination becomes `embedded.src`, TTL is decremented, and the outer
-/// IPv4 and ICMP checksums are recomputed (errors are rare and short).
+/// IPv4 and ICMP checksums are recomputed (errors are rare and short). An
+/// error sent by the endpoint itself (the embedded packet's destination:
+/// its port unreachable) comes from the address the sender used,
+/// `embedded.dst` (the VIP), as Linux's NAT writes it; a router's on the
+/// way keeps its own address, so traceroute shows the hop.
 pub fn rewrite_icmp_error(buf: &mut [u8], p: &Parsed, inner: &Inner, embedded: &FlowKey) {
+    let from_endpoint = p.src == inner.dst;
     let ip = translate(buf, inner.l3, inner.l4, p.end, inner.v6, inner.proto, embedded);
     if !inner.v6 {
         put16(buf, inner.l3 + 10, ip.finish());
     }
-    let (_, da, alen) = addr_offsets(p.l3, p.v6);
+    let (sa, da, alen) = addr_offsets(p.l3, p.v6);
     buf[da..da + alen].copy_from_slice(addr_bytes(&embedded.src, p.v6));
+    if from_endpoint {
+        buf[sa..sa + alen].copy_from_slice(addr_bytes(&embedded.dst, p.v6));
+    }
     // The outer IPv4 header changed in two places: recompute it in full.
     let ttl_at = if p.v6 { p.l3 + 7 } else { p.l3 + 8 };
     buf[ttl_at] = p.ttl - 1;

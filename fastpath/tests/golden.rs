@@ -427,6 +427,31 @@ fn icmp_fragmentation_needed_for_a_natted_flow_is_translated() {
     assert_eq!(gw.run(&other).0, Verdict::Pass);
 }
 
+/// The endpoint's own error (the pod's port unreachable) reaches the client
+/// from the VIP it sent to, as Linux's NAT writes it; a router's keeps the
+/// router's address (above).
+#[test]
+fn the_endpoints_own_icmp_error_comes_from_the_vip() {
+    let mut gw = Gw::new(&[Svc::default()]);
+    let (v, out) = gw.run(&udp4(CLIENT, 40000, LB, 80, 64));
+    let Verdict::Forward { next_hop } = v else { panic!("{v:?}") };
+    let pod: [u8; 4] = next_hop.as_v4().unwrap();
+    let b = PacketBuilder::ethernet2(MAC_CLIENT, MAC_GW)
+        .ipv4(pod, GW, 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port));
+    let mut err = Vec::new();
+    b.write(&mut err, &out[14..14 + 28]).unwrap();
+    let (v, translated) = gw.run(&err);
+    assert_eq!(v, Verdict::Forward { next_hop: Addr::from_v4(CLIENT) });
+    let original = udp4(CLIENT, 40000, LB, 80, 63);
+    let b = PacketBuilder::ethernet2(MAC_CLIENT, MAC_GW)
+        .ipv4(LB, CLIENT, 63)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port));
+    let mut want = Vec::new();
+    b.write(&mut want, &original[14..14 + 28]).unwrap();
+    assert_eq!(translated, want, "from the VIP, about the packet the client sent");
+}
+
 #[test]
 fn icmp_time_exceeded_towards_the_pod_for_a_local_flow() {
     // Local: the reply (VIP -> client) hits a router that sends Time
