@@ -152,15 +152,16 @@ impl Mirror {
         let mut s = self.handle.link().get().execute();
         while let Some(m) = s.try_next().await.map_err(|e| err("link dump", e))? {
             let mut name = String::new();
-            let mut mac = [0u8; 6];
+            let (mut mac, mut mtu) = ([0u8; 6], 0);
             for a in &m.attributes {
                 match a {
                     LinkAttribute::IfName(n) => name.clone_from(n),
                     LinkAttribute::Address(b) if b.len() == 6 => mac.copy_from_slice(b),
+                    LinkAttribute::Mtu(m) => mtu = *m,
                     _ => {}
                 }
             }
-            out.push(Link { ifindex: m.header.index, name, mac });
+            out.push(Link { ifindex: m.header.index, name, mac, mtu });
         }
         Ok(out)
     }

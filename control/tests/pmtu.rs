@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Every link is dual-stack (`2001:db8:X:Y::Z` beside `198.X.Y.Z`), and
-//! every link but r1–r2 has a 1500-byte MTU, so the client and the pod
+//! in the first test every link but r1–r2 has a 1500-byte MTU, so the client and the pod
 //! agree on a 1460-byte MSS that the r1–r2 link cannot carry: the path's
 //! MTU is found only if r1's fragmentation-needed (IPv4) / Packet Too Big
 //! (IPv6), sent to the client (Local) or to the gateway's masquerade address
@@ -30,6 +30,11 @@
 //!   unanswered;
 //! - a capture on the client's link, read by real `tshark`, shows the
 //!   translated ICMP errors with good checksums (outer IP, ICMP, embedded IP).
+//!
+//! The second test narrows the gateway's own link to r1 instead: the
+//! gateway itself must answer what it cannot send with
+//! fragmentation-needed / Packet Too Big (as the kernel's forwarding
+//! does), and the same checks hold.
 //!
 //! Needs root (namespaces, veths, AF_XDP); fails loudly without it.
 
@@ -96,7 +101,9 @@ struct Path4 {
     _dir: TempDir,
 }
 
-fn start() -> Path4 {
+/// The topology with the links `narrow` ((namespace, interface) ends) at a
+/// 1400-byte MTU.
+fn start(narrow: &[(&str, &str)]) -> Path4 {
     let mut t = Topology::new();
     for ns in ["client", "gw", "r1", "r2", "pod"] {
         t.add_ns(ns);
@@ -112,7 +119,7 @@ fn start() -> Path4 {
         t.add_address(a, a_if, &v6_of(a_addr));
         t.add_address(b, b_if, &v6_of(b_addr));
     }
-    for (ns, i) in [("r1", "r1b"), ("r2", "r2a")] {
+    for &(ns, i) in narrow {
         t.exec(ns, &["ip", "link", "set", "dev", &t.if_name(i), "mtu", "1400"]);
     }
     for ns in ["gw", "r1", "r2"] {
@@ -241,7 +248,28 @@ fn ping_df(p: &Path4, family: Family, vip: &str) -> std::process::Output {
 
 #[test]
 fn path_mtu_is_discovered_through_local_and_cluster_services_in_both_families() {
-    let p = start();
+    let p = start(&[("r1", "r1b"), ("r2", "r2a")]);
+    check_path(&p);
+}
+
+/// The narrow link is the gateway's own: it answers the frames it cannot
+/// send itself, and the path MTU is found all the same.
+#[test]
+fn the_gateway_answers_what_its_own_link_cannot_carry() {
+    let p = start(&[("gw", "g1"), ("r1", "r1a")]);
+    check_path(&p);
+    let (_, metrics) = xskgate_tests::reference::http_get(&p.t.ns_name("gw"), "http://127.0.0.1:10249/metrics".into())
+        .expect("metrics");
+    let sent: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("xskgate_io_too_big_sent_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no too_big_sent in {metrics}"));
+    assert!(sent >= 4, "the gateway sent its own too-big errors: {sent}");
+}
+
+/// Every check of the module doc, through both Services in both families.
+fn check_path(p: &Path4) {
     let capture = std::env::temp_dir().join(format!("{}-client.pcap", p.t.prefix()));
     let pcap = capture.to_string_lossy().into_owned();
     let dump = std::process::Command::new("ip")
@@ -258,7 +286,7 @@ fn path_mtu_is_discovered_through_local_and_cluster_services_in_both_families() 
         for (policy, lb) in [("Local", LB_LOCAL), ("Cluster", LB_CLUSTER)] {
             let vip = family.of(lb);
             let fam = if family == Family::Ipv4 { "-4" } else { "-6" };
-            let before = ping_df(&p, family, &vip);
+            let before = ping_df(p, family, &vip);
             assert!(before.status.success(), "{policy} {family:?}: the VIP answers a full-size ping: {}", out(&before));
             // UDP probes find the path MTU (r1's error, translated back).
             let trace =
@@ -278,7 +306,7 @@ fn path_mtu_is_discovered_through_local_and_cluster_services_in_both_families() 
             upload(&p.t, to).unwrap_or_else(|e| panic!("{policy} {family:?}: {e}\n{}", p.gw.log_text()));
             let route = out(&p.t.exec("client", &["ip", fam, "route", "get", &vip]));
             assert!(route.contains("mtu 1400"), "{policy} {family:?}: the client's kernel recorded the PMTU: {route}");
-            let after = ping_df(&p, family, &vip);
+            let after = ping_df(p, family, &vip);
             let said = out(&after);
             assert!(
                 !after.status.success() && (said.contains("mtu=1400") || said.contains("mtu: 1400")),

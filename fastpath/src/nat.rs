@@ -370,6 +370,9 @@ pub enum IcmpErrorKind {
     PortUnreachable,
     /// Time exceeded in transit: the TTL (hop limit) ran out here.
     TimeExceeded,
+    /// Fragmentation needed and DF set (IPv4) / Packet Too Big (IPv6): the
+    /// next link carries IP packets of at most `mtu` bytes.
+    TooBig { mtu: u16 },
 }
 
 /// Turns a datagram into the ICMP port-unreachable that refuses it, from
@@ -398,8 +401,14 @@ pub fn icmp_error_reply(buf: &mut [u8], p: &Parsed, from: &Addr, kind: IcmpError
         (IcmpErrorKind::PortUnreachable, true) => (1, 4),
         (IcmpErrorKind::TimeExceeded, false) => (11, 0),
         (IcmpErrorKind::TimeExceeded, true) => (3, 0),
+        (IcmpErrorKind::TooBig { .. }, false) => (3, 4),
+        (IcmpErrorKind::TooBig { .. }, true) => (2, 0),
     };
     buf[l4..l4 + 8].copy_from_slice(&[t, c, 0, 0, 0, 0, 0, 0]);
+    if let IcmpErrorKind::TooBig { mtu } = kind {
+        // IPv4: the next-hop MTU in the low 16 bits (RFC 1191); IPv6: 32 bits.
+        put16(buf, l4 + 6, mtu);
+    }
     let end = l4 + icmp_len;
     let mut acc = checksum::sum(&buf[l4..end]);
     if p.v6 {

@@ -21,12 +21,14 @@ pub struct Route {
     pub metric: u32,
 }
 
-/// An interface: its MAC address.
+/// An interface: its MAC address and MTU (the largest IP packet it sends;
+/// 0 when unknown: no limit is applied).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Link {
     pub ifindex: u32,
     pub name: String,
     pub mac: [u8; 6],
+    pub mtu: u32,
 }
 
 /// A route decision: leave by `oif` towards `via` (the gateway, or the

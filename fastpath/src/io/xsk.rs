@@ -86,6 +86,8 @@ io_counters! {
     no_egress_socket => "Dropped: the route leaves by an interface xskgate does not run on.";
     steered_local => "Dropped: a steered frame for this node's own stack that the pipeline did not own.";
     tx_ring_full => "Dropped: the TX ring or the egress UMEM had no room.";
+    too_big_sent => "Frames larger than their egress link's MTU answered with fragmentation-needed (IPv4, DF set) or Packet Too Big (IPv6).";
+    too_big_fragmentable => "Dropped: an IPv4 frame without DF larger than its egress link's MTU (the kernel would fragment it; xskgate does not).";
     tx_device_dropped => "Dropped by the kernel on TX: the egress device refused a frame (sendto EBUSY, e.g. its queue was full).";
     tx_kick_errors => "TX kicks (sendto) that failed otherwise than busy, e.g. the link is down (the frames stay in the TX ring and are kicked again next round).";
     xsk_rx_dropped => "Dropped by the kernel before the socket: no room in the UMEM (XDP_STATISTICS rx_dropped).";
@@ -473,7 +475,7 @@ impl Worker {
                             let ifindex = self.ports[i].ifindex;
                             self.shared.capture.offer(capture, reason, ifindex, &f.buf[..f.len.min(f.buf.len())]);
                         }
-                        let out = self.egress(i, f, verdicts[j], &fib, &services);
+                        let out = self.egress(i, f, verdicts[j], &fib, &tables, now, true);
                         match out {
                             Out::Free => self.ports[i].free.push(rx_descs[j]),
                             Out::Tx { port, len } if port == i => {
@@ -522,21 +524,53 @@ impl Worker {
         self.publish();
     }
 
-    /// Decides where a processed frame goes; rewrites its L2 header.
-    fn egress(&mut self, from: usize, f: &mut Frame<'_>, v: Verdict, fib: &Fib, services: &ServiceTable) -> Out {
+    /// Decides where a processed frame goes; rewrites its L2 header. A
+    /// frame its egress link cannot carry is answered (`answer_too_big`)
+    /// as a router answers it ([`Worker::too_big`]).
+    #[allow(clippy::too_many_arguments)]
+    fn egress(
+        &mut self,
+        from: usize,
+        f: &mut Frame<'_>,
+        v: Verdict,
+        fib: &Fib,
+        tables: &Tables<'_>,
+        now: u32,
+        answer_too_big: bool,
+    ) -> Out {
         let dst = match v {
             Verdict::Drop(_) => return Out::Free,
             Verdict::Reply => return Out::Tx { port: from, len: f.len },
             Verdict::Forward { next_hop } => next_hop,
-            Verdict::Pass => match self.route_passed(f, fib, services) {
+            Verdict::Pass => match self.route_passed(f, fib, tables.services) {
                 Some(dst) => dst,
                 None => return Out::Free,
             },
         };
+        self.egress_to(from, f, dst, fib, tables, now, answer_too_big)
+    }
+
+    /// [`Worker::egress`] for a frame going to `dst`.
+    #[allow(clippy::too_many_arguments)]
+    fn egress_to(
+        &mut self,
+        from: usize,
+        f: &mut Frame<'_>,
+        dst: Addr,
+        fib: &Fib,
+        tables: &Tables<'_>,
+        now: u32,
+        answer_too_big: bool,
+    ) -> Out {
         let Some(hop) = fib.next_hop(&dst) else {
             self.io.no_route += 1;
             return Out::Free;
         };
+        // One comparison per frame; a VLAN tag's 4 bytes are checked below.
+        let mtu = fib.link(hop.oif).map_or(0, |l| l.mtu) as usize;
+        if answer_too_big && mtu != 0 && f.len > mtu + 14 {
+            return self.too_big(from, f, dst, mtu, fib, tables, now);
+        }
         if fib.neighbour(hop.oif, &hop.via).is_none() {
             if self.held.len() < HELD_MAX {
                 (self.shared.resolve)(hop.oif, hop.via);
@@ -548,6 +582,53 @@ impl Worker {
             return Out::Free;
         }
         self.l2(f.buf, f.len, hop.oif, &hop.via, fib)
+    }
+
+    /// A frame larger than its egress link's MTU (`mtu`), as the kernel's
+    /// forwarding answers it: an IPv4 packet with DF and every IPv6 packet
+    /// becomes an ICMP fragmentation-needed / Packet Too Big with that MTU,
+    /// from this gateway's address to the packet's source (`too_big_sent`),
+    /// and the other IPv4 packets, which only fragmenting would carry, are
+    /// dropped (`too_big_fragmentable`). The error is about the packet as it
+    /// was translated, so it goes through the pipeline again, which
+    /// translates it back for the client (as it does a router's; under
+    /// Cluster it was addressed to this gateway's masquerade address), and
+    /// then leaves as any frame does. Only frames too big pay for this.
+    #[allow(clippy::too_many_arguments)]
+    fn too_big(
+        &mut self,
+        from: usize,
+        f: &mut Frame<'_>,
+        dst: Addr,
+        mtu: usize,
+        fib: &Fib,
+        tables: &Tables<'_>,
+        now: u32,
+    ) -> Out {
+        let Ok(p) = wire::parse(&f.buf[..f.len]) else {
+            self.io.too_big_fragmentable += 1;
+            return Out::Free;
+        };
+        if f.len - p.l3 <= mtu {
+            // It fits: a VLAN tag made the frame longer, not the packet.
+            return self.egress_to(from, f, dst, fib, tables, now, false);
+        }
+        let dont_fragment = p.v6 || f.buf[p.l3 + 6] & 0x40 != 0;
+        let ours = tables.services.node().snat_for(&p.src);
+        let (Some(ours), true) = (ours, dont_fragment) else {
+            self.io.too_big_fragmentable += 1;
+            return Out::Free;
+        };
+        let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
+        let Some(len) = nat::icmp_error_reply(f.buf, &p, &ours, nat::IcmpErrorKind::TooBig { mtu }) else {
+            self.io.too_big_fragmentable += 1;
+            return Out::Free;
+        };
+        f.len = len;
+        self.io.too_big_sent += 1;
+        let mut verdict = [Verdict::Pass];
+        pipeline::process_batch(std::slice::from_mut(f), tables, &mut self.state, now, &mut verdict);
+        self.egress(from, f, verdict[0], fib, tables, now, false)
     }
 
     /// A frame the pipeline passed: not a Service's, so the kernel's. It
