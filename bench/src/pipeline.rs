@@ -85,6 +85,7 @@ fn services(n: usize) -> ServiceTable {
             affinity_timeout: None,
             source_ranges: vec![],
             health_check_node_port: None,
+            dsr: false,
         }))
         .expect("distinct frontends");
     }

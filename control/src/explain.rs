@@ -609,6 +609,13 @@ pub fn explain_frame(
                 };
                 line("masquerade", decision, why);
             }
+            Step::Encapsulated { outer_src, outer_dst } => line(
+                "encapsulate",
+                format!("{} {outer_src} > {outer_dst}", if outer_dst.is_v4() { "ipip" } else { "ip6ip6" }),
+                "direct server return: the client's packet, unchanged, to the endpoint, whose reply goes straight \
+                 to the client (the client's address is kept; nothing is stored here)"
+                    .into(),
+            ),
             Step::Rewrite { before, after } => {
                 let (src, dst) = (after.src.to_ip(), after.dst.to_ip());
                 translated =

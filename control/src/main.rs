@@ -188,6 +188,12 @@ struct RunArgs {
     /// Service is served (served), always, or left to the kernel (never).
     #[arg(long, default_value = "served")]
     vip_echo: VipEcho,
+    /// External traffic to LoadBalancer IPs and externalIPs under policy
+    /// Cluster: masqueraded (snat, kube-proxy's way) or by direct server
+    /// return (dsr: IPIP / IP6IP6 to the endpoint, which replies to the client
+    /// itself); a Service's `xskgate.io/lb-mode` annotation overrides it.
+    #[arg(long, default_value = "snat")]
+    lb_mode: xskgate_control::translate::LbMode,
     /// Write every dropped packet (within --capture-rate) to this pcapng file, the
     /// drop reason in each packet's comment.
     #[arg(long)]
@@ -487,6 +493,7 @@ fn run_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> Result<xskg
         poll: std::time::Duration::from_millis(poll_ms),
         admin_bind: args.admin_bind_address,
         vip_echo: args.vip_echo,
+        lb_mode: args.lb_mode,
         capture_drops: args.capture_drops,
         capture_reasons,
         capture_rate: args.capture_rate,

@@ -15,7 +15,7 @@
 
 use crate::object::Key;
 use crate::state::ClusterState;
-use crate::translate::{EndpointInfo, FrontendEntry, NodeIdentity, PortEntry};
+use crate::translate::{EndpointInfo, FrontendEntry, LbMode, NodeIdentity, PortEntry};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use xskgate_conntrack::{Addr, FlowTable, Proto};
 use xskgate_fastpath::{
     Endpoint, EndpointSet, Frontend, FrontendKind, NodeConfig, PortChange, ServicePort, ServicePortName, ServiceTable,
-    ServiceTableBuilder, ServiceTableHandle,
+    ServiceTableBuilder, ServiceTableHandle, TrafficPolicy,
 };
 
 /// What one update did.
@@ -81,6 +81,8 @@ pub struct Publisher {
     current: Arc<ServiceTable>,
     generation: u64,
     on_publish: Option<OnPublish>,
+    /// The mode of Services without an `xskgate.io/lb-mode` annotation.
+    default_lb_mode: LbMode,
 }
 
 impl Publisher {
@@ -95,7 +97,14 @@ impl Publisher {
             current: Arc::new(ServiceTableBuilder::new(node, 0).build()),
             generation: 0,
             on_publish: None,
+            default_lb_mode: LbMode::Snat,
         }
+    }
+
+    /// The mode of Services without an `xskgate.io/lb-mode` annotation
+    /// (`xskgate run --lb-mode`); applies from the next publication.
+    pub fn set_default_lb_mode(&mut self, mode: LbMode) {
+        self.default_lb_mode = mode;
     }
 
     /// Every translated port, by Service (for `xskgate table`, health checks).
@@ -272,6 +281,27 @@ impl Publisher {
                 )
             };
             let (cluster, local) = (set(&e.cluster), set(&e.local));
+            let dsr = e.lb_mode.unwrap_or(self.default_lb_mode) == LbMode::Dsr
+                && {
+                    // The endpoint answers from the VIP's own port: DSR needs
+                    // every endpoint on the Service's port.
+                    let other: Vec<u16> =
+                        cluster.endpoints().iter().map(|ep| ep.port).filter(|p| *p != e.port).collect();
+                    let dsr_frontends = frontends.iter().any(|f| {
+                        matches!(f.kind, FrontendKind::LoadBalancer | FrontendKind::ExternalIp)
+                            && e.external_policy == TrafficPolicy::Cluster
+                    });
+                    if dsr_frontends && !other.is_empty() && !v6 {
+                        let label =
+                            if e.port_name.is_empty() { format!("port {}", e.port) } else { e.port_name.clone() };
+                        warnings.push(format!(
+                        "Service {}/{} {label}: lb-mode dsr needs its endpoints on the Service's port {} (they use {}): \
+                         served with SNAT",
+                        e.namespace, e.name, e.port, other[0]
+                    ));
+                    }
+                    other.is_empty()
+                };
             out.push(ServicePort {
                 id: self.ids.port(k, &e.port_name, v6),
                 name: ServicePortName {
@@ -288,6 +318,7 @@ impl Publisher {
                 affinity_timeout: e.affinity_timeout,
                 source_ranges: e.source_ranges.clone(),
                 health_check_node_port: e.health_check_node_port,
+                dsr,
             });
         }
         out

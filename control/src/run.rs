@@ -64,6 +64,8 @@ pub struct RunConfig {
     pub poll: Duration,
     pub admin_bind: SocketAddr,
     pub vip_echo: VipEcho,
+    /// `--lb-mode`: the mode of Services without the annotation.
+    pub lb_mode: crate::translate::LbMode,
     /// `--capture-drops`: where to write dropped frames (pcapng).
     pub capture_drops: Option<PathBuf>,
     /// Which reasons to capture (empty: all).
@@ -511,6 +513,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let mut service_health = ServiceHealth::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), proxy_health.clone());
 
     let mut publisher = Publisher::new(handle.clone(), Some(conntrack.clone()), node.clone());
+    publisher.set_default_lb_mode(cfg.lb_mode);
     // The steering maps follow each publication at once (before the UDP
     // flush); network programming ends there: the change is live.
     {
@@ -568,6 +571,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         metrics = %metrics_addr,
         admin = %admin_addr,
         vip_echo = cfg.vip_echo.name(),
+        lb_mode = cfg.lb_mode.name(),
         conntrack_max = cfg.conntrack_capacity,
         conntrack_timeouts = %format!(
             "tcp_established={}s,tcp_close_wait={}s,udp={}s,udp_stream={}s",

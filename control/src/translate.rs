@@ -105,6 +105,50 @@ pub struct PortEntry {
     pub local_ready: LocalReady,
     pub affinity_timeout: Option<u32>,
     pub source_ranges: Vec<Cidr>,
+    /// The Service's `xskgate.io/lb-mode` annotation; `None`: the
+    /// gateway's default (`xskgate run --lb-mode`).
+    pub lb_mode: Option<LbMode>,
+}
+
+/// The annotation that picks a Service's load-balancing mode.
+pub const LB_MODE_ANNOTATION: &str = "xskgate.io/lb-mode";
+
+/// How external traffic under policy Cluster reaches an endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LbMode {
+    /// Masquerade to the gateway (kube-proxy's way): replies come back
+    /// through it.
+    #[default]
+    Snat,
+    /// Direct server return: the client's packet encapsulated (IPIP /
+    /// IP6IP6) to the endpoint, which replies straight to the client from
+    /// the VIP.
+    Dsr,
+}
+
+impl LbMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            LbMode::Snat => "snat",
+            LbMode::Dsr => "dsr",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<LbMode> {
+        match s.trim() {
+            "snat" => Some(LbMode::Snat),
+            "dsr" => Some(LbMode::Dsr),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for LbMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<LbMode, String> {
+        LbMode::parse(s).ok_or_else(|| format!("{s:?} is not snat or dsr"))
+    }
 }
 
 /// This node's ready endpoints of one Service (unique addresses, over all
@@ -445,6 +489,13 @@ pub fn translate_service(
     let health_check_node_port =
         spec.health_check_node_port.filter(|_| external_local && svc_type == "LoadBalancer").and_then(port_u16);
     let topology = opted_into_topology(svc);
+    let lb_mode = svc.metadata.annotations.as_ref().and_then(|a| a.get(LB_MODE_ANNOTATION)).and_then(|v| {
+        let mode = LbMode::parse(v);
+        if mode.is_none() {
+            warnings.push(format!("{who}: annotation {LB_MODE_ANNOTATION}: {v:?} is not snat or dsr; ignored"));
+        }
+        mode
+    });
 
     let mut entries = Vec::new();
     let mut local_ready_addresses: BTreeSet<IpAddr> = BTreeSet::new();
@@ -526,6 +577,7 @@ pub fn translate_service(
             local_ready: LocalReady::default(),
             affinity_timeout,
             source_ranges: source_ranges.clone(),
+            lb_mode,
         });
     }
     // The Service's families are its clusterIPs'; one without any (a

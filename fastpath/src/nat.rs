@@ -232,6 +232,48 @@ pub fn route_unchanged(buf: &mut [u8], p: &Parsed) {
     }
 }
 
+/// Bytes an encapsulation adds: an outer IPv4 (IPIP) or IPv6 (IP6IP6) header.
+pub const fn encapsulation_overhead(v6: bool) -> usize {
+    if v6 { 40 } else { 20 }
+}
+
+/// Encapsulates the packet at `p.l3..p.end` (its TTL decremented, as the
+/// hop this gateway is; the caller checked `p.ttl > 1`) in an outer IPv4
+/// header of protocol 4 (IPIP) or IPv6 header of next header 41 (IP6IP6)
+/// from `outer_src` to `outer_dst`, of the inner packet's family, as the
+/// kernel's `ipip` / `ip6tnl` devices do. IPv4 sets DF (PMTU discovery
+/// for the tunnel path). Returns the new frame length, or `None` when the
+/// buffer has no room.
+pub fn encapsulate(buf: &mut [u8], len: usize, p: &Parsed, outer_src: &Addr, outer_dst: &Addr) -> Option<usize> {
+    let hdr = encapsulation_overhead(p.v6);
+    let inner_len = p.end - p.l3;
+    if buf.len() < p.end + hdr || len < p.end {
+        return None;
+    }
+    let mut ip = Incremental::new(if p.v6 { 0 } else { get16(buf, p.l3 + 10) });
+    decrement_ttl(buf, p, &mut ip);
+    if !p.v6 {
+        put16(buf, p.l3 + 10, ip.finish());
+    }
+    buf.copy_within(p.l3..p.end, p.l3 + hdr);
+    let (proto, ttl_at) = if p.v6 { (41, p.l3 + 7) } else { (4, p.l3 + 8) };
+    write_ip_header(buf, p.l3, p.v6, proto, outer_src, outer_dst, inner_len);
+    // write_ip_header's TTL is 64 already; the outer header is this hop's.
+    debug_assert_eq!(buf[ttl_at], 64);
+    Some(p.l3 + hdr + inner_len)
+}
+
+/// Undoes [`encapsulate`]'s outer header (its length for family `v6`):
+/// the frame as the inner packet. Returns the new frame length.
+pub fn decapsulate(buf: &mut [u8], len: usize, l3: usize, v6: bool) -> Option<usize> {
+    let hdr = encapsulation_overhead(v6);
+    if len < l3 + hdr {
+        return None;
+    }
+    buf.copy_within(l3 + hdr..len, l3);
+    Some(len - hdr)
+}
+
 /// Translates an ICMP error about a NATed flow: the embedded packet gets
 /// the tuple `embedded` (its addresses, ports and checksums), the outer
 /// destination becomes `embedded.src`, TTL is decremented, and the outer

@@ -725,6 +725,9 @@ fn plan_new_flow<T: Trace>(
         return Some(c.drop_for(svc.id, DropReason::InvalidTuple));
     }
     let node = services.node();
+    if svc.dsr && dsr_applies(kind, &class) {
+        return Some(direct_server_return(f, p, svc.id, &ep.addr, node, c, tr));
+    }
     let rule = masquerade_rule(node, kind, &class, &p.src, &ep.addr);
     let snat = rule.and_then(|_| node.snat_for(&ep.addr));
     tr.step(Step::Masquerade { rule, snat });
@@ -742,6 +745,44 @@ fn plan_new_flow<T: Trace>(
         attempt: 0,
     });
     None
+}
+
+/// Whether a DSR Service's packet goes by direct server return: external
+/// traffic to a LoadBalancer IP or externalIP under policy Cluster (the
+/// endpoint answers from that address, which it holds; a NodePort's
+/// address it does not, and Local keeps the client's address already).
+#[inline]
+fn dsr_applies(kind: FrontendKind, class: &Class<'_>) -> bool {
+    class.external
+        && class.policy == TrafficPolicy::Cluster
+        && matches!(kind, FrontendKind::LoadBalancer | FrontendKind::ExternalIp)
+}
+
+/// Stage 8–10 for direct server return: no masquerade and no flow stored;
+/// the packet, its TTL decremented, is encapsulated (IPIP / IP6IP6) from
+/// this gateway's address toward the endpoint to `endpoint`, whose node's
+/// tunnel device hands it to the pod unchanged.
+fn direct_server_return<T: Trace>(
+    f: &mut Frame<'_>,
+    p: &Parsed,
+    service: u32,
+    endpoint: &Addr,
+    node: &NodeConfig,
+    c: &mut Counters,
+    tr: &mut T,
+) -> Verdict {
+    let Some(outer_src) = node.snat_for(endpoint) else {
+        return c.drop_for(service, DropReason::NoSnatAddress);
+    };
+    tr.step(Step::Encapsulated { outer_src, outer_dst: *endpoint });
+    match nat::encapsulate(f.buf, f.len, p, &outer_src, endpoint) {
+        Some(len) => {
+            f.len = len;
+            c.count_service(service, p.end - p.l3);
+            Verdict::Forward { next_hop: *endpoint }
+        }
+        None => c.drop_for(service, DropReason::Malformed),
+    }
 }
 
 /// Stage 9, store: a planned flow's two tuples, and stage 10 for its

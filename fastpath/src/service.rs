@@ -301,6 +301,12 @@ pub struct ServicePort {
     /// `loadBalancerSourceRanges` (enforced for LoadBalancer frontends only).
     pub source_ranges: Vec<Cidr>,
     pub health_check_node_port: Option<u16>,
+    /// Direct server return for external traffic to its LoadBalancer IPs
+    /// and externalIPs under policy Cluster: the client's packet,
+    /// unchanged, encapsulated (IPIP / IP6IP6) to the endpoint, whose reply
+    /// goes straight to the client. Not tracked: Maglev picks the same
+    /// endpoint for every packet of a flow.
+    pub dsr: bool,
 }
 
 /// What the gateway itself is.
@@ -714,6 +720,7 @@ mod tests {
             affinity_timeout: None,
             source_ranges: vec![],
             health_check_node_port: None,
+            dsr: false,
         })
     }
 

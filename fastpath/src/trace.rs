@@ -35,6 +35,9 @@ pub enum Step {
     /// Masquerade: the rule that asks for it (`None`: the client's address
     /// is kept) and the SNAT address used.
     Masquerade { rule: Option<MasqueradeRule>, snat: Option<Addr> },
+    /// Direct server return: the client's packet, unchanged, encapsulated
+    /// from `outer_src` to the endpoint (`outer_dst`).
+    Encapsulated { outer_src: Addr, outer_dst: Addr },
     /// An echo request to a VIP: answered for service port `service`, or
     /// (`None`) not, since none of its Services would be served here.
     Echo { service: Option<u32> },

@@ -41,6 +41,7 @@ fn no_allocation_per_packet_after_warm_up() {
             affinity_timeout: affinity,
             source_ranges: vec![],
             health_check_node_port: None,
+            dsr: false,
         })
     };
     let eps: Vec<Endpoint> =

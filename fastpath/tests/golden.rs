@@ -54,6 +54,7 @@ struct Svc {
     affinity: Option<u32>,
     ranges: Vec<&'static str>,
     proto: Proto,
+    dsr: bool,
 }
 
 impl Default for Svc {
@@ -66,6 +67,7 @@ impl Default for Svc {
             affinity: None,
             ranges: vec![],
             proto: Proto::UDP,
+            dsr: false,
         }
     }
 }
@@ -106,6 +108,7 @@ fn table_on(svcs: &[Svc], node: NodeConfig) -> ServiceTable {
             affinity_timeout: s.affinity,
             source_ranges: s.ranges.iter().map(|r| r.parse::<Cidr>().unwrap()).collect(),
             health_check_node_port: None,
+            dsr: s.dsr,
         }))
         .unwrap();
     }
@@ -524,6 +527,7 @@ fn gw_v6(cluster: Vec<Endpoint>, local: Vec<Endpoint>, external: TrafficPolicy) 
         affinity_timeout: None,
         source_ranges: vec![],
         health_check_node_port: None,
+        dsr: false,
     }))
     .unwrap();
     Gw {
@@ -868,4 +872,76 @@ fn udp_flow_to_a_removed_endpoint_is_flushed_and_moves_to_a_live_one() {
     assert_eq!(v, Verdict::Forward { next_hop: live.addr });
     assert_eq!(tuple(&out).2, live.addr, "the next datagram reaches a live endpoint");
     assert_eq!(xskgate_fastpath::flush_udp_flows_to(&gw.conntrack, &gone), 0);
+}
+
+// ---------------------------------------------------------------- direct server return
+
+/// The outer header [`xskgate_fastpath::nat::encapsulate`] writes, built by
+/// etherparse: IPv4 protocol 4 with DF, TTL 64, or IPv6 next header 41.
+fn outer(src: Addr, dst: Addr, inner_len: usize) -> Vec<u8> {
+    let mut v = Vec::new();
+    match (src.as_v4(), dst.as_v4()) {
+        (Some(s), Some(d)) => {
+            let mut h = Ipv4Header::new(inner_len as u16, 64, etherparse::IpNumber(4), s, d).unwrap();
+            h.dont_fragment = true;
+            h.header_checksum = h.calc_header_checksum();
+            h.write(&mut v).unwrap();
+        }
+        _ => {
+            let h = etherparse::Ipv6Header {
+                payload_length: inner_len as u16,
+                next_header: etherparse::IpNumber(41),
+                hop_limit: 64,
+                source: src.0,
+                destination: dst.0,
+                ..Default::default()
+            };
+            h.write(&mut v).unwrap();
+        }
+    }
+    v
+}
+
+/// A DSR Service's external packet to its LoadBalancer IP leaves as the
+/// client sent it (TTL less one) inside IPIP from the gateway to the
+/// Maglev-picked endpoint; nothing is stored, and the next packet of the
+/// flow picks the same endpoint. A NodePort packet and internal traffic of
+/// the same Service are masqueraded as before.
+#[test]
+fn dsr_encapsulates_the_clients_packet_to_the_endpoint() {
+    let mut gw = Gw::new(&[Svc { dsr: true, ..Svc::default() }]);
+    let (v, out) = gw.run(&udp4(CLIENT, 40000, LB, 80, 64));
+    let Verdict::Forward { next_hop } = v else { panic!("{v:?}") };
+    assert!([POD_A, POD_B].contains(&next_hop.as_v4().unwrap()), "{next_hop}");
+    let inner = udp4(CLIENT, 40000, LB, 80, 63);
+    let mut want = inner[..14].to_vec();
+    want.extend(outer(Addr::from_v4(GW), next_hop, inner.len() - 14));
+    want.extend_from_slice(&inner[14..]);
+    assert_eq!(out, want, "exact bytes: the outer header, then the packet as the client sent it");
+    assert_eq!(gw.conntrack.len(), 0, "nothing stored");
+    let (again, _) = gw.run(&udp4(CLIENT, 40000, LB, 80, 64));
+    assert_eq!(again, v, "the same endpoint for the flow's next packet");
+    let (v, out) = gw.run(&udp4(CLIENT, 40001, GW, NODE_PORT, 64));
+    assert!(matches!(v, Verdict::Forward { .. }));
+    assert_eq!(tuple(&out).0, Addr::from_v4(GW), "a NodePort is masqueraded");
+    assert_eq!(gw.worker.counters.service(10).packets, 3, "DSR packets count for the Service too");
+}
+
+#[test]
+fn dsr_over_ipv6_is_ip6ip6() {
+    let pod = Endpoint { addr: Addr::from_v6(v6("2001:db8:1::10")), port: 80, id: 5 };
+    let mut gw = gw_v6(vec![pod], vec![], TrafficPolicy::Cluster);
+    let mut b = ServiceTableBuilder::new(node(), 2);
+    for p in gw.services.ports() {
+        b.add(Arc::new(ServicePort { dsr: true, ..(**p).clone() })).unwrap();
+    }
+    gw.services = b.build();
+    let (client, vip) = (v6("2001:db8::10"), v6("2001:db8:100::1"));
+    let (v, out) = gw.run(&udp6(client, 40000, vip, 80, 64));
+    assert_eq!(v, Verdict::Forward { next_hop: pod.addr });
+    let inner = udp6(client, 40000, vip, 80, 63);
+    let mut want = inner[..14].to_vec();
+    want.extend(outer(Addr::from_v6(v6("2001:db8::1")), pod.addr, inner.len() - 14));
+    want.extend_from_slice(&inner[14..]);
+    assert_eq!(out, want);
 }

@@ -41,6 +41,7 @@ fn services() -> ServiceTable {
             affinity_timeout: (id == 1).then_some(60),
             source_ranges: vec![],
             health_check_node_port: None,
+            dsr: false,
         }))
         .unwrap();
     }

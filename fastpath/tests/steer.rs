@@ -32,6 +32,7 @@ fn port(id: u32, vip: [u8; 4], node_port: Option<u16>, eps: &[[u8; 4]]) -> Arc<S
         affinity_timeout: None,
         source_ranges: vec![],
         health_check_node_port: None,
+        dsr: false,
     })
 }
 

@@ -68,6 +68,7 @@ pub fn table() -> ServiceTable {
                 affinity_timeout: affinity,
                 source_ranges: ranges.iter().map(|r| r.parse().expect("literal")).collect(),
                 health_check_node_port: None,
+                dsr: false,
             }))
             .expect("distinct frontends");
     }
@@ -85,6 +86,7 @@ pub fn table() -> ServiceTable {
             affinity_timeout: None,
             source_ranges: vec![],
             health_check_node_port: None,
+            dsr: false,
         }))
         .expect("distinct frontends");
     builder.build()

@@ -613,6 +613,27 @@ impl Worker {
             // It fits: a VLAN tag made the frame longer, not the packet.
             return self.egress_to(from, f, dst, fib, tables, now, false);
         }
+        // A packet this gateway encapsulated (direct server return): the
+        // error is about the client's packet inside, whose path is this
+        // link less the outer header.
+        let tunnel_proto = if p.v6 { f.buf[p.l3 + 6] } else { f.buf[p.l3 + 9] };
+        let mut mtu = mtu;
+        let mut p = p;
+        if tunnel_proto == if p.v6 { 41 } else { 4 }
+            && (fib.is_local(&p.src) || tables.services.is_node_address(&p.src))
+        {
+            let inner = nat::decapsulate(f.buf, f.len, p.l3, p.v6).and_then(|len| {
+                let inner = wire::parse(&f.buf[..len]).ok()?;
+                Some((len, inner))
+            });
+            let Some((len, inner)) = inner else {
+                self.io.too_big_fragmentable += 1;
+                return Out::Free;
+            };
+            f.len = len;
+            mtu = mtu.saturating_sub(nat::encapsulation_overhead(p.v6));
+            p = inner;
+        }
         let dont_fragment = p.v6 || f.buf[p.l3 + 6] & 0x40 != 0;
         let ours = tables.services.node().snat_for(&p.src);
         let (Some(ours), true) = (ours, dont_fragment) else {
