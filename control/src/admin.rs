@@ -215,6 +215,10 @@ pub struct ServiceStatus {
     pub frontends: Vec<String>,
     pub external_policy: String,
     pub internal_policy: String,
+    /// External Cluster traffic to its LoadBalancer IPs and externalIPs goes
+    /// by direct server return (`xskgate.io/lb-mode: dsr`).
+    #[serde(default)]
+    pub dsr: bool,
     /// Usable endpoints for policy Cluster (anywhere) and Local (this node).
     pub cluster_endpoints: usize,
     pub local_endpoints: usize,
@@ -303,6 +307,7 @@ pub fn status(i: &StatusInput<'_>) -> Status {
                 frontends: p.frontends.iter().map(|f| frontend_text(f.kind, &f.addr, f.port)).collect(),
                 external_policy: p.external_policy.name().into(),
                 internal_policy: p.internal_policy.name().into(),
+                dsr: p.dsr,
                 cluster_endpoints: p.cluster.len(),
                 local_endpoints: p.local.len(),
                 health,
@@ -427,7 +432,7 @@ pub fn to_text(s: &Status) -> String {
             r.protocol.clone(),
             r.family.clone(),
             r.frontends.join(" "),
-            format!("{}/{}", r.external_policy, r.internal_policy),
+            format!("{}/{}{}", r.external_policy, r.internal_policy, if r.dsr { " dsr" } else { "" }),
             format!("{}/{}", r.cluster_endpoints, r.local_endpoints),
             health,
             r.packets.to_string(),

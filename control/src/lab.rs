@@ -11,7 +11,9 @@
 //! family through the gateways' addresses of that family.
 //!
 //! `--json` prints one object: `{"scenarios": [...]}`, each entry with
-//! `case`, `family` (`ipv4`/`ipv6`), `policy`, `gateway`, `reachable`,
+//! `case`, `family` (`ipv4`/`ipv6`), `policy`, `mode` (`snat` for
+//! Cluster, `local`, `dsr` for direct server return), `gateway`,
+//! `gateways` (the gateways the row's flows went through), `reachable`,
 //! `source_seen`, `client_address`, `gateway_address`, `shares` (pod →
 //! fraction of the answered flows) and `health_status` (the
 //! healthCheckNodePort's HTTP status asked over that family; `null` for
@@ -27,7 +29,7 @@ use std::path::Path;
 use std::time::Duration;
 use xskgate_fastpath::TrafficPolicy;
 use xskgate_tests::reference::{
-    Family, Gw, LB_CLUSTER, LB_LOCAL, PodState, Reference, ReferenceError, Tally, http_get, udp_flows,
+    Family, Gw, LB_CLUSTER, LB_DSR, LB_LOCAL, PodState, Reference, ReferenceError, Tally, http_get, udp_flows,
 };
 
 /// UDP flows per (family, policy, gateway): 2 × 750 = 1,500 per policy, so each
@@ -42,7 +44,9 @@ pub struct Row {
     pub family: Family,
     #[serde(serialize_with = "policy_name")]
     pub policy: TrafficPolicy,
+    pub mode: Mode,
     pub gateway: &'static str,
+    pub gateways: Vec<&'static str>,
     pub reachable: bool,
     /// "client", "gateway", "none" when unreachable, or "mixed" when the
     /// gateways of a "both" row disagree.
@@ -74,6 +78,28 @@ fn udp_node_port_of(policy: TrafficPolicy) -> u16 {
     match policy {
         TrafficPolicy::Local => 30053,
         TrafficPolicy::Cluster => 30054,
+    }
+}
+
+/// How a row's Service reaches its pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Cluster, masqueraded to the gateway.
+    Snat,
+    /// Local: this gateway's own pods, the client's address kept.
+    Local,
+    /// Cluster by direct server return (`whoami-dsr`).
+    Dsr,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Snat => "snat",
+            Mode::Local => "local",
+            Mode::Dsr => "dsr",
+        }
     }
 }
 
@@ -158,7 +184,11 @@ fn source_kind(gw: Gw, family: Family, seen: &str) -> String {
 }
 
 fn ask_http(r: &Reference, family: Family, lb: &str) -> Option<(String, String)> {
-    let (status, body) = http_get(&r.topo.ns_name("client"), format!("http://{}/", family.host_port(lb, 80))).ok()?;
+    ask_http_at(r, family, lb, 80)
+}
+
+fn ask_http_at(r: &Reference, family: Family, lb: &str, port: u16) -> Option<(String, String)> {
+    let (status, body) = http_get(&r.topo.ns_name("client"), format!("http://{}/", family.host_port(lb, port))).ok()?;
     if status != 200 {
         return None;
     }
@@ -167,9 +197,13 @@ fn ask_http(r: &Reference, family: Family, lb: &str) -> Option<(String, String)>
     Some((pod.to_string(), peer.ip().to_string()))
 }
 
-fn row(r: &Reference, case: &str, family: Family, policy: TrafficPolicy, gw: Gw, tally: &Tally) -> Row {
+fn row(r: &Reference, case: &str, family: Family, mode: Mode, gw: Gw, tally: &Tally) -> Row {
     r.via(gw);
-    let answer = ask_http(r, family, lb_of(policy));
+    let policy = if mode == Mode::Local { TrafficPolicy::Local } else { TrafficPolicy::Cluster };
+    let answer = match mode {
+        Mode::Dsr => ask_http_at(r, family, LB_DSR, 8080),
+        _ => ask_http(r, family, lb_of(policy)),
+    };
     // Only Local has a healthCheckNodePort.
     let health_status =
         (policy == TrafficPolicy::Local).then(|| r.health_in(gw, family).map(|(code, _)| code).unwrap_or(0));
@@ -177,7 +211,9 @@ fn row(r: &Reference, case: &str, family: Family, policy: TrafficPolicy, gw: Gw,
         case: case.to_string(),
         family,
         policy,
+        mode,
         gateway: gw.name(),
+        gateways: vec![gw.name()],
         reachable: answer.is_some(),
         source_seen: answer.as_ref().map_or_else(|| "none".to_string(), |(_, seen)| source_kind(gw, family, seen)),
         client_address: gw.client_address_in(family),
@@ -187,8 +223,19 @@ fn row(r: &Reference, case: &str, family: Family, policy: TrafficPolicy, gw: Gw,
     }
 }
 
-fn flows(r: &Reference, family: Family, policy: TrafficPolicy, gw: Gw, n: usize) -> Tally {
-    let to: SocketAddr = family.host_port(gw.address(), udp_node_port_of(policy)).parse().expect("literal address");
+/// `n` UDP flows from the client through `gw`: to the Service's NodePort
+/// on `gw`, or for DSR (whose NodePort is masqueraded) to its LoadBalancer
+/// IP routed through `gw`.
+fn flows(r: &Reference, family: Family, mode: Mode, gw: Gw, n: usize) -> Tally {
+    let to = match mode {
+        Mode::Dsr => {
+            r.via(gw);
+            family.host_port(LB_DSR, 8080)
+        }
+        Mode::Local => family.host_port(gw.address(), udp_node_port_of(TrafficPolicy::Local)),
+        Mode::Snat => family.host_port(gw.address(), udp_node_port_of(TrafficPolicy::Cluster)),
+    };
+    let to: SocketAddr = to.parse().expect("literal address");
     udp_flows(&r.topo.ns_name("client"), to, n, Duration::from_secs(1))
 }
 
@@ -199,24 +246,31 @@ pub fn run_lab(xskgate: &Path, json: bool) -> Result<Lab, ReferenceError> {
     progress(json, &format!("gateways running (prefix {}); replaying seeds 003 and 004", r.topo.prefix()));
     let mut rows = Vec::new();
     for family in Family::BOTH {
-        for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
+        for mode in [Mode::Snat, Mode::Local, Mode::Dsr] {
             let per_gw: Vec<(Gw, Tally)> =
-                Gw::BOTH.iter().map(|&gw| (gw, flows(&r, family, policy, gw, FLOWS))).collect();
+                Gw::BOTH.iter().map(|&gw| (gw, flows(&r, family, mode, gw, FLOWS))).collect();
             let mut both = Tally::default();
             for (gw, t) in &per_gw {
-                rows.push(row(&r, "both gateways serving", family, policy, *gw, t));
+                rows.push(row(&r, "both gateways serving", family, mode, *gw, t));
                 both.merge(t);
             }
             // What the pods saw through each gateway, if they agree.
             let seen: std::collections::BTreeSet<&str> =
                 rows[rows.len() - per_gw.len()..].iter().map(|r| r.source_seen.as_str()).collect();
             let source_seen = if seen.len() == 1 { seen.into_iter().collect() } else { "mixed".to_string() };
+            let reachable = rows[rows.len() - per_gw.len()..].iter().all(|r| r.reachable);
             rows.push(Row {
-                case: "clients split evenly over gw1 and gw2 (seed 004)".into(),
+                case: if mode == Mode::Dsr {
+                    "clients split evenly, direct server return (seed 004 fixed)".into()
+                } else {
+                    "clients split evenly over gw1 and gw2 (seed 004)".into()
+                },
                 family,
-                policy,
+                policy: if mode == Mode::Local { TrafficPolicy::Local } else { TrafficPolicy::Cluster },
+                mode,
                 gateway: "both",
-                reachable: both.answered() > 0 && ask_http(&r, family, lb_of(policy)).is_some(),
+                gateways: Gw::BOTH.iter().map(|g| g.name()).collect(),
+                reachable: both.answered() > 0 && reachable,
                 source_seen,
                 client_address: String::new(),
                 gateway_address: String::new(),
@@ -235,10 +289,10 @@ pub fn run_lab(xskgate: &Path, json: bool) -> Result<Lab, ReferenceError> {
         std::thread::sleep(Duration::from_millis(50));
     }
     for family in Family::BOTH {
-        for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
+        for mode in [Mode::Snat, Mode::Local] {
             // 64 flows (one group) are enough to show that none is answered.
-            let t = flows(&r, family, policy, Gw::Gw1, 64);
-            rows.push(row(&r, "pod-a scaled away", family, policy, Gw::Gw1, &t));
+            let t = flows(&r, family, mode, Gw::Gw1, 64);
+            rows.push(row(&r, "pod-a scaled away", family, mode, Gw::Gw1, &t));
         }
     }
     progress(json, "asking the seeds' puzzles");
@@ -291,8 +345,16 @@ pub fn to_text(lab: &Lab) -> String {
 fn scenarios_text(rows: &[Row]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<48} {:<6} {:<8} {:<8} {:<10} {:<27} {:<22} {}\n",
-        "case", "family", "policy", "gateway", "reachable", "source the pod saw", "flows a / b / c", "health check"
+        "{:<60} {:<6} {:<8} {:<5} {:<8} {:<10} {:<27} {:<22} {}\n",
+        "case",
+        "family",
+        "policy",
+        "mode",
+        "gateway",
+        "reachable",
+        "source the pod saw",
+        "flows a / b / c",
+        "health check"
     ));
     for r in rows {
         let share = |p: &str| r.shares.get(p).map_or("   -".to_string(), |s| format!("{:>3.0}%", s * 100.0));
@@ -308,10 +370,11 @@ fn scenarios_text(rows: &[Row]) -> String {
             None => "-".to_string(),
         };
         out.push_str(&format!(
-            "{:<48} {:<6} {:<8} {:<8} {:<10} {:<27} {:<22} {}\n",
+            "{:<60} {:<6} {:<8} {:<5} {:<8} {:<10} {:<27} {:<22} {}\n",
             r.case,
             if r.family == Family::Ipv4 { "IPv4" } else { "IPv6" },
             r.policy.name(),
+            r.mode.name(),
             r.gateway,
             if r.reachable { "yes" } else { "NO" },
             source,
@@ -322,7 +385,9 @@ fn scenarios_text(rows: &[Row]) -> String {
     out.push_str(
         "\nLocal keeps the client's address and serves only the gateway's own pods: 50/25/25 when clients \
          split evenly,\nand a gateway without local pods drops the traffic (its health check says 503 so a load \
-         balancer drains it).\nCluster balances over every pod (33/33/33) and the pod sees the gateway's address.\n",
+         balancer drains it).\nCluster balances over every pod (33/33/33) and the pod sees the gateway's address.\n\
+         Direct server return (dsr) balances over every pod and keeps the client's address: the pod answers the \
+         client itself.\n",
     );
     out
 }
@@ -341,7 +406,9 @@ mod tests {
             case: "both gateways serving".into(),
             family: Family::Ipv4,
             policy: TrafficPolicy::Local,
+            mode: Mode::Local,
             gateway: "gw1",
+            gateways: vec!["gw1"],
             reachable: true,
             source_seen: "client".into(),
             client_address: "198.18.1.100".into(),
@@ -364,6 +431,8 @@ mod tests {
         for key in [
             "family",
             "policy",
+            "mode",
+            "gateways",
             "gateway",
             "reachable",
             "source_seen",

@@ -200,3 +200,49 @@ fn udp_flows_to_a_removed_endpoint_are_flushed_tcp_flows_are_not() {
     let left: Vec<Proto> = conntrack.flows().iter().map(|f| f.orig.proto).collect();
     assert_eq!(left, [Proto::TCP]);
 }
+
+/// `xskgate.io/lb-mode: dsr` (or the gateway's default, `--lb-mode`) makes a
+/// port DSR where its endpoints listen on the Service's port; one whose
+/// endpoints use another port is served with SNAT and named in a warning,
+/// as is an annotation value that is neither mode.
+#[test]
+fn lb_mode_dsr_where_the_endpoints_use_the_services_port() {
+    let svc = |name: &str, annotation: &str, port: u16, lb: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t{annotation}}}\nspec:\n  \
+             type: LoadBalancer\n  clusterIP: 198.19.130.{}\n  ports: [{{name: web, port: {port}, protocol: TCP, targetPort: 8080}}]\n\
+             status: {{loadBalancer: {{ingress: [{{ip: {lb}}}]}}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}-1, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\n\
+             ports: [{{name: web, port: 8080, protocol: TCP}}]\nendpoints: [{{addresses: [198.19.1.10], conditions: {{ready: true}}}}]\n",
+            &lb[lb.len() - 2..]
+        )
+    };
+    let dsr = ", annotations: {xskgate.io/lb-mode: dsr}";
+    let text = svc("dsr-ok", dsr, 8080, "198.18.130.11")
+        + &svc("dsr-port", dsr, 80, "198.18.130.12")
+        + &svc("plain", "", 8080, "198.18.130.13")
+        + &svc("typo", ", annotations: {xskgate.io/lb-mode: dssr}", 8080, "198.18.130.14");
+    let dir = xskgate_tests::TempDir::new("xskgate-publish-lb-mode");
+    std::fs::write(dir.0.join("s.yaml"), text).unwrap();
+    let state = ClusterState::from_objects(manifest::load_dir(&dir.0).unwrap().objects).0;
+    for (default_dsr, plain) in [(false, false), (true, true)] {
+        let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
+        let mut p = Publisher::new(handle.clone(), None, node_config());
+        if default_dsr {
+            p.set_default_lb_mode(xskgate_control::translate::LbMode::Dsr);
+        }
+        let out = p.full_sync(&state, &node());
+        let t = handle.load();
+        let dsr_of = |ip: &str, port: u16| lookup(&t, ip, Proto::TCP, port).expect("published").dsr;
+        assert!(dsr_of("198.18.130.11", 8080), "annotated, on the endpoints' port");
+        assert!(!dsr_of("198.18.130.12", 80), "annotated, but the endpoints use 8080");
+        assert_eq!(dsr_of("198.18.130.13", 8080), plain, "the gateway's default (dsr: {default_dsr})");
+        assert_eq!(dsr_of("198.18.130.14", 8080), plain, "a bad annotation is ignored");
+        let said = out.warnings.join("\n");
+        assert!(
+            said.contains("Service t/dsr-port web: lb-mode dsr needs its endpoints on the Service's port 80 (they use 8080): served with SNAT"),
+            "{said}"
+        );
+        assert!(said.contains("xskgate.io/lb-mode: \"dssr\" is not snat or dsr; ignored"), "{said}");
+    }
+}

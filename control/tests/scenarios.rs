@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use xskgate_tests::reference::{
-    Family, Gw, LB_CLUSTER, LB_LOCAL, LB_NONE, NAMESPACES, PodState, Reference, http_get, udp_flows,
+    Family, Gw, LB_CLUSTER, LB_DSR, LB_LOCAL, LB_NONE, NAMESPACES, PodState, Reference, http_get, udp_flows,
 };
 use xskgate_tests::{UdpStream, in_ns};
 
@@ -160,6 +160,75 @@ fn s3_seed_004_imbalance() {
             assert!((got - want).abs() <= 0.05, "NodePort {udp_nodeport}: {} has {got:.3}, want {want:.3}", names[i]);
         }
     }
+}
+
+/// Scenario 10 (seed 004 fixed by direct server return, and its MTU):
+/// `whoami-dsr`,
+/// through each gateway in each family, 1,500 UDP flows to its
+/// LoadBalancer IP each: every pod answers with the client's own address
+/// (no SNAT), and the shares are a third each (±5 points over 3,000 flows
+/// per family), where Local gives 50/25/25. The pods' replies never pass
+/// through xskgate: the gateways forward only the client's side. An HTTP
+/// GET (a real client) gets its answer the same way, and `explain
+/// --gateway` names the encapsulation. The pods' receiving side is the
+/// user-space stand-in for the kernel's tunnel devices
+/// (`xskgate_tests::dsr`: this kernel has no `ipip`/`ip6tnl`).
+#[test]
+fn s10_dsr_keeps_the_client_address_and_balances() {
+    let r = start();
+    for family in Family::BOTH {
+        let mut tally = xskgate_tests::reference::Tally::default();
+        for gw in Gw::BOTH {
+            r.via(gw);
+            let to: SocketAddr = family.host_port(LB_DSR, 8080).parse().unwrap();
+            let t = udp_flows(&r.topo.ns_name("client"), to, 1500, Duration::from_secs(2));
+            assert_eq!(t.unanswered, 0, "{family:?} via {gw:?}: {t:?}\n{}", counters(&r));
+            let client = gw.client_address_in(family);
+            assert_eq!(t.sources.keys().collect::<Vec<_>>(), [&client], "{family:?} via {gw:?}: the client's address");
+            tally.merge(&t);
+            let (pod, seen) = http(&r, &format!("http://{}/", family.host_port(LB_DSR, 8080)))
+                .unwrap_or_else(|e| panic!("{family:?} via {gw:?}: {e}\n{}", counters(&r)));
+            assert_eq!(seen, client, "{family:?} via {gw:?}: {pod} saw {seen}");
+        }
+        for (pod, share) in tally.shares() {
+            assert!((share - 1.0 / 3.0).abs() <= 0.05, "{family:?}: {pod} has {share:.3} of the flows: {tally:?}");
+        }
+        assert_eq!(tally.per_pod.len(), 3, "every pod answers: {tally:?}");
+    }
+    assert!(r.decapsulators.iter().all(|d| d.packets.load(std::sync::atomic::Ordering::Relaxed) > 0));
+    // The tunnel's 20 (40) bytes: a full-size segment no longer fits the
+    // gateway's 1500-byte links, so it answers with fragmentation-needed /
+    // Packet Too Big about the client's packet; the client's kernel lowers
+    // its path MTU and a 1 MB upload (one line the pod reads whole) arrives.
+    r.via(Gw::Gw1);
+    for family in Family::BOTH {
+        let to: SocketAddr = family.host_port(LB_DSR, 8080).parse().unwrap();
+        let answer = in_ns(&r.topo.ns_name("client"), move || -> Result<String, String> {
+            use std::io::{Read, Write};
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+            s.set_write_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
+            let mut line = vec![b'x'; 1 << 20];
+            line.push(b'\n');
+            s.write_all(&line).map_err(|e| format!("upload stalled: {e}"))?;
+            let mut got = String::new();
+            s.read_to_string(&mut got).map_err(|e| e.to_string())?;
+            Ok(got)
+        });
+        let answer = answer.unwrap_or_else(|e| panic!("{family:?}: 1 MB through DSR: {e}\n{}", counters(&r)));
+        assert!(answer.starts_with("pod-"), "{family:?}: {answer:?}");
+        let fam = if family == Family::Ipv4 { "-4" } else { "-6" };
+        let route =
+            String::from_utf8_lossy(&r.topo.exec("client", &["ip", fam, "route", "get", &family.of(LB_DSR)]).stdout)
+                .into_owned();
+        let want = if family == Family::Ipv4 { "mtu 1480" } else { "mtu 1460" };
+        assert!(route.contains(want), "{family:?}: the tunnel's overhead in the client's path MTU: {route}");
+    }
+    assert!(r.metric(Gw::Gw1, "xskgate_io_too_big_sent_total") >= 2);
+    let packet = format!("udp 198.18.1.100:45001 > {LB_DSR}:8080");
+    let (code, text, err) = xskgate_in(&r, "gw1", &["explain", "--gateway", "--packet", &packet]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("encapsulate   ") && text.contains("ipip 198.18."), "{text}");
 }
 
 /// Scenario 4: a pod reaching the LoadBalancer IP of the Local Service is
@@ -439,6 +508,7 @@ fn s9_status_explain_capture_and_ping_on_running_gateways() {
     });
     let dns = service_row(&status, "default/whoami-local:dns");
     assert_eq!((dns["local_endpoints"].as_u64(), dns["health"]["status"].as_u64()), (Some(0), Some(503)), "{dns:#}");
+    assert_eq!(service_row(&status, "default/whoami-dsr:http")["dsr"], true, "{status:#}");
 
     // Bad input is named; an unreachable gateway is said to be one.
     let (code, _, err) =

@@ -18,6 +18,8 @@
 
 pub mod alloc;
 pub mod daemon;
+pub mod dsr;
+pub mod pktinfo;
 pub mod reference;
 pub mod restart;
 pub mod single;
@@ -336,7 +338,8 @@ impl Topology {
 }
 
 /// The pod echo server: on TCP and UDP `port`, answers every request (a TCP
-/// connection's first line, or a datagram) with `<pod> <peer addr>:<port>\n`;
+/// connection's first line, or a datagram, from the address it was sent to)
+/// with `<pod> <peer addr>:<port>\n`;
 /// HTTP GETs get the same line as an HTTP/1.1 response, so curl works too.
 pub struct EchoServer {
     name: String,
@@ -358,6 +361,7 @@ impl EchoServer {
         let tcp = TcpListener::bind(("::", port))?;
         let udp = UdpSocket::bind(("::", port))?;
         grow_receive_buffer(&udp, UDP_RECEIVE_BUFFER)?;
+        pktinfo::enable(&udp)?;
         tcp.set_nonblocking(true)?;
         udp.set_read_timeout(Some(Duration::from_millis(50)))?;
         Ok(EchoServer { name: name.to_string(), tcp, udp })
@@ -371,8 +375,10 @@ impl EchoServer {
             s.spawn(|| {
                 let mut buf = [0u8; 2048];
                 while !stop.load(Ordering::Relaxed) {
-                    if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                        let _ = udp.send_to(format!("{udp_name} {}\n", canonical(peer)).as_bytes(), peer);
+                    // Answered from the address it was sent to (a VIP under DSR).
+                    if let Ok(r) = pktinfo::recv(&udp, &mut buf) {
+                        let answer = format!("{udp_name} {}\n", canonical(r.peer));
+                        let _ = pktinfo::send_from(&udp, answer.as_bytes(), r.peer, r.to);
                     }
                 }
             });

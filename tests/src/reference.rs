@@ -21,7 +21,13 @@
 //! - `whoami-cluster`: LoadBalancer 198.18.100.11 and 2001:db8:18:100::11,
 //!   NodePort 30081, Cluster, `RequireDualStack`;
 //! - `whoami-none`: LoadBalancer 198.18.100.12 and 2001:db8:18:100::12,
-//!   NodePort 30082, no endpoints.
+//!   NodePort 30082, no endpoints;
+//! - `whoami-dsr`: LoadBalancer 198.18.100.13 and 2001:db8:18:100::13, port
+//!   8080 (TCP and UDP, the pods' own port), Cluster, annotated
+//!   `xskgate.io/lb-mode: dsr`: each pod holds both VIPs and takes the
+//!   encapsulated packets ([`crate::dsr::Decapsulator`]), and replies to the
+//!   client straight through its node's kernel (the gateways route each
+//!   other's client links for that).
 //!
 //! The client reaches a LoadBalancer IP through one gateway at a time, in
 //! both families ([`Reference::via`]); NodePorts are reached on each
@@ -38,6 +44,7 @@ use std::time::{Duration, Instant};
 pub const LB_LOCAL: &str = "198.18.100.10";
 pub const LB_CLUSTER: &str = "198.18.100.11";
 pub const LB_NONE: &str = "198.18.100.12";
+pub const LB_DSR: &str = "198.18.100.13";
 pub const NODEPORT_LOCAL: u16 = 30080;
 pub const NODEPORT_CLUSTER: u16 = 30081;
 pub const NODEPORT_NONE: u16 = 30082;
@@ -195,14 +202,23 @@ items:
         ("whoami-local", LB_LOCAL, "Local", NODEPORT_LOCAL, 30053, "198.19.128.10", true, "PreferDualStack"),
         ("whoami-cluster", LB_CLUSTER, "Cluster", NODEPORT_CLUSTER, 30054, "198.19.128.11", true, "RequireDualStack"),
         ("whoami-none", LB_NONE, "Cluster", NODEPORT_NONE, 30055, "198.19.128.12", false, "PreferDualStack"),
+        ("whoami-dsr", LB_DSR, "Cluster", 30083, 30056, "198.19.128.13", true, "RequireDualStack"),
     ];
     for (name, lb, policy, np, np_udp, cip, has_pods, family_policy) in services {
         let (lb6, cip6) = (v6_of(lb), v6_of(cip));
+        // The DSR Service is on the pods' own port: they answer from the VIP.
+        let (port_http, port_dns, annotations) = if name == "whoami-dsr" {
+            (POD_PORT, POD_PORT, "\n    annotations: {xskgate.io/lb-mode: dsr}")
+        } else {
+            (80, 53, "")
+        };
         let hc = if policy == "Local" { format!("\n    healthCheckNodePort: {HEALTH_PORT}") } else { String::new() };
         out.push_str(&format!(
             r#"- apiVersion: v1
   kind: Service
-  metadata: {{name: {name}, namespace: default}}
+  metadata:
+    name: {name}
+    namespace: default{annotations}
   spec:
     type: LoadBalancer
     clusterIP: {cip}
@@ -211,8 +227,8 @@ items:
     ipFamilies: [IPv4, IPv6]
     externalTrafficPolicy: {policy}{hc}
     ports:
-    - {{name: http, port: 80, protocol: TCP, targetPort: {POD_PORT}, nodePort: {np}}}
-    - {{name: dns, port: 53, protocol: UDP, targetPort: {POD_PORT}, nodePort: {np_udp}}}
+    - {{name: http, port: {port_http}, protocol: TCP, targetPort: {POD_PORT}, nodePort: {np}}}
+    - {{name: dns, port: {port_dns}, protocol: UDP, targetPort: {POD_PORT}, nodePort: {np_udp}}}
   status: {{loadBalancer: {{ingress: [{{ip: {lb}}}, {{ip: "{lb6}"}}]}}}}
 "#
         ));
@@ -277,6 +293,8 @@ pub enum ReferenceError {
 /// The running reference topology. Everything goes away on drop.
 pub struct Reference {
     pub gateways: Vec<Gateway>,
+    /// The pods' DSR receivers (pod-a, pod-b, pod-c).
+    pub decapsulators: Vec<crate::dsr::Decapsulator>,
     pods: BTreeMap<&'static str, PodState>,
     churn: u64,
     dir: PathBuf,
@@ -315,6 +333,10 @@ impl Reference {
             ("gw1", "198.19.2.0/24", "198.18.3.2"),
             ("gw1", "198.19.3.0/24", "198.18.3.2"),
             ("gw2", "198.19.1.0/24", "198.18.3.1"),
+            // Direct server return: a pod's reply reaches the client by its
+            // own node, whichever gateway the client sent through.
+            ("gw1", "198.18.2.0/24", "198.18.3.2"),
+            ("gw2", "198.18.1.0/24", "198.18.3.1"),
             ("pa", "0.0.0.0/0", "198.19.1.1"),
             ("pb", "0.0.0.0/0", "198.19.2.1"),
             ("pc", "0.0.0.0/0", "198.19.3.1"),
@@ -326,12 +348,16 @@ impl Reference {
         }
         t.route("client", "198.18.100.0/24", Gw::Gw1.address());
         t.route("client", &v6_of("198.18.100.0/24"), &Gw::Gw1.address_in(Family::Ipv6));
+        let dsr_vips = [LB_DSR.to_string(), v6_of(LB_DSR)];
+        let dsr_vips: Vec<&str> = dsr_vips.iter().map(String::as_str).collect();
+        let mut decapsulators = Vec::new();
         for (ns, (pod, _, _)) in ["pa", "pb", "pc"].into_iter().zip(PODS) {
             t.echo_thread(ns, pod, POD_PORT);
+            decapsulators.push(crate::dsr::Decapsulator::start(&t, ns, &dsr_vips));
         }
         let dir = std::env::temp_dir().join(format!("{}-manifests", t.prefix()));
         std::fs::create_dir_all(&dir).map_err(|source| ReferenceError::Dir { path: dir.clone(), source })?;
-        let mut r = Reference { gateways: Vec::new(), pods: BTreeMap::new(), churn: 0, dir, topo: t };
+        let mut r = Reference { gateways: Vec::new(), decapsulators, pods: BTreeMap::new(), churn: 0, dir, topo: t };
         r.write();
         for gw in Gw::BOTH {
             let interfaces = match gw {
@@ -425,6 +451,7 @@ impl Reference {
 impl Drop for Reference {
     fn drop(&mut self) {
         self.gateways.clear();
+        self.decapsulators.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
