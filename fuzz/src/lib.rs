@@ -68,7 +68,8 @@ pub fn table() -> ServiceTable {
                 affinity_timeout: affinity,
                 source_ranges: ranges.iter().map(|r| r.parse().expect("literal")).collect(),
                 health_check_node_port: None,
-                dsr: false,
+                // One Service by direct server return (with affinity).
+                dsr: id == 4,
             }))
             .expect("distinct frontends");
     }
