@@ -42,7 +42,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use xskgate_tests::reference::{Family, v6_of};
+use xskgate_tests::reference::{Family, dual_stack_link, dual_stack_route, v6_of};
 use xskgate_tests::{Daemon, TempDir, Topology, in_ns, spawn_in_ns};
 
 const XSKGATE: &str = env!("CARGO_BIN_EXE_xskgate");
@@ -114,10 +114,8 @@ fn start(narrow: &[(&str, &str)]) -> Path4 {
         ("r1", "r1b", "198.18.3.1/24", "r2", "r2a", "198.18.3.2/24"),
         ("r2", "r2b", "198.19.1.1/24", "pod", "p0", "198.19.1.10/24"),
     ];
-    for (a, a_if, a_addr, b, b_if, b_addr) in links {
-        t.link(a, a_if, a_addr, b, b_if, b_addr);
-        t.add_address(a, a_if, &v6_of(a_addr));
-        t.add_address(b, b_if, &v6_of(b_addr));
+    for link in links {
+        dual_stack_link(&mut t, link);
     }
     for &(ns, i) in narrow {
         t.exec(ns, &["ip", "link", "set", "dev", &t.if_name(i), "mtu", "1400"]);
@@ -141,9 +139,7 @@ fn start(narrow: &[(&str, &str)]) -> Path4 {
         ("pod", "0.0.0.0/0", "198.19.1.1"),
     ];
     for (ns, dst, via) in routes {
-        t.route(ns, dst, via);
-        let dst6 = if dst == "0.0.0.0/0" { "::/0".to_string() } else { v6_of(dst) };
-        t.route(ns, &dst6, &v6_of(via));
+        dual_stack_route(&t, ns, dst, via);
     }
     let dir = TempDir::new(&format!("{}-pmtu", t.prefix()));
     std::fs::write(dir.0.join("services.yaml"), manifests()).expect("manifest");

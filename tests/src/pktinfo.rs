@@ -30,6 +30,20 @@ pub fn enable(socket: &UdpSocket) -> std::io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
+/// A message header over one address, one buffer and a control buffer
+/// (the pointers stay valid while the borrowed values live).
+fn message(name: &mut libc::sockaddr_in6, iov: &mut libc::iovec, control: &mut [u64]) -> libc::msghdr {
+    // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = std::ptr::from_mut(name).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as u32;
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(control);
+    msg
+}
+
 /// One received datagram: its length, sender and the address it was sent to.
 pub struct Received {
     pub len: usize,
@@ -42,18 +56,11 @@ pub struct Received {
 /// # Errors
 /// As `recvmsg(2)` (a timeout among them).
 pub fn recv(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Received> {
-    // SAFETY: all-zero is a valid sockaddr_in6 and msghdr.
+    // SAFETY: all-zero is a valid sockaddr_in6.
     let mut from: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     let mut control = [0u64; 16];
-    // SAFETY: as above.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = (&raw mut from).cast();
-    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as u32;
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control);
+    let mut msg = message(&mut from, &mut iov, &mut control);
     // SAFETY: every pointer in `msg` points at a live buffer of the stated size.
     let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &raw mut msg, 0) };
     let len = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
@@ -91,7 +98,7 @@ pub fn send_from(
     let SocketAddr::V6(p) = peer else {
         return socket.send_to(data, peer).map(|_| ());
     };
-    // SAFETY: all-zero is a valid sockaddr_in6 and msghdr.
+    // SAFETY: all-zero is a valid sockaddr_in6.
     let mut to: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
     to.sin6_family = libc::AF_INET6 as libc::sa_family_t;
     to.sin6_port = p.port().to_be();
@@ -99,13 +106,7 @@ pub fn send_from(
     to.sin6_scope_id = p.scope_id();
     let mut iov = libc::iovec { iov_base: data.as_ptr().cast_mut().cast(), iov_len: data.len() };
     let mut control = [0u64; 8];
-    // SAFETY: as above.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = (&raw mut to).cast();
-    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as u32;
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
+    let mut msg = message(&mut to, &mut iov, &mut control);
     // SAFETY: CMSG_SPACE is a size computation.
     msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::in6_pktinfo>() as u32) } as usize;
     // SAFETY: the control buffer holds one in6_pktinfo cmsg (CMSG_SPACE

@@ -86,6 +86,21 @@ impl Family {
     }
 }
 
+/// A veth pair (as [`Topology::link`]) with the IPv6 twin ([`v6_of`]) of
+/// each end's IPv4 address beside it.
+pub fn dual_stack_link(t: &mut Topology, (a, a_if, a_addr, b, b_if, b_addr): (&str, &str, &str, &str, &str, &str)) {
+    t.link(a, a_if, a_addr, b, b_if, b_addr);
+    t.add_address(a, a_if, &v6_of(a_addr));
+    t.add_address(b, b_if, &v6_of(b_addr));
+}
+
+/// A route in namespace `ns` (`0.0.0.0/0` for the default) and its IPv6 twin.
+pub fn dual_stack_route(t: &Topology, ns: &str, dst: &str, via: &str) {
+    t.route(ns, dst, via);
+    let dst6 = if dst == "0.0.0.0/0" { "::/0".to_string() } else { v6_of(dst) };
+    t.route(ns, &dst6, &v6_of(via));
+}
+
 /// The IPv6 twin of one of the topology's IPv4 addresses or prefixes:
 /// `198.X.Y.Z` → `2001:db8:X:Y::Z` (the octets' decimal digits read as
 /// hex groups), `/24` → `/64`, `/16` → `/48`.
@@ -321,15 +336,13 @@ impl Reference {
             ("gw2", "g2b", "198.19.2.1/24", "pb", "b0", "198.19.2.10/24"),
             ("gw2", "g2p", "198.19.3.1/24", "pc", "c0", "198.19.3.10/24"),
         ];
-        for (a, a_if, a_addr, b, b_if, b_addr) in links {
-            t.link(a, a_if, a_addr, b, b_if, b_addr);
-            t.add_address(a, a_if, &v6_of(a_addr));
-            t.add_address(b, b_if, &v6_of(b_addr));
+        for link in links {
+            dual_stack_link(&mut t, link);
         }
         for gw in ["gw1", "gw2"] {
             t.forwarding(gw);
         }
-        let routes = [
+        let mut routes = vec![
             ("gw1", "198.19.2.0/24", "198.18.3.2"),
             ("gw1", "198.19.3.0/24", "198.18.3.2"),
             ("gw2", "198.19.1.0/24", "198.18.3.1"),
@@ -341,13 +354,10 @@ impl Reference {
             ("pb", "0.0.0.0/0", "198.19.2.1"),
             ("pc", "0.0.0.0/0", "198.19.3.1"),
         ];
+        routes.push(("client", "198.18.100.0/24", Gw::Gw1.address()));
         for (ns, dst, via) in routes {
-            t.route(ns, dst, via);
-            let dst6 = if dst == "0.0.0.0/0" { "::/0".to_string() } else { v6_of(dst) };
-            t.route(ns, &dst6, &v6_of(via));
+            dual_stack_route(&t, ns, dst, via);
         }
-        t.route("client", "198.18.100.0/24", Gw::Gw1.address());
-        t.route("client", &v6_of("198.18.100.0/24"), &Gw::Gw1.address_in(Family::Ipv6));
         let dsr_vips = [LB_DSR.to_string(), v6_of(LB_DSR)];
         let dsr_vips: Vec<&str> = dsr_vips.iter().map(String::as_str).collect();
         let mut decapsulators = Vec::new();
