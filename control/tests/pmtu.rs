@@ -98,7 +98,7 @@ struct Path4 {
     // Dropped in this order: the gateway stops, then the namespaces go.
     gw: Daemon,
     t: Topology,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 /// The topology with the links `narrow` ((namespace, interface) ends) at a
@@ -157,7 +157,7 @@ fn start(narrow: &[(&str, &str)]) -> Path4 {
     let gw = Daemon::start(Path::new(XSKGATE), &t.ns_name("gw"), &args, &dir.0.join("gw.log"), Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}"));
     upload_server(&t);
-    Path4 { gw, t, _dir: dir }
+    Path4 { gw, t, dir }
 }
 
 /// 64-bit FNV-1a: enough to tell a corrupted or reordered stream.
@@ -235,6 +235,16 @@ fn out(o: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
+/// tcpdump, stopped when dropped (also when the test fails).
+struct Capture(std::process::Child);
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `ping -M do -s SIZE` of `vip` (the largest size a 1500-byte MTU takes).
 fn ping_df(p: &Path4, family: Family, vip: &str) -> std::process::Output {
     let size = if family == Family::Ipv4 { "1472" } else { "1452" };
@@ -266,15 +276,17 @@ fn the_gateway_answers_what_its_own_link_cannot_carry() {
 
 /// Every check of the module doc, through both Services in both families.
 fn check_path(p: &Path4) {
-    let capture = std::env::temp_dir().join(format!("{}-client.pcap", p.t.prefix()));
+    // In the test's directory: removed with it, also when the test fails.
+    let capture = p.dir.0.join("client.pcap");
     let pcap = capture.to_string_lossy().into_owned();
-    let dump = std::process::Command::new("ip")
+    let mut dump = std::process::Command::new("ip")
         .args(["netns", "exec", &p.t.ns_name("client"), "tcpdump", "-U", "-n", "-s", "2048", "-i"])
         .arg(p.t.if_name("c0"))
         .args(["-w", &pcap, "icmp or icmp6"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
+        .map(Capture)
         .expect("tcpdump (scripts/install-deps installs it) starts");
     std::thread::sleep(Duration::from_millis(500));
     let mut report = Vec::new();
@@ -315,9 +327,8 @@ fn check_path(p: &Path4) {
         }
     }
     std::thread::sleep(Duration::from_millis(300));
-    let _ = std::process::Command::new("kill").args(["-INT", &dump.id().to_string()]).status();
-    let mut dump = dump;
-    let _ = dump.wait();
+    let _ = std::process::Command::new("kill").args(["-INT", &dump.0.id().to_string()]).status();
+    let _ = dump.0.wait();
     let fields = ["-e", "icmp.type", "-e", "icmpv6.type", "-e", "ip.checksum.status", "-e", "icmp.checksum.status"];
     let more = ["-e", "icmpv6.checksum.status", "-e", "ip.dst"];
     let tshark = std::process::Command::new("tshark")
@@ -326,7 +337,6 @@ fn check_path(p: &Path4) {
         .args(more)
         .output()
         .expect("tshark runs");
-    let _ = std::fs::remove_file(&capture);
     let lines = String::from_utf8_lossy(&tshark.stdout).into_owned();
     assert!(tshark.status.success(), "tshark: {}", out(&tshark));
     // Fragmentation needed (3) / Packet Too Big (2) reached the client,
