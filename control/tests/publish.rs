@@ -246,3 +246,54 @@ fn lb_mode_dsr_where_the_endpoints_use_the_services_port() {
         assert!(said.contains("xskgate.io/lb-mode: \"dssr\" is not snat or dsr; ignored"), "{said}");
     }
 }
+
+/// Two gateways that learn the same endpoints in another order (the
+/// EndpointSlices split differently, the endpoints listed the other way
+/// round, other Services first so that the ids differ) build the same
+/// Maglev table: every flow hash picks the same endpoint on both, so ECMP
+/// moving a flow between gateways does not move it between pods (DSR and
+/// Local rely on it).
+#[test]
+fn every_gateway_builds_the_same_maglev_table_whatever_the_order() {
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: t}\nspec:\n  type: LoadBalancer\n  \
+               clusterIP: 198.19.131.1\n  ports: [{name: web, port: 8080, protocol: TCP}]\n\
+               status: {loadBalancer: {ingress: [{ip: 198.18.131.1}]}}\n";
+    let slice = |name: &str, pods: &[u8]| {
+        let eps: Vec<String> =
+            pods.iter().map(|p| format!("{{addresses: [198.19.7.{p}], conditions: {{ready: true}}}}")).collect();
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: t, \
+             labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: web, port: 8080, protocol: TCP}}]\n\
+             endpoints: [{}]\n",
+            eps.join(", ")
+        )
+    };
+    let pods: Vec<u8> = (10..17).collect();
+    let reversed: Vec<u8> = pods.iter().rev().copied().collect();
+    let gw1 = format!("{svc}{}", slice("web-a", &pods));
+    let other = "---\napiVersion: v1\nkind: Service\nmetadata: {name: first, namespace: a}\nspec:\n  clusterIP: 198.19.131.9\n  \
+                 ports: [{port: 80, protocol: TCP}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {name: first-1, namespace: a, labels: {kubernetes.io/service-name: first}}\naddressType: IPv4\n\
+                 ports: [{port: 8080, protocol: TCP}]\nendpoints: [{addresses: [198.19.7.16], conditions: {ready: true}}]\n";
+    let gw2 = format!("{other}{}{}---\n{svc}", slice("web-y", &reversed[..3]), slice("web-x", &reversed[3..]));
+    let mut tables = Vec::new();
+    for (i, text) in [gw1, gw2].into_iter().enumerate() {
+        let dir = xskgate_tests::TempDir::new(&format!("xskgate-publish-maglev-{i}"));
+        std::fs::write(dir.0.join("s.yaml"), text).unwrap();
+        let state = ClusterState::from_objects(manifest::load_dir(&dir.0).unwrap().objects).0;
+        let handle = Arc::new(ServiceTableHandle::new(ServiceTable::default()));
+        Publisher::new(handle.clone(), None, node_config()).full_sync(&state, &node());
+        tables.push(handle.load());
+    }
+    let port = |t: &ServiceTable| lookup(t, "198.18.131.1", Proto::TCP, 8080).expect("published").cluster.clone();
+    let (a, b) = (port(&tables[0]), port(&tables[1]));
+    assert_eq!(a.len(), 7);
+    let ids = |s: &xskgate_fastpath::EndpointSet| s.endpoints().iter().map(|e| e.id).collect::<Vec<_>>();
+    assert_ne!(ids(&a), ids(&b), "the ids differ between the gateways (the test would prove nothing otherwise)");
+    let mut hash = 0x243f_6a88_85a3_08d3u64;
+    for _ in 0..20_000 {
+        hash = hash.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        let pick = |s: &xskgate_fastpath::EndpointSet| s.pick(hash).map(|e| (e.addr, e.port));
+        assert_eq!(pick(&a), pick(&b), "flow hash {hash:#x}");
+    }
+}
