@@ -224,7 +224,10 @@ fn s10_dsr_keeps_the_client_address_and_balances() {
         let want = if family == Family::Ipv4 { "mtu 1480" } else { "mtu 1460" };
         assert!(route.contains(want), "{family:?}: the tunnel's overhead in the client's path MTU: {route}");
     }
-    assert!(r.metric(Gw::Gw1, "xskgate_io_too_big_sent_total") >= 2);
+    // Workers publish their counters every 100 ms.
+    wait_for("gw1's too-big answers (one per family) in /metrics", Duration::from_secs(3), || {
+        r.metric(Gw::Gw1, "xskgate_io_too_big_sent_total") >= 2
+    });
     let packet = format!("udp 198.18.1.100:45001 > {LB_DSR}:8080");
     let (code, text, err) = xskgate_in(&r, "gw1", &["explain", "--gateway", "--packet", &packet]);
     assert_eq!(code, 0, "{err}");
