@@ -250,16 +250,9 @@ pub fn encapsulate(buf: &mut [u8], len: usize, p: &Parsed, outer_src: &Addr, out
     if buf.len() < p.end + hdr || len < p.end {
         return None;
     }
-    let mut ip = Incremental::new(if p.v6 { 0 } else { get16(buf, p.l3 + 10) });
-    decrement_ttl(buf, p, &mut ip);
-    if !p.v6 {
-        put16(buf, p.l3 + 10, ip.finish());
-    }
+    route_unchanged(buf, p);
     buf.copy_within(p.l3..p.end, p.l3 + hdr);
-    let (proto, ttl_at) = if p.v6 { (41, p.l3 + 7) } else { (4, p.l3 + 8) };
-    write_ip_header(buf, p.l3, p.v6, proto, outer_src, outer_dst, inner_len);
-    // write_ip_header's TTL is 64 already; the outer header is this hop's.
-    debug_assert_eq!(buf[ttl_at], 64);
+    write_ip_header(buf, p.l3, p.v6, if p.v6 { 41 } else { 4 }, outer_src, outer_dst, inner_len);
     Some(p.l3 + hdr + inner_len)
 }
 

@@ -16,7 +16,7 @@
 //! allocation, no lock; system calls only to kick TX (copy mode needs it),
 //! to wake the fill ring when the kernel asks, and to sleep when idle.
 
-use super::route::Fib;
+use super::route::{Fib, Link};
 use crate::AffinityTable;
 use crate::io::capture::DropCapture;
 use crate::nat;
@@ -566,8 +566,12 @@ impl Worker {
             self.io.no_route += 1;
             return Out::Free;
         };
+        let Some(link) = fib.link(hop.oif) else {
+            self.io.no_route += 1;
+            return Out::Free;
+        };
         // One comparison per frame; a VLAN tag's 4 bytes are checked below.
-        let mtu = fib.link(hop.oif).map_or(0, |l| l.mtu) as usize;
+        let mtu = link.mtu as usize;
         if answer_too_big && mtu != 0 && f.len > mtu + 14 {
             return self.too_big(from, f, dst, mtu, fib, tables, now);
         }
@@ -581,7 +585,7 @@ impl Worker {
             (self.shared.resolve)(hop.oif, hop.via);
             return Out::Free;
         }
-        self.l2(f.buf, f.len, hop.oif, &hop.via, fib)
+        self.l2(f.buf, f.len, link, &hop.via, fib)
     }
 
     /// A frame larger than its egress link's MTU (`mtu`), as the kernel's
@@ -679,17 +683,13 @@ impl Worker {
     }
 
     /// Writes the Ethernet addresses for leaving by `oif` towards `via`.
-    fn l2(&mut self, buf: &mut [u8], len: usize, oif: u32, via: &Addr, fib: &Fib) -> Out {
-        let Some(mac) = fib.neighbour(oif, via) else {
+    fn l2(&mut self, buf: &mut [u8], len: usize, link: &Link, via: &Addr, fib: &Fib) -> Out {
+        let Some(mac) = fib.neighbour(link.ifindex, via) else {
             self.io.no_neighbor += 1;
             return Out::Free;
         };
-        let Some(port) = self.ports.iter().position(|p| p.ifindex == oif) else {
+        let Some(port) = self.ports.iter().position(|p| p.ifindex == link.ifindex) else {
             self.io.no_egress_socket += 1;
-            return Out::Free;
-        };
-        let Some(link) = fib.link(oif) else {
-            self.io.no_route += 1;
             return Out::Free;
         };
         if len < 14 {
@@ -721,7 +721,12 @@ impl Worker {
             let (ptr, cap) = self.ports[h.port].buffer(&mut h.desc);
             // SAFETY: the held frame belongs to this worker until sent or freed.
             let buf = unsafe { std::slice::from_raw_parts_mut(ptr, cap) };
-            match self.l2(buf, h.len, h.oif, &h.via, fib) {
+            let Some(link) = fib.link(h.oif) else {
+                self.io.no_route += 1;
+                self.ports[h.port].free.push(h.desc);
+                continue;
+            };
+            match self.l2(buf, h.len, link, &h.via, fib) {
                 Out::Tx { port, len } if port == h.port => {
                     let p = &mut self.ports[port];
                     p.set_len(&mut h.desc, len);
